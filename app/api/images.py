@@ -1,0 +1,49 @@
+"""POST /v1/images/edits: intake -> validation -> forwarding -> ImagesResponse."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
+from app.api.deps import GatewayDep
+from app.images_response import normalize_images_response
+from app.intake.form import read_form
+from app.validation import validate_edit
+
+router = APIRouter()
+
+
+@router.post("/v1/images/edits")
+async def create_image_edit(request: Request, gateway: GatewayDep) -> Response:
+    settings = gateway.settings
+    try:
+        form = await read_form(
+            request.stream(),
+            content_type=request.headers.get("content-type"),
+            content_length=request.headers.get("content-length"),
+            limits=settings.limits,
+            max_file_bytes=min(
+                int(settings.limits.max_file_bytes), settings.catalog.max_image_bytes()
+            ),
+        )
+    except ClientDisconnect:
+        # Nobody is left to answer; 499 is what the access log will show.
+        return Response(status_code=499)
+    try:
+        edit = validate_edit(
+            form,
+            settings.catalog,
+            default_model=settings.default_model,
+            max_pixels=settings.limits.max_pixels,
+        )
+        answer, _upstream = await gateway.forwarder.edit(edit)
+    finally:
+        form.close()
+    headers = {"x-request-id": answer.request_id} if answer.request_id else None
+    return Response(
+        orjson.dumps(normalize_images_response(answer.body)),
+        media_type="application/json",
+        headers=headers,
+    )

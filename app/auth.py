@@ -1,0 +1,90 @@
+"""Client authentication, decided on the raw ASGI path before any routing.
+
+Deny by default: only the exact health paths are public, so no spelling of another path
+(`//v1/...`, trailing slash, case, %-encoding, a forged Host) can reach a route unauthenticated.
+Keys are kept as SHA-256 digests and compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import orjson
+from pydantic import SecretStr
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.errors import AuthenticationFailed
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class ClientAuthMiddleware:
+    def __init__(self, app: ASGIApp, *, keys: tuple[SecretStr, ...], allow_anonymous: bool) -> None:
+        self.app = app
+        self._digests = [
+            (f"client-{n}", _digest(k.get_secret_value())) for n, k in enumerate(keys, 1)
+        ]
+        self._allow_anonymous = allow_anonymous
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        presented = _bearer(scope)
+        client_id = self._identify(presented) if presented is not None else None
+        # Anonymous mode with no keys configured accepts whatever the SDK sends (it always sends
+        # one); once keys exist, a wrong key is a mistake worth a 401 even in anonymous mode.
+        anonymous_ok = self._allow_anonymous and (presented is None or not self._digests)
+        if client_id is None and not anonymous_ok:
+            await _reject(send, presented is None)
+            return
+        scope.setdefault("state", {})["client_id"] = client_id or "anonymous"
+        await self.app(scope, receive, send)
+
+    def _identify(self, presented: str) -> str | None:
+        digest = _digest(presented)
+        found = None
+        for client_id, expected in self._digests:
+            # Compare against every key so timing does not tell which one matched.
+            if hmac.compare_digest(digest, expected) and found is None:
+                found = client_id
+        return found
+
+
+def _bearer(scope: Scope) -> str | None:
+    name: bytes
+    value: bytes
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return ""
+    return None
+
+
+async def _reject(send: Send, missing: bool) -> None:
+    message = (
+        "You didn't provide an API key. Send it as `Authorization: Bearer <key>`."
+        if missing
+        else "Incorrect API key provided."
+    )
+    error = AuthenticationFailed(message)
+    body = orjson.dumps(error.envelope())
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b"Bearer"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

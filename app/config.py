@@ -1,0 +1,177 @@
+"""Settings: config/gateway.yaml validated at startup, with GATEWAY_* environment overrides.
+
+Secrets only ever come from the environment (an upstream names the variable holding its keys),
+so committed YAML never holds a key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError
+
+from app.catalog import Catalog, load_catalog
+from app.config_file import ConfigError, format_validation_error, read_yaml
+
+DEFAULT_CONFIG_PATH = "config/gateway.yaml"
+DEFAULT_UPSTREAM = "default"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamTimeouts(_Strict):
+    connect: float = Field(5.0, gt=0)
+    # Image edits take 60-150 s; chat-sized timeouts are the commonest peer bug.
+    total: float = Field(300.0, gt=0)
+
+
+class UpstreamConfig(_Strict):
+    type: Literal["openai", "demo"] = "openai"
+    base_url: str = ""
+    keys_env: str | None = None
+    timeouts: UpstreamTimeouts = UpstreamTimeouts()
+    keys: tuple[SecretStr, ...] = ()
+
+
+class Limits(_Strict):
+    max_body_bytes: ByteSize = ByteSize(220 * 1024 * 1024)
+    max_file_bytes: ByteSize = ByteSize(50 * 1024 * 1024)
+    max_parts: int = Field(64, ge=2)
+    max_field_bytes: ByteSize = ByteSize(256 * 1024)
+    max_part_header_bytes: ByteSize = ByteSize(16 * 1024)
+    max_pixels: int = Field(100_000_000, gt=0)
+    # Each upload keeps up to this many bytes in memory, the rest goes to a temp file.
+    spool_threshold_bytes: ByteSize = ByteSize(2 * 1024 * 1024)
+    spool_dir: str | None = None
+
+
+class HttpClientConfig(_Strict):
+    max_connections: int = Field(512, gt=0)
+    max_keepalive_connections: int = Field(128, ge=0)
+    keepalive_expiry: float = Field(30.0, gt=0)
+
+
+class FileConfig(_Strict):
+    """The shape of gateway.yaml."""
+
+    catalog: str = "models.yaml"
+    default_model: str = "gpt-image-1.5"
+    allow_anonymous: bool = False
+    redis_url: str | None = None
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    limits: Limits = Limits()
+    http: HttpClientConfig = HttpClientConfig()
+
+
+class Settings(_Strict):
+    config_path: Path
+    demo: bool
+    default_model: str
+    allow_anonymous: bool
+    client_keys: tuple[SecretStr, ...]
+    redis_url: SecretStr | None
+    upstreams: dict[str, UpstreamConfig]
+    limits: Limits
+    http: HttpClientConfig
+    catalog: Catalog
+
+
+def _env_list(value: str | None) -> tuple[SecretStr, ...]:
+    if not value:
+        return ()
+    return tuple(SecretStr(item.strip()) for item in value.split(",") if item.strip())
+
+
+def _env_bool(name: str, value: str | None) -> bool:
+    if value is None or value == "":
+        return False
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"environment: {name}: expected true or false, got {value!r}")
+
+
+def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = None) -> Settings:
+    """Read gateway.yaml and the catalog, apply GATEWAY_* overrides, and validate the result."""
+    env = os.environ if env is None else env
+    config_path = Path(env.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH)
+    raw = read_yaml(config_path)
+    try:
+        file_config = FileConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(str(config_path), exc)) from None
+
+    demo = _env_bool("GATEWAY_DEMO", env.get("GATEWAY_DEMO")) if demo is None else demo
+    upstreams = dict(file_config.upstreams)
+    default = upstreams.get(DEFAULT_UPSTREAM, UpstreamConfig(keys_env="GATEWAY_UPSTREAM_KEYS"))
+    if env.get("GATEWAY_UPSTREAM_URL"):
+        default = default.model_copy(update={"base_url": env["GATEWAY_UPSTREAM_URL"]})
+    upstreams[DEFAULT_UPSTREAM] = default
+    resolved: dict[str, UpstreamConfig] = {}
+    for name, upstream in upstreams.items():
+        keys_env = upstream.keys_env or (
+            "GATEWAY_UPSTREAM_KEYS" if name == DEFAULT_UPSTREAM else None
+        )
+        keys = _env_list(env.get(keys_env)) if keys_env else ()
+        resolved[name] = upstream.model_copy(update={"keys": keys, "keys_env": keys_env})
+
+    catalog_path = config_path.parent / file_config.catalog
+    catalog = load_catalog(catalog_path, known_upstreams=set(resolved))
+    allow_anonymous = file_config.allow_anonymous or _env_bool(
+        "GATEWAY_ALLOW_ANONYMOUS", env.get("GATEWAY_ALLOW_ANONYMOUS")
+    )
+    client_keys = _env_list(env.get("GATEWAY_CLIENT_KEYS"))
+    # The demo runs without keys so a newcomer needs nothing; configured keys still apply.
+    allow_anonymous = allow_anonymous or (demo and not client_keys)
+    redis_url = env.get("GATEWAY_REDIS_URL") or file_config.redis_url
+    settings = Settings(
+        config_path=config_path,
+        demo=demo,
+        default_model=file_config.default_model,
+        allow_anonymous=allow_anonymous,
+        client_keys=client_keys,
+        redis_url=SecretStr(redis_url) if redis_url else None,
+        upstreams=resolved,
+        limits=file_config.limits,
+        http=file_config.http,
+        catalog=catalog,
+    )
+    _check(settings)
+    return settings
+
+
+def _check(settings: Settings) -> None:
+    source = str(settings.config_path)
+    if settings.default_model not in settings.catalog.models:
+        raise ConfigError(
+            f"{source}: default_model: {settings.default_model!r} is not in the catalog"
+        )
+    if not settings.client_keys and not settings.allow_anonymous:
+        raise ConfigError(
+            "environment: GATEWAY_CLIENT_KEYS: no client keys configured; set it, or set "
+            "GATEWAY_ALLOW_ANONYMOUS=true to serve without client authentication"
+        )
+    if settings.demo:
+        return
+    for name in settings.catalog.upstreams_in_use():
+        upstream = settings.upstreams[name]
+        if upstream.type == "demo":
+            continue
+        if not upstream.base_url.startswith(("http://", "https://")):
+            hint = " (or GATEWAY_UPSTREAM_URL)" if name == DEFAULT_UPSTREAM else ""
+            raise ConfigError(
+                f"{source}: upstreams.{name}.base_url: expected an http(s) URL{hint}, "
+                f"got {upstream.base_url!r}"
+            )
+        if not upstream.keys:
+            raise ConfigError(
+                f"environment: {upstream.keys_env or '(no keys_env)'}: upstream {name!r} "
+                "has no keys; set the variable to a comma-separated list of API keys"
+            )

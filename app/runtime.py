@@ -1,0 +1,81 @@
+"""The objects one gateway process shares across requests, opened and closed in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import httpx
+import redis.asyncio as aioredis
+
+from app.config import Settings
+from app.forwarding import Forwarder
+from app.keys import RoundRobinKeys
+from app.redaction import Redactor
+from app.upstream.base import Upstream
+from app.upstream.demo import DemoUpstream
+from app.upstream.openai import OpenAIUpstream
+
+log = logging.getLogger("gateway")
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    http: httpx.AsyncClient
+    forwarder: Forwarder
+    redactor: Redactor
+    redis: aioredis.Redis | None
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    values = [key.get_secret_value() for key in settings.client_keys]
+    for upstream in settings.upstreams.values():
+        values += [key.get_secret_value() for key in upstream.keys]
+    return values
+
+
+def open_gateway(
+    settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+) -> Gateway:
+    limits = httpx.Limits(
+        max_connections=settings.http.max_connections,
+        max_keepalive_connections=settings.http.max_keepalive_connections,
+        keepalive_expiry=settings.http.keepalive_expiry,
+    )
+    # Per-request timeouts are set by each upstream; this default only guards stray calls.
+    http = httpx.AsyncClient(
+        limits=limits, timeout=httpx.Timeout(300.0, connect=5.0), transport=transport
+    )
+    redactor = Redactor(secrets_of(settings))
+    upstreams: dict[str, Upstream] = {}
+    keys: dict[str, RoundRobinKeys] = {}
+    for name in sorted(settings.catalog.upstreams_in_use()):
+        config = settings.upstreams[name]
+        if settings.demo or config.type == "demo":
+            upstreams[name] = DemoUpstream(name)
+            keys[name] = RoundRobinKeys(name, ())
+        else:
+            upstreams[name] = OpenAIUpstream(name, config, http, redactor)
+            keys[name] = RoundRobinKeys(name, config.keys)
+    if settings.demo:
+        log.warning("demo mode: every model is served by the built-in demo upstream")
+    redis = (
+        aioredis.from_url(
+            settings.redis_url.get_secret_value(), socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        if settings.redis_url is not None
+        else None
+    )
+    return Gateway(
+        settings=settings,
+        http=http,
+        forwarder=Forwarder(upstreams, keys),
+        redactor=redactor,
+        redis=redis,
+    )

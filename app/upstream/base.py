@@ -1,0 +1,28 @@
+"""The one interface every upstream dialect implements, and what it hands back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import SecretStr
+
+from app.edit import EditRequest
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamKey:
+    id: str  # safe to log and show: "<upstream>#<n>", never derived from the secret
+    secret: SecretStr
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAnswer:
+    body: dict[str, Any]  # the upstream's ImagesResponse JSON
+    request_id: str | None  # the upstream's x-request-id, if it sent one
+
+
+class Upstream(Protocol):
+    name: str
+
+    async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer: ...

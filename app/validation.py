@@ -1,0 +1,376 @@
+"""Apply the catalog's rules to an intake form and produce one normalized EditRequest.
+
+Every rejection names the field (`image[1]`, `mask`, `n`...) and says what would be accepted, so
+a person can fix the request from the message alone. Nothing rejected here reaches an upstream.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import cast
+
+from app.catalog import KNOWN_PARAMS, Catalog, CustomSize, ModelRule, ParamRule, ResponseFormat
+from app.edit import EditRequest, ImageInput, ParamValue
+from app.errors import InvalidRequest, ModelNotFound, PayloadTooLarge
+from app.intake.form import IntakeForm
+from app.intake.sniff import HEAD_BYTES, TAIL_BYTES, ImageInfo, SniffError, sniff_image
+from app.intake.spool import SpooledUpload
+
+_IMAGE_FIELD = re.compile(r"^image(\[(\d{0,4})\])?$")
+_MASK_FIELDS = ("mask", "mask[]")
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_TRUE = ("true", "1")
+_FALSE = ("false", "0")
+
+
+def validate_edit(
+    form: IntakeForm, catalog: Catalog, *, default_model: str, max_pixels: int
+) -> EditRequest:
+    fields = _single_valued(form)
+    model = _model(fields.pop("model", None), catalog, default_model)
+    prompt = _prompt(fields.pop("prompt", None), model)
+    images = _images(form.files, model, max_pixels)
+    mask = _mask(form.files, model, images[0], max_pixels)
+    _reject_unexpected_files(form.files)
+
+    known = {name: value for name, value in fields.items() if name in KNOWN_PARAMS}
+    extra = tuple((name, value) for name, value in fields.items() if name not in KNOWN_PARAMS)
+    params = {name: _param(name, value, model) for name, value in known.items()}
+    _check_combinations(params, model)
+    response_format = cast(ResponseFormat | None, params.get("response_format"))
+    if response_format is not None and response_format not in model.response_formats:
+        raise InvalidRequest(
+            f"response_format={response_format!r} is not available for {model.name} on this "
+            f"gateway; use {' or '.join(model.response_formats)}.",
+            param="response_format",
+            code="unsupported_value",
+        )
+    n = int(params.get("n", 1))
+    params = _translate(params, model)
+    for name in model.strip:
+        params.pop(name, None)
+    return EditRequest(
+        model=model,
+        prompt=prompt,
+        images=images,
+        mask=mask,
+        params=params,
+        extra_fields=extra,
+        response_format=response_format,
+        n=n,
+    )
+
+
+def _single_valued(form: IntakeForm) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for text in form.fields:
+        if _IMAGE_FIELD.match(text.name) or text.name in _MASK_FIELDS:
+            raise InvalidRequest(
+                f"Invalid type for {text.name!r}: expected a file, but got a string instead.",
+                param=text.name.split("[", 1)[0],
+                code="invalid_type",
+            )
+        if text.name in fields:
+            raise InvalidRequest(
+                f"The field {text.name!r} was sent more than once; send it once.",
+                param=text.name,
+                code="duplicate_parameter",
+            )
+        fields[text.name] = text.value
+    return fields
+
+
+def _model(name: str | None, catalog: Catalog, default_model: str) -> ModelRule:
+    name = default_model if name is None or name.strip() == "" else name.strip()
+    model = catalog.get(name)
+    if model is None:
+        shown = name if len(name) <= 100 else name[:100] + "..."
+        raise ModelNotFound(
+            f"The model {shown!r} does not exist or is not served by this gateway; "
+            "GET /v1/models lists the models it serves.",
+            param="model",
+        )
+    return model
+
+
+def _prompt(prompt: str | None, model: ModelRule) -> str:
+    if prompt is None or not prompt.strip():
+        raise InvalidRequest(
+            "Missing required parameter: 'prompt'.",
+            param="prompt",
+            code="missing_required_parameter",
+        )
+    if len(prompt) > model.prompt_max_chars:
+        raise InvalidRequest(
+            f"The prompt is {len(prompt)} characters long; {model.name} accepts at most "
+            f"{model.prompt_max_chars}.",
+            param="prompt",
+            code="string_above_max_length",
+        )
+    return prompt
+
+
+def _images(
+    files: list[SpooledUpload], model: ModelRule, max_pixels: int
+) -> tuple[ImageInput, ...]:
+    indexed: list[tuple[int, int, SpooledUpload]] = []
+    for arrival, upload in enumerate(files):
+        match = _IMAGE_FIELD.match(upload.field)
+        if match is None:
+            continue
+        index = int(match.group(2)) if match.group(2) else -1
+        indexed.append((index, arrival, upload))
+    if not indexed:
+        raise InvalidRequest(
+            "Missing required parameter: 'image' (send one or more image files).",
+            param="image",
+            code="missing_required_parameter",
+        )
+    # `image[N]` spellings are ordered by N; `image` and `image[]` keep their arrival order.
+    if all(index >= 0 for index, _, _ in indexed):
+        seen: set[int] = set()
+        for index, _, upload in indexed:
+            if index in seen:
+                raise InvalidRequest(
+                    f"The field {upload.field!r} was sent more than once.",
+                    param=upload.field,
+                    code="duplicate_parameter",
+                )
+            seen.add(index)
+        indexed.sort()
+    uploads = [upload for _, _, upload in indexed]
+    if len(uploads) > model.images.max_count:
+        raise InvalidRequest(
+            f"{len(uploads)} images were sent; {model.name} accepts at most "
+            f"{model.images.max_count}.",
+            param="image",
+            code="too_many_images",
+        )
+    single = len(uploads) == 1 and uploads[0].field == "image"
+    return tuple(
+        _image(upload, "image" if single else f"image[{position}]", model, max_pixels)
+        for position, upload in enumerate(uploads)
+    )
+
+
+def _image(upload: SpooledUpload, param: str, model: ModelRule, max_pixels: int) -> ImageInput:
+    limit = int(model.images.max_bytes)
+    if upload.size > limit:
+        raise PayloadTooLarge(
+            f"{param} is {upload.size} bytes; {model.name} accepts images up to {limit} bytes.",
+            param=param,
+            code="file_too_large",
+        )
+    info = _sniff(upload, param, max_pixels)
+    if info.kind not in model.images.formats:
+        raise InvalidRequest(
+            f"{param} is a {info.kind.upper()} image; {model.name} accepts "
+            f"{', '.join(fmt.upper() for fmt in model.images.formats)}.",
+            param=param,
+            code="unsupported_file_format",
+        )
+    if model.images.square and info.width != info.height:
+        raise InvalidRequest(
+            f"{param} is {info.width}x{info.height}; {model.name} needs a square image.",
+            param=param,
+            code="invalid_image_dimensions",
+        )
+    return ImageInput(upload=upload, info=info, param=param)
+
+
+def _sniff(upload: SpooledUpload, param: str, max_pixels: int) -> ImageInfo:
+    if upload.size == 0:
+        raise InvalidRequest(f"{param} is an empty file.", param=param, code="invalid_image")
+    try:
+        info = sniff_image(upload.head(HEAD_BYTES), upload.tail(TAIL_BYTES), upload.size)
+    except SniffError as exc:
+        raise InvalidRequest(f"{param}: {exc}.", param=param, code="invalid_image") from None
+    if info.width * info.height > max_pixels:
+        raise InvalidRequest(
+            f"{param} claims {info.width}x{info.height} pixels; the limit is {max_pixels} pixels.",
+            param=param,
+            code="image_too_large",
+        )
+    return info
+
+
+def _mask(
+    files: list[SpooledUpload], model: ModelRule, first: ImageInput, max_pixels: int
+) -> ImageInput | None:
+    masks = [upload for upload in files if upload.field in _MASK_FIELDS]
+    if not masks:
+        return None
+    if not model.mask.allowed:
+        raise InvalidRequest(
+            f"{model.name} does not take a mask.", param="mask", code="unsupported_parameter"
+        )
+    if len(masks) > 1:
+        raise InvalidRequest("Only one mask may be sent.", param="mask", code="duplicate_parameter")
+    upload = masks[0]
+    limit = int(model.mask.max_bytes)
+    if upload.size > limit:
+        raise PayloadTooLarge(
+            f"The mask is {upload.size} bytes; the limit is {limit}.",
+            param="mask",
+            code="file_too_large",
+        )
+    info = _sniff(upload, "mask", max_pixels)
+    if info.kind != "png":
+        raise InvalidRequest(
+            f"The mask is a {info.kind.upper()} image; it must be a PNG with an alpha channel.",
+            param="mask",
+            code="invalid_mask",
+        )
+    if not info.has_alpha:
+        raise InvalidRequest(
+            "The mask has no alpha channel; transparent pixels mark the area to edit.",
+            param="mask",
+            code="invalid_mask",
+        )
+    if (info.width, info.height) != (first.info.width, first.info.height):
+        raise InvalidRequest(
+            f"The mask is {info.width}x{info.height} but {first.param} is "
+            f"{first.info.width}x{first.info.height}; they must be the same size.",
+            param="mask",
+            code="invalid_mask",
+        )
+    return ImageInput(upload=upload, info=info, param="mask")
+
+
+def _reject_unexpected_files(files: list[SpooledUpload]) -> None:
+    for upload in files:
+        if not _IMAGE_FIELD.match(upload.field) and upload.field not in _MASK_FIELDS:
+            shown = upload.field[:100]
+            raise InvalidRequest(
+                f"Unexpected file in field {shown!r}; files are accepted as `image` and `mask`.",
+                param=shown,
+                code="unexpected_file",
+            )
+
+
+def _param(name: str, raw: str, model: ModelRule) -> ParamValue:
+    rule = model.params.get(name)
+    if rule is None:
+        raise InvalidRequest(
+            f"{name} is not supported by {model.name}.", param=name, code="unsupported_parameter"
+        )
+    value = raw.strip()
+    if rule.kind == "enum":
+        if value not in rule.values:
+            raise _bad_value(name, raw, "one of " + ", ".join(repr(v) for v in rule.values))
+        return value
+    if rule.kind == "int":
+        return _int(name, value, rule)
+    if rule.kind == "bool":
+        lowered = value.lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise _bad_value(name, raw, "true or false")
+    if rule.kind == "size":
+        return _size(name, value.lower(), rule)
+    return raw
+
+
+def _int(name: str, value: str, rule: ParamRule) -> int:
+    bounds = f"an integer from {rule.min} to {rule.max}"
+    if not re.fullmatch(r"[+-]?\d{1,9}", value):
+        raise _bad_value(name, value, bounds)
+    number = int(value)
+    if (rule.min is not None and number < rule.min) or (rule.max is not None and number > rule.max):
+        raise _bad_value(name, value, bounds)
+    return number
+
+
+def _size(name: str, value: str, rule: ParamRule) -> str:
+    if value in rule.values:
+        return value
+    custom = rule.custom
+    match = _SIZE.match(value)
+    if (
+        custom is None
+        or match is None
+        or not _custom_size_ok(int(match.group(1)), int(match.group(2)), custom)
+    ):
+        expected = "one of " + ", ".join(repr(v) for v in rule.values)
+        if custom is not None:
+            expected += (
+                f", or WxH with both sides multiples of {custom.multiple_of}, at most "
+                f"{custom.max_edge} per side and {custom.max_pixels} pixels, and a ratio within "
+                f"1:{custom.max_ratio:g} to {custom.max_ratio:g}:1"
+            )
+        raise _bad_value(name, value, expected)
+    return value
+
+
+def _custom_size_ok(width: int, height: int, custom: CustomSize) -> bool:
+    return (
+        width > 0
+        and height > 0
+        and width % custom.multiple_of == 0
+        and height % custom.multiple_of == 0
+        and max(width, height) <= custom.max_edge
+        and width * height <= custom.max_pixels
+        and max(width, height) / min(width, height) <= custom.max_ratio
+    )
+
+
+def _bad_value(name: str, value: str, expected: str) -> InvalidRequest:
+    shown = value if len(value) <= 60 else value[:60] + "..."
+    return InvalidRequest(
+        f"Invalid value for {name}: {shown!r}; expected {expected}.",
+        param=name,
+        code="invalid_value",
+    )
+
+
+def _check_combinations(params: dict[str, ParamValue], model: ModelRule) -> None:
+    output_format = params.get("output_format", "png")
+    if params.get("background") == "transparent" and output_format not in ("png", "webp"):
+        raise InvalidRequest(
+            "background='transparent' needs output_format 'png' or 'webp'.",
+            param="background",
+            code="invalid_value",
+        )
+    if "output_compression" in params and output_format not in ("jpeg", "webp"):
+        raise InvalidRequest(
+            "output_compression applies only to output_format 'jpeg' or 'webp'.",
+            param="output_compression",
+            code="invalid_value",
+        )
+    if params.get("stream") is True:
+        raise InvalidRequest(
+            "Streaming (stream=true) is not available on this gateway yet; omit it.",
+            param="stream",
+            code="unsupported_parameter",
+        )
+    if "partial_images" in params and params.get("stream") is not True:
+        raise InvalidRequest(
+            "partial_images applies only to streaming requests (stream=true).",
+            param="partial_images",
+            code="invalid_value",
+        )
+    for source, translation in model.translate.items():
+        if source in params and translation.to in params:
+            raise InvalidRequest(
+                f"Send either {source} or {translation.to}, not both: {model.name} takes "
+                f"{translation.to} and the gateway derives it from {source}.",
+                param=source,
+                code="conflicting_parameters",
+            )
+
+
+def _translate(params: dict[str, ParamValue], model: ModelRule) -> dict[str, ParamValue]:
+    translated = dict(params)
+    for source, translation in model.translate.items():
+        if source not in translated:
+            continue
+        value = str(translated.pop(source))
+        if value not in translation.map:
+            accepted = ", ".join(repr(v) for v in translation.map)
+            raise _bad_value(source, value, f"one of {accepted} for {model.name}")
+        target = translation.map[value]
+        if target is not None:
+            translated[translation.to] = target
+    return translated
