@@ -1,0 +1,69 @@
+"""Shared fixtures: a fake upstream and the gateway on real loopback ports, the real OpenAI SDK
+as the client, and a private Redis server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from app.config import Settings, load_settings
+from app.main import create_app
+from tests.fakes.openai_upstream import FakeOpenAIUpstream
+from tests.support.redis_server import test_redis_url
+from tests.support.servers import serve_in_thread
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "config" / "gateway.yaml"
+CLIENT_KEY = "igw-test-client-key-0123456789abcdef"
+UPSTREAM_KEYS = ("sk-test-upstream-AAAA1111aaaa", "sk-test-upstream-BBBB2222bbbb")
+
+
+def gateway_env(upstream_url: str, **overrides: str) -> dict[str, str]:
+    env = {
+        "GATEWAY_CONFIG": str(CONFIG),
+        "GATEWAY_UPSTREAM_URL": upstream_url,
+        "GATEWAY_UPSTREAM_KEYS": ",".join(UPSTREAM_KEYS),
+        "GATEWAY_CLIENT_KEYS": CLIENT_KEY,
+    }
+    env.update(overrides)
+    return env
+
+
+def gateway_settings(upstream_url: str, **overrides: str) -> Settings:
+    return load_settings(env=gateway_env(upstream_url, **overrides))
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[FakeOpenAIUpstream]:
+    fake = FakeOpenAIUpstream()
+    with serve_in_thread(fake.app) as url:
+        fake.url = url + "/v1"  # type: ignore[attr-defined]
+        yield fake
+
+
+@pytest.fixture
+def upstream(fake_upstream: FakeOpenAIUpstream) -> Iterator[FakeOpenAIUpstream]:
+    fake_upstream.reset()
+    yield fake_upstream
+    fake_upstream.reset()
+
+
+@pytest.fixture(scope="session")
+def gateway_url(fake_upstream: FakeOpenAIUpstream) -> Iterator[str]:
+    settings = gateway_settings(fake_upstream.url)  # type: ignore[attr-defined]
+    with serve_in_thread(create_app(settings)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(gateway_url: str, upstream: FakeOpenAIUpstream) -> OpenAI:
+    return OpenAI(base_url=gateway_url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with test_redis_url() as (url, _server):
+        yield url

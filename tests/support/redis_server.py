@@ -1,0 +1,89 @@
+"""A private redis-server for tests (never the machine's shared one), or GATEWAY_TEST_REDIS_URL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tests.support.servers import free_port
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    # CI machines may lack it; Debian's package is the documented way to get it.
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, timeout=300)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "redis-server"], check=True, env=env, timeout=600
+        )
+        found = shutil.which("redis-server")
+        if found:
+            return found
+    raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+
+
+class PrivateRedis:
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._dir = tempfile.mkdtemp(prefix="gw-redis-")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [
+                redis_binary(),
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self._dir,
+                "--daemonize", "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_timeout=0.5).ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+            self._process = None
+
+
+@contextmanager
+def test_redis_url() -> Iterator[tuple[str, PrivateRedis | None]]:
+    """The Redis URL tests use, and the server object when it is our own private one."""
+    configured = os.environ.get("GATEWAY_TEST_REDIS_URL")
+    if configured:
+        yield configured, None
+        return
+    server = PrivateRedis()
+    server.start()
+    try:
+        yield server.url, server
+    finally:
+        server.stop()
+        shutil.rmtree(server._dir, ignore_errors=True)
