@@ -17,7 +17,7 @@ GatewayError
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import FastAPI, Request
@@ -27,11 +27,30 @@ from starlette.responses import Response
 
 log = logging.getLogger("gateway.errors")
 
+# What went wrong upstream, for the key pool and metrics to act on (never shown to clients):
+#   rate_limited 429 | auth 401/403 | quota 402, insufficient_quota | server 5xx
+#   connect: never delivered | timeout: no answer in time (may be running and billed)
+#   dropped: connection lost mid-request (may be running and billed)
+#   rejected: the upstream's own 4xx about the request | bad_response: unusable 200
+FailureKind = Literal[
+    "rate_limited",
+    "auth",
+    "quota",
+    "server",
+    "connect",
+    "timeout",
+    "dropped",
+    "rejected",
+    "bad_response",
+]
+
 
 class GatewayError(Exception):
     status_code: int = 500
     error_type: str = "server_error"
     default_code: str | None = None
+    # Set by upstream dialects only; None for errors the gateway found itself.
+    failure: FailureKind | None = None
 
     def __init__(
         self,
@@ -46,6 +65,8 @@ class GatewayError(Exception):
         self.param = param
         self.code = code if code is not None else self.default_code
         self.headers = headers or {}
+        # The upstream's rate-limit headers (retry-after, x-ratelimit-*), for the key pool.
+        self.upstream_headers: dict[str, str] = {}
 
     def envelope(self) -> dict[str, Any]:
         return error_envelope(self.message, self.error_type, self.param, self.code)

@@ -14,6 +14,7 @@ import orjson
 from app.config import UpstreamConfig
 from app.edit import EditRequest
 from app.errors import (
+    FailureKind,
     GatewayError,
     RateLimited,
     UpstreamFailed,
@@ -27,6 +28,13 @@ from app.upstream.multipart_body import openai_edit_body
 
 # Upstream headers a client may act on; everything else from the upstream stays here.
 _RATE_LIMIT_HEADERS = ("retry-after", "retry-after-ms")
+# What the key pool reads to time a cooldown.
+_POOL_HEADERS = (
+    "retry-after",
+    "retry-after-ms",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-remaining-requests",
+)
 
 
 class OpenAIUpstream:
@@ -58,33 +66,44 @@ class OpenAIUpstream:
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, httpx.ConnectTimeout):
                 raise self._unreachable("timed out connecting") from None
-            raise UpstreamTimeout(
-                f"The upstream did not answer within {total:g} seconds.",
+            raise _failed(
+                UpstreamTimeout(f"The upstream did not answer within {total:g} seconds."),
+                "timeout",
             ) from None
         except httpx.ConnectError:
             raise self._unreachable("refused the connection") from None
         except httpx.TransportError as exc:
             # The request may have been delivered and may be running (and billed) upstream.
-            raise UpstreamFailed(
-                f"The connection to the upstream failed mid-request ({type(exc).__name__}).",
-                code="upstream_connection_lost",
+            raise _failed(
+                UpstreamFailed(
+                    f"The connection to the upstream failed mid-request ({type(exc).__name__}).",
+                    code="upstream_connection_lost",
+                ),
+                "dropped",
             ) from None
         return self._interpret(response)
 
-    def _unreachable(self, what: str) -> UpstreamUnreachable:
-        return UpstreamUnreachable(f"The upstream {self.name!r} {what}.")
+    def _unreachable(self, what: str) -> GatewayError:
+        return _failed(UpstreamUnreachable(f"The upstream {self.name!r} {what}."), "connect")
 
     def _interpret(self, response: httpx.Response) -> UpstreamAnswer:
         request_id = response.headers.get("x-request-id")
         if response.status_code == 200:
             body = _json_object(response.content)
             if body is None or not isinstance(body.get("data"), list):
-                raise UpstreamFailed(
-                    "The upstream answered 200 with a body that is not an ImagesResponse.",
-                    code="upstream_bad_response",
+                raise _failed(
+                    UpstreamFailed(
+                        "The upstream answered 200 with a body that is not an ImagesResponse.",
+                        code="upstream_bad_response",
+                    ),
+                    "bad_response",
                 )
             return UpstreamAnswer(body=body, request_id=request_id)
-        raise self._error(response)
+        error = self._error(response)
+        error.upstream_headers = {
+            name: response.headers[name] for name in _POOL_HEADERS if name in response.headers
+        }
+        raise error
 
     def _optional(self, value: object) -> str | None:
         return None if value is None else self._redact(str(value)[:200])
@@ -95,13 +114,20 @@ class OpenAIUpstream:
         message = self._redact(str(detail.get("message") or f"HTTP {status}"))
         code = detail.get("code")
         if status in (401, 403):
-            return UpstreamFailed(
-                "The upstream rejected the gateway's credentials; operators have been told.",
-                code="upstream_auth_failed",
+            return _failed(
+                UpstreamFailed(
+                    "The upstream rejected the gateway's credentials; operators have been told.",
+                    code="upstream_auth_failed",
+                ),
+                "auth",
             )
         if status == 402 or code == "insufficient_quota":
-            return UpstreamFailed(
-                "The upstream account is out of credits or quota.", code="upstream_quota_exhausted"
+            return _failed(
+                UpstreamFailed(
+                    "The upstream account is out of credits or quota.",
+                    code="upstream_quota_exhausted",
+                ),
+                "quota",
             )
         if status == 429:
             headers = {
@@ -109,18 +135,27 @@ class OpenAIUpstream:
                 for name in _RATE_LIMIT_HEADERS
                 if name in response.headers
             }
-            return RateLimited(f"The upstream is rate limiting: {message}", headers=headers)
+            return _failed(
+                RateLimited(f"The upstream is rate limiting: {message}", headers=headers),
+                "rate_limited",
+            )
         if 400 <= status < 500:
-            return UpstreamRejected(
+            rejected = UpstreamRejected(
                 status,
                 message,
                 error_type=self._redact(str(detail.get("type") or "invalid_request_error")),
                 param=self._optional(detail.get("param")),
                 code=self._optional(code),
             )
-        return UpstreamFailed(
-            f"The upstream failed with HTTP {status}: {message}", code="upstream_error"
+            return _failed(rejected, "rejected")
+        return _failed(
+            UpstreamFailed(f"The upstream failed with HTTP {status}: {message}"), "server"
         )
+
+
+def _failed(error: GatewayError, kind: FailureKind) -> GatewayError:
+    error.failure = kind
+    return error
 
 
 def _json_object(content: bytes) -> dict[str, Any] | None:
