@@ -29,7 +29,9 @@ def test_edit_single_image(client: OpenAI, upstream: FakeOpenAIUpstream) -> None
     assert sent.key in UPSTREAM_KEYS
 
 
-def test_edit_list_of_three_images_keeps_order(client: OpenAI, upstream: FakeOpenAIUpstream) -> None:
+def test_edit_list_of_three_images_keeps_order(
+    client: OpenAI, upstream: FakeOpenAIUpstream
+) -> None:
     sources = [images.png(64, 64), images.jpeg(80, 60), images.webp(40, 30)]
     client.images.edit(
         image=[
@@ -185,7 +187,9 @@ def test_indexed_image_fields_are_ordered_by_index(
 
 
 def test_every_response_carries_a_request_id(client: OpenAI, upstream: FakeOpenAIUpstream) -> None:
-    raw = client.images.with_raw_response.edit(image=("a.png", images.png(), "image/png"), prompt="x")
+    raw = client.images.with_raw_response.edit(
+        image=("a.png", images.png(), "image/png"), prompt="x"
+    )
     assert raw.headers["x-request-id"].startswith("req_")
 
 
@@ -193,5 +197,7 @@ def test_upstream_request_id_is_passed_on(client: OpenAI, upstream: FakeOpenAIUp
     from tests.fakes.openai_upstream import Reply
 
     upstream.enqueue(Reply(headers={"x-request-id": "req_upstream_123"}))
-    raw = client.images.with_raw_response.edit(image=("a.png", images.png(), "image/png"), prompt="x")
+    raw = client.images.with_raw_response.edit(
+        image=("a.png", images.png(), "image/png"), prompt="x"
+    )
     assert raw.headers["x-request-id"] == "req_upstream_123"

@@ -10,7 +10,9 @@ from PIL import Image
 
 
 def png(width: int = 64, height: int = 64, *, mode: str = "RGB", colour: object = None) -> bytes:
-    fill = colour if colour is not None else ((10, 120, 200, 255) if "A" in mode else (10, 120, 200))
+    fill = (
+        colour if colour is not None else ((10, 120, 200, 255) if "A" in mode else (10, 120, 200))
+    )
     if mode == "L":
         fill = 128 if colour is None else colour
     buffer = io.BytesIO()
@@ -37,15 +39,15 @@ def jpeg(width: int = 64, height: int = 48) -> bytes:
 
 def webp(width: int = 40, height: int = 30, *, lossless: bool = False) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (30, 200, 30)).save(
-        buffer, format="WEBP", lossless=lossless
-    )
+    Image.new("RGB", (width, height), (30, 200, 30)).save(buffer, format="WEBP", lossless=lossless)
     return buffer.getvalue()
 
 
 def other_format(kind: str) -> bytes:
     if kind == "svg":
-        return b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>'
+        return (
+            b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>'
+        )
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format=kind.upper())
     return buffer.getvalue()

@@ -1,0 +1,78 @@
+"""Acceptance: `image-gateway serve --demo` + the SDK returns a real edited PNG."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from openai import OpenAI
+from PIL import Image, ImageChops
+
+from tests.conftest import REPO
+from tests.support import images
+from tests.support.servers import free_port, wait_for_port
+
+
+def cli() -> list[str]:
+    script = shutil.which("image-gateway", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "app.cli"]
+
+
+def test_demo_cli_serves_a_real_edit() -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    process = subprocess.Popen(
+        [*cli(), "serve", "--demo", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="anything", max_retries=0)
+        source = images.png(96, 64, colour=(120, 120, 120))
+        mask = images.mask_png(96, 64)
+        result = client.images.edit(
+            image=("in.png", source, "image/png"),
+            mask=("mask.png", mask, "image/png"),
+            prompt="paint it warmer",
+            n=2,
+        )
+        assert len(result.data) == 2
+        assert result.data[0].b64_json is not None
+        edited = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+        edited.load()
+        assert edited.format == "PNG" and edited.size == (96, 64)
+        original = Image.open(io.BytesIO(source)).convert("RGB")
+        difference = ImageChops.difference(edited.convert("RGB"), original)
+        assert difference.getbbox() is not None  # the edit changed pixels
+        # Only the mask's transparent (left) half was edited.
+        assert edited.convert("RGB").getpixel((90, 30)) == (120, 120, 120)
+        assert edited.convert("RGB").getpixel((5, 30)) != (120, 120, 120)
+        models = client.models.list()
+        assert {m.owned_by for m in models.data} == {"image-gateway-demo"}
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_cli_refuses_to_start_without_client_keys(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_UPSTREAM_KEYS"] = "sk-something"
+    result = subprocess.run(
+        [*cli(), "serve", "--port", str(free_port())],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "GATEWAY_CLIENT_KEYS" in result.stderr
+    assert "Traceback" not in result.stderr
