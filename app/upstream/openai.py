@@ -103,6 +103,9 @@ class OpenAIUpstream:
         error.upstream_headers = {
             name: response.headers[name] for name in _POOL_HEADERS if name in response.headers
         }
+        if request_id:
+            # The client quotes this id to support; the upstream's is the one that helps.
+            error.headers["x-request-id"] = request_id
         raise error
 
     def _optional(self, value: object) -> str | None:

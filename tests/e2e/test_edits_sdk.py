@@ -201,3 +201,19 @@ def test_upstream_request_id_is_passed_on(client: OpenAI, upstream: FakeOpenAIUp
         image=("a.png", images.png(), "image/png"), prompt="x"
     )
     assert raw.headers["x-request-id"] == "req_upstream_123"
+
+
+def test_upstream_request_id_is_passed_on_errors(
+    client: OpenAI, upstream: FakeOpenAIUpstream
+) -> None:
+    import openai
+    import pytest
+
+    from tests.fakes.openai_upstream import Reply
+
+    upstream.enqueue(
+        Reply(status=400, body={"error": {"message": "no"}}, headers={"x-request-id": "req_up_9"})
+    )
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(image=("a.png", images.png(), "image/png"), prompt="x")
+    assert caught.value.request_id == "req_up_9"
