@@ -1,8 +1,9 @@
-"""Client authentication, decided on the raw ASGI path before any routing.
+"""Client and admin authentication, decided on the raw ASGI path before any routing.
 
 Deny by default: only the exact health paths are public, so no spelling of another path
 (`//v1/...`, trailing slash, case, %-encoding, a forged Host) can reach a route unauthenticated.
-Keys are kept as SHA-256 digests and compared in constant time.
+`/admin/...` takes admin keys only (and does not exist without them); everything else takes
+client keys. Keys are kept as SHA-256 digests and compared in constant time.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import orjson
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import AuthenticationFailed
+from app.errors import AuthenticationFailed, GatewayError, InvalidRequest
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+ADMIN_PREFIX = "/admin/"
 
 
 def _digest(key: str) -> bytes:
@@ -24,11 +26,17 @@ def _digest(key: str) -> bytes:
 
 
 class ClientAuthMiddleware:
-    def __init__(self, app: ASGIApp, *, keys: tuple[SecretStr, ...], allow_anonymous: bool) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: tuple[SecretStr, ...],
+        allow_anonymous: bool,
+        admin_keys: tuple[SecretStr, ...] = (),
+    ) -> None:
         self.app = app
-        self._digests = [
-            (f"client-{n}", _digest(k.get_secret_value())) for n, k in enumerate(keys, 1)
-        ]
+        self._digests = _digests("client", keys)
+        self._admin_digests = _digests("admin", admin_keys)
         self._allow_anonymous = allow_anonymous
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -36,7 +44,10 @@ class ClientAuthMiddleware:
             await self.app(scope, receive, send)
             return
         presented = _bearer(scope)
-        client_id = self._identify(presented) if presented is not None else None
+        if scope["path"].startswith(ADMIN_PREFIX):
+            await self._admin(scope, receive, send, presented)
+            return
+        client_id = _identify(self._digests, presented) if presented is not None else None
         # Anonymous mode with no keys configured accepts whatever the SDK sends (it always sends
         # one); once keys exist, a wrong key is a mistake worth a 401 even in anonymous mode.
         anonymous_ok = self._allow_anonymous and (presented is None or not self._digests)
@@ -46,14 +57,35 @@ class ClientAuthMiddleware:
         scope.setdefault("state", {})["client_id"] = client_id or "anonymous"
         await self.app(scope, receive, send)
 
-    def _identify(self, presented: str) -> str | None:
-        digest = _digest(presented)
-        found = None
-        for client_id, expected in self._digests:
-            # Compare against every key so timing does not tell which one matched.
-            if hmac.compare_digest(digest, expected) and found is None:
-                found = client_id
-        return found
+    async def _admin(
+        self, scope: Scope, receive: Receive, send: Send, presented: str | None
+    ) -> None:
+        if not self._admin_digests:
+            await _send_error(send, 404, InvalidRequest("Unknown endpoint.", code="not_found"))
+            return
+        admin_id = _identify(self._admin_digests, presented) if presented is not None else None
+        if admin_id is None:
+            await _reject(send, presented is None)
+            return
+        scope.setdefault("state", {})["client_id"] = admin_id
+        await self.app(scope, receive, send)
+
+
+def _digests(kind: str, keys: tuple[SecretStr, ...]) -> list[tuple[str, bytes]]:
+    return [
+        (f"{kind}-{number}", _digest(key.get_secret_value()))
+        for number, key in enumerate(keys, start=1)
+    ]
+
+
+def _identify(digests: list[tuple[str, bytes]], presented: str) -> str | None:
+    digest = _digest(presented)
+    found = None
+    for key_id, expected in digests:
+        # Compare against every key so timing does not tell which one matched.
+        if hmac.compare_digest(digest, expected) and found is None:
+            found = key_id
+    return found
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -74,17 +106,16 @@ async def _reject(send: Send, missing: bool) -> None:
         if missing
         else "Incorrect API key provided."
     )
-    error = AuthenticationFailed(message)
+    await _send_error(send, 401, AuthenticationFailed(message))
+
+
+async def _send_error(send: Send, status: int, error: GatewayError) -> None:
     body = orjson.dumps(error.envelope())
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 401,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b"Bearer"),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -74,6 +74,8 @@ class Settings(_Strict):
     default_model: str
     allow_anonymous: bool
     client_keys: tuple[SecretStr, ...]
+    # Keys for /admin/*; with none, the admin endpoints do not exist (404).
+    admin_keys: tuple[SecretStr, ...]
     redis_url: SecretStr | None
     upstreams: dict[str, UpstreamConfig]
     limits: Limits
@@ -137,6 +139,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
         default_model=file_config.default_model,
         allow_anonymous=allow_anonymous,
         client_keys=client_keys,
+        admin_keys=_env_list(env.get("GATEWAY_ADMIN_KEYS")),
         redis_url=SecretStr(redis_url) if redis_url else None,
         upstreams=resolved,
         limits=file_config.limits,

@@ -44,7 +44,10 @@ def create_app(
     app.include_router(health.router)
     # Outermost last: the request id wraps auth so that even a 401 carries one.
     app.add_middleware(
-        ClientAuthMiddleware, keys=settings.client_keys, allow_anonymous=settings.allow_anonymous
+        ClientAuthMiddleware,
+        keys=settings.client_keys,
+        allow_anonymous=settings.allow_anonymous,
+        admin_keys=settings.admin_keys,
     )
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -34,7 +34,7 @@ class Gateway:
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    values = [key.get_secret_value() for key in settings.client_keys]
+    values = [key.get_secret_value() for key in settings.client_keys + settings.admin_keys]
     for upstream in settings.upstreams.values():
         values += [key.get_secret_value() for key in upstream.keys]
     return values

@@ -107,3 +107,31 @@ def test_auth_upstream_key_never_in_response(
         assert key not in exposed
         assert key[:20] not in exposed
     assert "sk-test" not in exposed
+
+
+def test_auth_admin_paths_do_not_exist_without_admin_keys(gateway_url: str) -> None:
+    response = httpx.get(
+        gateway_url + "/admin/anything", headers={"authorization": f"Bearer {CLIENT_KEY}"}
+    )
+    assert response.status_code == 404
+
+
+def test_auth_admin_paths_take_admin_keys_only(fake_upstream: FakeOpenAIUpstream) -> None:
+    from app.config import load_settings
+    from app.main import create_app
+    from tests.conftest import gateway_env
+    from tests.support.servers import serve_in_thread
+
+    env = gateway_env(fake_upstream.url, GATEWAY_ADMIN_KEYS="igw-admin-secret-1")  # type: ignore[attr-defined]
+    with serve_in_thread(create_app(load_settings(env=env))) as url:
+        as_client = httpx.get(url + "/admin/x", headers={"authorization": f"Bearer {CLIENT_KEY}"})
+        assert as_client.status_code == 401
+        assert httpx.get(url + "/admin/x").status_code == 401
+        as_admin = httpx.get(
+            url + "/admin/x", headers={"authorization": "Bearer igw-admin-secret-1"}
+        )
+        assert as_admin.status_code == 404  # authorised; no such admin route yet
+        as_admin_on_v1 = httpx.get(
+            url + "/v1/models", headers={"authorization": "Bearer igw-admin-secret-1"}
+        )
+        assert as_admin_on_v1.status_code == 401
