@@ -16,7 +16,8 @@ MIME_TYPES: dict[ImageKind, str] = {"png": "image/png", "jpeg": "image/jpeg", "w
 
 # How much of the file sniffing may read: JPEG frame headers can sit behind large EXIF/ICC blocks.
 HEAD_BYTES = 512 * 1024
-TAIL_BYTES = 64
+# Trailing padding after the end marker is common in camera JPEGs; allow some.
+TAIL_BYTES = 1024
 
 
 class SniffError(ValueError):
