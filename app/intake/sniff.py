@@ -77,7 +77,7 @@ def _png(head: bytes, tail: bytes) -> ImageInfo:
         raise SniffError("the PNG is truncated or malformed (no IHDR header)")
     width, height = struct.unpack(">II", head[16:24])
     color_type = head[25]
-    if not tail.endswith(b"IEND\xaeB`\x82"):
+    if b"IEND\xaeB`\x82" not in tail:
         raise SniffError("the PNG is truncated (it does not end with an IEND chunk)")
     has_alpha = color_type in (4, 6) or _png_has_trns(head)
     return _checked("png", width, height, has_alpha)
