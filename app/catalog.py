@@ -36,6 +36,9 @@ KNOWN_PARAMS = frozenset(
         "safety_identifier",
     }
 )
+# Provider fields outside OpenAI's API (Flux's). A model that declares one in its params gets it
+# validated like a known field; for any other model it stays an unknown field, passed through.
+PROVIDER_PARAMS = frozenset({"seed", "safety_tolerance", "prompt_upsampling"})
 
 
 class _Strict(BaseModel):
@@ -79,6 +82,8 @@ class ImageRules(_Strict):
     max_bytes: ByteSize = ByteSize(50 * 1024 * 1024)
     formats: tuple[ImageFormat, ...] = ("png", "jpeg", "webp")
     square: bool = False
+    # Width x height per image, below the gateway-wide cap (BFL takes at most 20 MP).
+    max_pixels: int | None = Field(None, gt=0)
 
 
 class MaskRules(_Strict):
@@ -106,7 +111,7 @@ class ModelRule(_Strict):
         if not self.upstreams:
             raise ValueError("a model needs at least one upstream")
         for name in self.params:
-            if name not in KNOWN_PARAMS:
+            if name not in KNOWN_PARAMS and name not in PROVIDER_PARAMS:
                 raise ValueError(f"params.{name}: not a known images API field")
         for source in self.translate:
             if source not in self.params:

@@ -30,12 +30,33 @@ class UpstreamTimeouts(_Strict):
     total: float = Field(300.0, gt=0)
 
 
+class BflSettings(_Strict):
+    """How a Black Forest Labs upstream polls its tasks and fetches their results."""
+
+    # BFL's own examples poll every 0.5 s; a Kontext edit usually takes 5-30 s.
+    poll_interval: float = Field(0.5, gt=0)
+    # From a task's submission to its result; past it the client gets 504.
+    poll_deadline: float = Field(300.0, gt=0)
+    # Each poll or result download; a slow one is retried (polls) until the deadline.
+    request_timeout: float = Field(30.0, gt=0)
+    # Hosts the gateway may fetch polling and result URLs from (SSRF guard). `*.bfl.ai` matches
+    # any subdomain of bfl.ai; other entries match exactly.
+    allowed_hosts: tuple[str, ...] = ("*.bfl.ai",)
+    # Plain http and private/loopback addresses exist for tests and labs, never for production.
+    allow_http: bool = False
+    allow_private_addresses: bool = False
+    max_result_bytes: ByteSize = ByteSize(50 * 1024 * 1024)
+    # One request with n > 1 runs n tasks, at most this many at once.
+    max_parallel_tasks: int = Field(4, ge=1, le=24)
+
+
 class UpstreamConfig(_Strict):
-    type: Literal["openai", "demo"] = "openai"
+    type: Literal["openai", "demo", "bfl"] = "openai"
     base_url: str = ""
     keys_env: str | None = None
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
     keys: tuple[SecretStr, ...] = ()
+    bfl: BflSettings = BflSettings()
 
 
 class Limits(_Strict):
@@ -173,8 +194,31 @@ def _check(settings: Settings) -> None:
                 f"{source}: upstreams.{name}.base_url: expected an http(s) URL{hint}, "
                 f"got {upstream.base_url!r}"
             )
+        if upstream.type == "bfl":
+            _check_bfl_models(settings, name)
         if not upstream.keys:
             raise ConfigError(
                 f"environment: {upstream.keys_env or '(no keys_env)'}: upstream {name!r} "
                 "has no keys; set the variable to a comma-separated list of API keys"
+            )
+
+
+# What BFL's Kontext endpoints take at most; rules beyond these would fail only once paid for.
+BFL_MAX_IMAGES = 4
+
+
+def _check_bfl_models(settings: Settings, upstream: str) -> None:
+    source = "catalog"
+    for model in settings.catalog.models.values():
+        if upstream not in model.upstreams:
+            continue
+        if model.mask.allowed:
+            raise ConfigError(
+                f"{source}: models.{model.name}.mask.allowed: must be false, the bfl upstream "
+                f"{upstream!r} takes no mask"
+            )
+        if model.images.max_count > BFL_MAX_IMAGES:
+            raise ConfigError(
+                f"{source}: models.{model.name}.images.max_count: at most {BFL_MAX_IMAGES} for "
+                f"the bfl upstream {upstream!r}"
             )

@@ -13,6 +13,7 @@ from app.forwarding import Forwarder
 from app.keys import RoundRobinKeys
 from app.redaction import Redactor
 from app.upstream.base import Upstream
+from app.upstream.bfl import BflUpstream
 from app.upstream.demo import DemoUpstream
 from app.upstream.openai import OpenAIUpstream
 
@@ -60,6 +61,9 @@ def open_gateway(
         if settings.demo or config.type == "demo":
             upstreams[name] = DemoUpstream(name)
             keys[name] = RoundRobinKeys(name, ())
+        elif config.type == "bfl":
+            upstreams[name] = BflUpstream(name, config, http, redactor)
+            keys[name] = RoundRobinKeys(name, config.keys)
         else:
             upstreams[name] = OpenAIUpstream(name, config, http, redactor)
             keys[name] = RoundRobinKeys(name, config.keys)

@@ -33,8 +33,8 @@ def validate_edit(
     mask = _mask(form.files, model, images[0], max_pixels)
     _reject_unexpected_files(form.files)
 
-    known = {name: value for name, value in fields.items() if name in KNOWN_PARAMS}
-    extra = tuple((name, value) for name, value in fields.items() if name not in KNOWN_PARAMS)
+    known = {name: value for name, value in fields.items() if _is_known(name, model)}
+    extra = tuple((name, value) for name, value in fields.items() if not _is_known(name, model))
     params = {name: _param(name, value, model) for name, value in known.items()}
     _check_combinations(params, model)
     response_format = cast(ResponseFormat | None, params.get("response_format"))
@@ -59,6 +59,10 @@ def validate_edit(
         response_format=response_format,
         n=n,
     )
+
+
+def _is_known(name: str, model: ModelRule) -> bool:
+    return name in KNOWN_PARAMS or name in model.params
 
 
 def _single_valued(form: IntakeForm) -> dict[str, str]:
@@ -161,7 +165,7 @@ def _image(upload: SpooledUpload, param: str, model: ModelRule, max_pixels: int)
             param=param,
             code="file_too_large",
         )
-    info = _sniff(upload, param, max_pixels)
+    info = _sniff(upload, param, min(max_pixels, model.images.max_pixels or max_pixels))
     if info.kind not in model.images.formats:
         raise InvalidRequest(
             f"{param} is a {info.kind.upper()} image; {model.name} accepts "
@@ -275,7 +279,7 @@ def _param(name: str, raw: str, model: ModelRule) -> ParamValue:
 
 def _int(name: str, value: str, rule: ParamRule) -> int:
     bounds = f"an integer from {rule.min} to {rule.max}"
-    if not re.fullmatch(r"[+-]?\d{1,9}", value):
+    if not re.fullmatch(r"[+-]?\d{1,10}", value):
         raise _bad_value(name, value, bounds)
     number = int(value)
     if (rule.min is not None and number < rule.min) or (rule.max is not None and number > rule.max):

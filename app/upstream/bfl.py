@@ -1,0 +1,485 @@
+"""The Black Forest Labs dialect (Flux Kontext): JSON submit, poll the task, download the result.
+
+One BFL task makes one image, so n images are n tasks, run in parallel up to a bound. Polling and
+result URLs come from the upstream's answers and go through the SSRF guard before any fetch.
+Transport failures and task statuses are translated into gateway errors here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import httpx
+import orjson
+
+from app.config import BFL_MAX_IMAGES, UpstreamConfig
+from app.edit import EditRequest, ParamValue
+from app.errors import (
+    FailureKind,
+    GatewayError,
+    InvalidRequest,
+    RateLimited,
+    UpstreamFailed,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from app.redaction import Redactor
+from app.upstream.base import UpstreamAnswer, UpstreamKey
+from app.upstream.url_guard import PinnedUrl, RefusedUrl, UrlGuard
+
+log = logging.getLogger("gateway.upstream.bfl")
+
+# Request fields BFL's Kontext endpoints document. Nothing else is sent: the schema also has
+# webhook_url, and a client must not choose where BFL calls back.
+_FLUX_PARAMS = ("aspect_ratio", "output_format", "safety_tolerance", "prompt_upsampling")
+_IMAGE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
+_POOL_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-reset", "x-ratelimit-remaining")
+_RATE_LIMIT_HEADERS = ("retry-after", "retry-after-ms")
+_MODERATED = ("Request Moderated", "Content Moderated")
+# Result downloads retried on transport errors and 5xx: the task is paid for, the URL lasts ~10 min.
+_DOWNLOAD_ATTEMPTS = 3
+_IMAGE_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class BflUpstream:
+    def __init__(
+        self,
+        name: str,
+        config: UpstreamConfig,
+        client: httpx.AsyncClient,
+        redactor: Redactor,
+        *,
+        guard: UrlGuard | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.name = name
+        self._config = config
+        self._bfl = config.bfl
+        self._client = client
+        self._redact = redactor
+        self._guard = guard or UrlGuard(
+            config.bfl.allowed_hosts,
+            allow_http=config.bfl.allow_http,
+            allow_private_addresses=config.bfl.allow_private_addresses,
+        )
+        self._sleep = sleep
+        self._base_url = config.base_url.rstrip("/")
+
+    async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer:
+        _check_request(edit)
+        if key is None:
+            raise _failed(UpstreamFailed(f"The upstream {self.name!r} has no key to use."), "auth")
+        payload = await asyncio.to_thread(_payload_json, edit)
+        seed = _param(edit, "seed")
+        total = edit.model.timeout or self._config.timeouts.total
+        try:
+            async with asyncio.timeout(total):
+                images = await self._run_tasks(edit, payload, seed, key)
+        except TimeoutError:
+            raise _failed(
+                UpstreamTimeout(f"The upstream did not finish within {total:g} seconds."),
+                "timeout",
+            ) from None
+        encoded = await asyncio.to_thread(
+            lambda: [base64.b64encode(image).decode("ascii") for image in images]
+        )
+        body: dict[str, Any] = {
+            "created": int(time.time()),
+            "data": [{"b64_json": image} for image in encoded],
+            "output_format": str(_param(edit, "output_format") or "png"),
+        }
+        return UpstreamAnswer(body=body, request_id=None)
+
+    async def _run_tasks(
+        self, edit: EditRequest, payload: bytes, seed: ParamValue | None, key: UpstreamKey
+    ) -> list[bytes]:
+        bound = asyncio.Semaphore(self._bfl.max_parallel_tasks)
+
+        async def one(index: int) -> bytes:
+            # The same seed n times would make n identical images.
+            task_seed = None if seed is None else (int(seed) + index) % 2**32
+            async with bound:
+                return await self._task(edit.model.upstream_model, payload, task_seed, key)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(index)) for index in range(edit.n)]
+        except BaseExceptionGroup as errors:
+            raise _first_gateway_error(errors) from None
+        return [task.result() for task in tasks]
+
+    async def _task(
+        self, endpoint: str, payload: bytes, seed: int | None, key: UpstreamKey
+    ) -> bytes:
+        deadline = asyncio.get_running_loop().time() + self._bfl.poll_deadline
+        task_id, polling_url = await self._submit(endpoint, payload, seed, key)
+        log.debug("bfl task %s submitted on %s", task_id, self.name)
+        sample_url = await self._poll(task_id, polling_url, key, deadline)
+        return await self._download(sample_url, deadline)
+
+    async def _submit(
+        self, endpoint: str, payload: bytes, seed: int | None, key: UpstreamKey
+    ) -> tuple[str, str]:
+        tail = b"}" if seed is None else b',"seed":' + str(seed).encode() + b"}"
+        headers = {
+            "x-key": key.secret.get_secret_value(),
+            "content-type": "application/json",
+            "content-length": str(len(payload) - 1 + len(tail)),
+            "accept": "application/json",
+        }
+        timeouts = self._config.timeouts
+        try:
+            # One POST, never resent: after a read timeout the task may be running and billed.
+            response = await self._client.post(
+                f"{self._base_url}/{endpoint}",
+                content=_chunks(memoryview(payload)[:-1], tail),
+                headers=headers,
+                timeout=httpx.Timeout(timeouts.total, connect=timeouts.connect),
+            )
+        except httpx.ConnectTimeout:
+            raise self._unreachable("timed out connecting") from None
+        except httpx.ConnectError:
+            raise self._unreachable("refused the connection") from None
+        except httpx.TimeoutException:
+            raise _failed(
+                UpstreamTimeout("The upstream did not accept the task in time."), "timeout"
+            ) from None
+        except httpx.TransportError as exc:
+            raise _failed(
+                UpstreamFailed(
+                    f"The connection to the upstream failed mid-request ({type(exc).__name__}).",
+                    code="upstream_connection_lost",
+                ),
+                "dropped",
+            ) from None
+        if response.status_code != 200:
+            raise self._submit_error(response)
+        body = _json_object(response.content) or {}
+        task_id, polling_url = body.get("id"), body.get("polling_url")
+        if not isinstance(task_id, str) or not isinstance(polling_url, str):
+            raise _bad_response("The upstream accepted the task without an id and polling URL.")
+        return task_id, polling_url
+
+    def _submit_error(self, response: httpx.Response) -> GatewayError:
+        status = response.status_code
+        message = self._redact(_error_message(response.content) or f"HTTP {status}")
+        error: GatewayError
+        if status in (401, 403):
+            error = _failed(
+                UpstreamFailed(
+                    "The upstream rejected the gateway's credentials; operators have been told.",
+                    code="upstream_auth_failed",
+                ),
+                "auth",
+            )
+        elif status == 402:
+            error = _failed(
+                UpstreamFailed(
+                    "The upstream account is out of credits or quota.",
+                    code="upstream_quota_exhausted",
+                ),
+                "quota",
+            )
+        elif status == 429:
+            headers = {
+                name: response.headers[name]
+                for name in _RATE_LIMIT_HEADERS
+                if name in response.headers
+            }
+            error = _failed(
+                RateLimited(f"The upstream is rate limiting: {message}", headers=headers),
+                "rate_limited",
+            )
+        elif 400 <= status < 500:
+            # BFL answers 422 for a body it rejects; OpenAI clients expect 400 for that.
+            error = _failed(
+                UpstreamRejected(
+                    400,
+                    f"The upstream rejected the request: {message}",
+                    error_type="invalid_request_error",
+                    param=None,
+                    code="upstream_rejected",
+                ),
+                "rejected",
+            )
+        else:
+            error = _failed(
+                UpstreamFailed(f"The upstream failed with HTTP {status}: {message}"), "server"
+            )
+        error.upstream_headers = {
+            name: response.headers[name] for name in _POOL_HEADERS if name in response.headers
+        }
+        return error
+
+    async def _poll(self, task_id: str, polling_url: str, key: UpstreamKey, deadline: float) -> str:
+        pinned = await self._pin(polling_url, "polling")
+        url = pinned.url
+        if "id" not in url.params:
+            url = url.copy_merge_params({"id": task_id})
+        headers = {"x-key": key.secret.get_secret_value(), "accept": "application/json"}
+        headers.update(pinned.headers)
+        loop = asyncio.get_running_loop()
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise _failed(
+                    UpstreamTimeout(
+                        f"The upstream task did not finish within "
+                        f"{self._bfl.poll_deadline:g} seconds."
+                    ),
+                    "timeout",
+                )
+            await self._sleep(min(self._bfl.poll_interval, remaining))
+            body = await self._poll_once(url, headers, pinned, deadline)
+            if body is None:
+                continue
+            status = body.get("status")
+            if status == "Ready":
+                result = body.get("result")
+                sample = result.get("sample") if isinstance(result, dict) else None
+                if not isinstance(sample, str):
+                    raise _bad_response("The upstream's finished task has no result image.")
+                return sample
+            if status in _MODERATED:
+                raise _failed(
+                    UpstreamRejected(
+                        400,
+                        f"The upstream's moderation blocked this edit ({status}).",
+                        error_type="invalid_request_error",
+                        param=None,
+                        code="moderation_blocked",
+                    ),
+                    "rejected",
+                )
+            if status == "Error":
+                raise _failed(
+                    UpstreamFailed(
+                        "The upstream task failed while generating the image.",
+                        code="upstream_task_failed",
+                    ),
+                    "server",
+                )
+            if status == "Task not found":
+                raise _task_not_found()
+            # Pending, and any in-progress status BFL adds later: keep polling.
+
+    async def _poll_once(
+        self, url: httpx.URL, headers: dict[str, str], pinned: PinnedUrl, deadline: float
+    ) -> dict[str, Any] | None:
+        """The task's status body, or None for a transient failure worth polling again."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        timeout = max(min(self._bfl.request_timeout, remaining), 0.001)
+        try:
+            response = await self._client.get(
+                url,
+                headers=headers,
+                extensions=pinned.extensions,
+                timeout=httpx.Timeout(timeout, connect=self._config.timeouts.connect),
+            )
+        except httpx.TransportError as exc:
+            # The task is paid for and running: a failed poll is retried until the deadline.
+            log.info("bfl poll failed on %s (%s); polling again", self.name, type(exc).__name__)
+            return None
+        status = response.status_code
+        if status == 429 or status >= 500:
+            return None
+        if status in (401, 403):
+            raise _failed(
+                UpstreamFailed(
+                    "The upstream rejected the gateway's credentials while polling.",
+                    code="upstream_auth_failed",
+                ),
+                "auth",
+            )
+        if status == 404:
+            raise _task_not_found()
+        body = _json_object(response.content) if status == 200 else None
+        if body is None:
+            raise _bad_response(f"The upstream answered a poll with HTTP {status}.")
+        return body
+
+    async def _download(self, sample_url: str, deadline: float) -> bytes:
+        pinned = await self._pin(sample_url, "result")
+        for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
+            remaining = deadline - asyncio.get_running_loop().time()
+            timeout = max(min(self._bfl.request_timeout, remaining), 0.001)
+            try:
+                data = await self._fetch_capped(pinned, timeout)
+            except httpx.TransportError as exc:
+                if attempt == _DOWNLOAD_ATTEMPTS:
+                    raise _failed(
+                        UpstreamFailed(
+                            f"The upstream's result image could not be downloaded "
+                            f"({type(exc).__name__}).",
+                            code="upstream_result_unavailable",
+                        ),
+                        "dropped",
+                    ) from None
+                continue
+            if data is not None:
+                return data
+            if attempt == _DOWNLOAD_ATTEMPTS:
+                break
+        raise _failed(
+            UpstreamFailed(
+                "The upstream's result image could not be downloaded.",
+                code="upstream_result_unavailable",
+            ),
+            "server",
+        )
+
+    async def _fetch_capped(self, pinned: PinnedUrl, seconds: float) -> bytes | None:
+        """The image bytes; None for a 5xx worth retrying; an error for anything unusable."""
+        cap = int(self._bfl.max_result_bytes)
+        headers = {"accept": "image/*"}
+        headers.update(pinned.headers)
+        async with self._client.stream(
+            "GET",
+            pinned.url,
+            headers=headers,
+            extensions=pinned.extensions,
+            timeout=httpx.Timeout(seconds, connect=self._config.timeouts.connect),
+        ) as response:
+            if response.status_code >= 500:
+                return None
+            if response.status_code != 200:
+                raise _bad_response(
+                    f"The upstream's result image answered HTTP {response.status_code}."
+                )
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > cap:
+                raise _too_large(cap)
+            data = bytearray()
+            # Counted after decoding, so a compressed body cannot inflate past the cap either.
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > cap:
+                    raise _too_large(cap)
+        if not any(data.startswith(magic) for magic, _ in _IMAGE_MAGIC) and not (
+            data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+        ):
+            raise _bad_response("The upstream's result is not a PNG, JPEG or WebP image.")
+        return bytes(data)
+
+    async def _pin(self, url: str, what: str) -> PinnedUrl:
+        try:
+            return await self._guard.check(url)
+        except RefusedUrl as exc:
+            log.warning("refused the %s URL from upstream %s: %s", what, self.name, exc)
+            raise _failed(
+                UpstreamFailed(
+                    f"The upstream returned a {what} URL the gateway may not fetch: {exc}.",
+                    code="upstream_url_refused",
+                ),
+                "bad_response",
+            ) from None
+
+    def _unreachable(self, what: str) -> GatewayError:
+        return _failed(UpstreamUnreachable(f"The upstream {self.name!r} {what}."), "connect")
+
+
+def _check_request(edit: EditRequest) -> None:
+    """What BFL cannot do. The catalog rejects these earlier; this holds if its rules drift."""
+    if edit.mask is not None:
+        raise InvalidRequest(
+            f"{edit.model.name} does not take a mask.", param="mask", code="unsupported_parameter"
+        )
+    if len(edit.images) > BFL_MAX_IMAGES:
+        raise InvalidRequest(
+            f"{len(edit.images)} images were sent; {edit.model.name} accepts at most "
+            f"{BFL_MAX_IMAGES}.",
+            param="image",
+            code="too_many_images",
+        )
+    if edit.response_format == "url":
+        raise InvalidRequest(
+            f"response_format='url' is not available for {edit.model.name} on this gateway "
+            "yet; use b64_json.",
+            param="response_format",
+            code="unsupported_value",
+        )
+
+
+def _param(edit: EditRequest, name: str) -> ParamValue | None:
+    """The client's value, else the model's configured default for the field."""
+    if name in edit.params:
+        return edit.params[name]
+    rule = edit.model.params.get(name)
+    return rule.default if rule is not None else None
+
+
+def _payload_json(edit: EditRequest) -> bytes:
+    """The task body without its seed (added per task); base64 images, no data-URI prefix."""
+    payload: dict[str, Any] = {"prompt": edit.prompt}
+    for field, image in zip(_IMAGE_FIELDS, edit.images, strict=False):
+        payload[field] = base64.b64encode(image.upload.read_all()).decode("ascii")
+    for name in _FLUX_PARAMS:
+        value = _param(edit, name)
+        if value is not None:
+            payload[name] = value
+    return orjson.dumps(payload)
+
+
+async def _chunks(*parts: bytes | memoryview) -> AsyncIterator[bytes]:
+    for part in parts:
+        # h11 writes memoryviews as they are; copying would duplicate every image once more.
+        yield cast(bytes, part)
+
+
+def _failed(error: GatewayError, kind: FailureKind) -> GatewayError:
+    error.failure = kind
+    return error
+
+
+def _bad_response(message: str) -> GatewayError:
+    return _failed(UpstreamFailed(message, code="upstream_bad_response"), "bad_response")
+
+
+def _too_large(cap: int) -> GatewayError:
+    return _bad_response(f"The upstream's result image is larger than {cap} bytes.")
+
+
+def _task_not_found() -> GatewayError:
+    return _failed(
+        UpstreamFailed("The upstream lost track of the task.", code="upstream_task_not_found"),
+        "server",
+    )
+
+
+def _first_gateway_error(errors: BaseExceptionGroup[BaseException]) -> BaseException:
+    for error in errors.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            return _first_gateway_error(error)
+        if isinstance(error, GatewayError):
+            return error
+    return errors
+
+
+def _json_object(content: bytes) -> dict[str, Any] | None:
+    try:
+        value = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _error_message(content: bytes) -> str | None:
+    body = _json_object(content) or {}
+    detail = body.get("detail")
+    if isinstance(detail, str):
+        return detail[:300]
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        return str(detail[0].get("msg", ""))[:300] or None
+    error = body.get("error") or body.get("message")
+    return str(error)[:300] if error else None
