@@ -439,6 +439,9 @@ async def _chunks(*parts: bytes | memoryview) -> AsyncIterator[bytes]:
 
 def _failed(error: GatewayError, kind: FailureKind) -> GatewayError:
     error.failure = kind
+    if kind in ("timeout", "dropped"):
+        # The task may be running and billed: the SDK's own retries would pay for it again.
+        error.headers["x-should-retry"] = "false"
     return error
 
 

@@ -1,0 +1,97 @@
+"""Gateways with a `bfl` upstream for tests: a tmp gateway.yaml and a tmp copy of the catalog
+pointing the Flux Kontext models at the fake BFL server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from openai import OpenAI
+
+from app.config import Settings, load_settings
+from app.main import create_app
+from tests.support.configs import MODELS
+from tests.support.servers import serve_in_thread
+
+BFL_KEYS = ("bfl-test-key-AAAA1111aaaa", "bfl-test-key-BBBB2222bbbb")
+OPENAI_KEYS = ("sk-test-upstream-CCCC3333cccc",)
+CLIENT_KEY = "igw-test-client-key-bfl-0123456789"
+FLUX_MODELS = ("flux-kontext-pro", "flux-kontext-max")
+
+# Loopback and plain http are allowed explicitly: the fake runs on 127.0.0.1 without TLS.
+TEST_BFL = {
+    "poll_interval": 0.01,
+    "poll_deadline": 20,
+    "request_timeout": 5,
+    "allowed_hosts": ["127.0.0.1"],
+    "allow_http": True,
+    "allow_private_addresses": True,
+    "max_result_bytes": 64 * 1024,
+}
+
+
+def write_bfl_config(
+    directory: Path,
+    *,
+    bfl_url: str,
+    openai_url: str = "http://127.0.0.1:9/v1",
+    flux_upstreams: tuple[str, ...] = ("bfl",),
+    bfl: dict[str, Any] | None = None,
+    timeouts: dict[str, float] | None = None,
+) -> Path:
+    catalog = yaml.safe_load(MODELS.read_text())
+    for name in FLUX_MODELS:
+        catalog["models"][name]["upstreams"] = list(flux_upstreams)
+    (directory / "models.yaml").write_text(yaml.safe_dump(catalog))
+    upstream: dict[str, Any] = {
+        "type": "bfl",
+        "base_url": bfl_url + "/v1",
+        "keys_env": "GATEWAY_BFL_KEYS",
+        "bfl": {**TEST_BFL, **(bfl or {})},
+    }
+    if timeouts:
+        upstream["timeouts"] = timeouts
+    config = {
+        "catalog": "models.yaml",
+        "default_model": "flux-kontext-pro",
+        "upstreams": {
+            "default": {
+                "type": "openai",
+                "base_url": openai_url,
+                "keys_env": "GATEWAY_UPSTREAM_KEYS",
+            },
+            "bfl": upstream,
+        },
+    }
+    path = directory / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def bfl_settings(config_path: Path) -> Settings:
+    return load_settings(
+        env={
+            "GATEWAY_CONFIG": str(config_path),
+            "GATEWAY_UPSTREAM_KEYS": ",".join(OPENAI_KEYS),
+            "GATEWAY_BFL_KEYS": ",".join(BFL_KEYS),
+            "GATEWAY_CLIENT_KEYS": CLIENT_KEY,
+        }
+    )
+
+
+@contextmanager
+def serve_bfl_gateway(directory: Path, **config: Any) -> Iterator[str]:
+    """A gateway on a real port with a `bfl` upstream; yields its base URL."""
+    directory.mkdir(parents=True, exist_ok=True)
+    settings = bfl_settings(write_bfl_config(directory, **config))
+    with serve_in_thread(create_app(settings)) as url:
+        yield url
+
+
+def sdk(gateway_url: str, *, max_retries: int = 0) -> OpenAI:
+    return OpenAI(
+        base_url=gateway_url + "/v1", api_key=CLIENT_KEY, max_retries=max_retries, timeout=60
+    )
