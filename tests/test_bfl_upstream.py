@@ -173,3 +173,18 @@ def test_bfl_upstream_https_required_unless_allowed(tmp_path: Path, bfl: FakeBfl
         "upstream_url_refused",
     )
     assert [hit.method for hit in bfl.hits] == ["POST"]  # the http polling URL was not fetched
+
+
+def test_bfl_upstream_probe_checks_key_and_credits(tmp_path: Path, bfl: FakeBflUpstream) -> None:
+    config, _ = upstream_config(tmp_path, bfl.url)
+    bfl.credits[BFL_KEYS[1]] = 0.0
+
+    async def probe(secret: str) -> bool:
+        async with httpx.AsyncClient() as client:
+            upstream = BflUpstream("bfl", config, client, Redactor(BFL_KEYS))
+            return await upstream.probe(UpstreamKey(id="bfl#1", secret=SecretStr(secret)))
+
+    assert asyncio.run(probe(BFL_KEYS[0])) is True
+    assert asyncio.run(probe(BFL_KEYS[1])) is False  # valid key, no credits left
+    assert asyncio.run(probe("wrong-key")) is False
+    assert all(hit.path == "/v1/credits" for hit in bfl.hits)  # free: nothing was submitted

@@ -76,6 +76,27 @@ class BflUpstream:
         self._sleep = sleep
         self._base_url = config.base_url.rstrip("/")
 
+    async def probe(self, key: UpstreamKey) -> bool:
+        """`GET {base}/credits`: free; True once BFL accepts the key and the account has credits
+        (a key disabled for 402 is only usable again after a top-up)."""
+        headers = {"x-key": key.secret.get_secret_value(), "accept": "application/json"}
+        timeout = httpx.Timeout(self._bfl.request_timeout, connect=self._config.timeouts.connect)
+        try:
+            response = await self._client.get(
+                f"{self._base_url}/credits", headers=headers, timeout=timeout
+            )
+        except httpx.HTTPError:
+            return False
+        if response.status_code == 429:
+            return True  # authenticated; its rate limit is the pool's business
+        credits = (_json_object(response.content) or {}).get("credits")
+        return (
+            response.status_code == 200
+            and isinstance(credits, int | float)
+            and not isinstance(credits, bool)
+            and credits > 0
+        )
+
     async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer:
         _check_request(edit)
         if key is None:

@@ -78,6 +78,7 @@ class FakeBflUpstream:
         self.app = Starlette(
             routes=[
                 Route("/v1/get_result", self._get_result, methods=["GET"]),
+                Route("/v1/credits", self._credits, methods=["GET"]),
                 Route("/v1/{endpoint}", self._submit, methods=["POST"]),
                 Route("/results/{task_id}", self._result, methods=["GET"]),
                 Route("/{path:path}", self._anything, methods=["GET", "POST", "PUT", "HEAD"]),
@@ -98,6 +99,8 @@ class FakeBflUpstream:
         self.polling_base: str | None = None
         self.sample_base: str | None = None
         self.result_override: bytes | None = None
+        # Credits per key for GET /v1/credits (the key pool's free probe); missing keys have 100.
+        self.credits: dict[str, float] = {}
 
     @property
     def submits(self) -> list[BflTask]:
@@ -142,6 +145,13 @@ class FakeBflUpstream:
         )
         base = self.polling_base or self.url
         return JSONResponse({"id": task_id, "polling_url": f"{base}/v1/get_result?id={task_id}"})
+
+    async def _credits(self, request: Request) -> Response:
+        self._record(request)
+        key = request.headers.get("x-key", "")
+        if key not in self.keys:
+            return JSONResponse({"detail": "Not authenticated"}, status_code=403)
+        return JSONResponse({"credits": self.credits.get(key, 100.0)})
 
     async def _get_result(self, request: Request) -> Response:
         self._record(request)
