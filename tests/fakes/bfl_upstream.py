@@ -90,8 +90,9 @@ class FakeBflUpstream:
         self.tasks.clear()
         self._counter = itertools.count()
         self.submit_replies: deque[SubmitReply] = deque()
-        # Status sequences for the next tasks, in submission order; then DEFAULT_STATUSES.
+        # Status sequences for the next tasks, in submission order; then default_statuses.
         self.scripts: deque[tuple[str, ...]] = deque()
+        self.default_statuses: tuple[str, ...] = DEFAULT_STATUSES
         # HTTP statuses for the next polls (before the scripted body is consulted).
         self.poll_failures: deque[int] = deque()
         self.result_failures: deque[int] = deque()
@@ -133,7 +134,7 @@ class FakeBflUpstream:
                 return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
         index = next(self._counter)
         task_id = f"task-{index}-{hashlib.sha256(key.encode()).hexdigest()[:6]}"
-        statuses = self.scripts.popleft() if self.scripts else DEFAULT_STATUSES
+        statuses = self.scripts.popleft() if self.scripts else self.default_statuses
         self.tasks[task_id] = BflTask(
             id=task_id,
             index=index,
