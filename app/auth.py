@@ -33,14 +33,18 @@ class ClientAuthMiddleware:
         keys: tuple[SecretStr, ...],
         allow_anonymous: bool,
         admin_keys: tuple[SecretStr, ...] = (),
+        public_paths: frozenset[str] = PUBLIC_PATHS,
     ) -> None:
         self.app = app
+        # Paths guarded by something else or by nothing (health; /metrics when public or when
+        # it has its own token).
+        self._public = public_paths
         self._digests = _digests("client", keys)
         self._admin_digests = _digests("admin", admin_keys)
         self._allow_anonymous = allow_anonymous
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or scope["path"] in self._public:
             await self.app(scope, receive, send)
             return
         presented = _bearer(scope)

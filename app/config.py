@@ -77,6 +77,26 @@ class HttpClientConfig(_Strict):
     keepalive_expiry: float = Field(30.0, gt=0)
 
 
+class MetricsConfig(_Strict):
+    enabled: bool = True
+    # true: GET /metrics needs no credentials (only for a port that is not reachable from
+    # outside, as in docker-compose.yml). false: it needs GATEWAY_METRICS_TOKEN if that is set,
+    # else any client key.
+    public: bool = False
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    # Prompts are the clients' data: by default only their length is logged.
+    log_prompts: bool = False
+
+
+class ShutdownConfig(_Strict):
+    # After SIGTERM, in-flight edits get this long to finish before they are cancelled.
+    drain_timeout: float = Field(60.0, gt=0)
+
+
 class FileConfig(_Strict):
     """The shape of gateway.yaml."""
 
@@ -87,6 +107,9 @@ class FileConfig(_Strict):
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
     limits: Limits = Limits()
     http: HttpClientConfig = HttpClientConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
 
 
 class Settings(_Strict):
@@ -102,6 +125,12 @@ class Settings(_Strict):
     limits: Limits
     http: HttpClientConfig
     catalog: Catalog
+    metrics: MetricsConfig = MetricsConfig()
+    metrics_token: SecretStr | None = None
+    # Set (by `image-gateway serve --workers N`) when worker processes share their metrics.
+    metrics_multiprocess_dir: str | None = None
+    logging: LoggingConfig = LoggingConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
 
 
 def _env_list(value: str | None) -> tuple[SecretStr, ...]:
@@ -154,6 +183,11 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
     # The demo runs without keys so a newcomer needs nothing; configured keys still apply.
     allow_anonymous = allow_anonymous or (demo and not client_keys)
     redis_url = env.get("GATEWAY_REDIS_URL") or file_config.redis_url
+    metrics = file_config.metrics
+    if env.get("GATEWAY_METRICS_PUBLIC"):
+        public = _env_bool("GATEWAY_METRICS_PUBLIC", env.get("GATEWAY_METRICS_PUBLIC"))
+        metrics = metrics.model_copy(update={"public": public})
+    metrics_token = env.get("GATEWAY_METRICS_TOKEN")
     settings = Settings(
         config_path=config_path,
         demo=demo,
@@ -166,6 +200,11 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
         limits=file_config.limits,
         http=file_config.http,
         catalog=catalog,
+        metrics=metrics,
+        metrics_token=SecretStr(metrics_token) if metrics_token else None,
+        metrics_multiprocess_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
+        logging=file_config.logging,
+        shutdown=file_config.shutdown,
     )
     _check(settings)
     return settings

@@ -25,6 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from app.request_record import current_record
+
 log = logging.getLogger("gateway.errors")
 
 # What went wrong upstream, for the key pool and metrics to act on (never shown to clients):
@@ -176,6 +178,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_gateway_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
+        current_record().note_error(code=exc.code, param=exc.param, failure=exc.failure)
         return error_response(exc)
 
     async def on_validation_error(_: Request, exc: Exception) -> Response:

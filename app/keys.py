@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 from pydantic import SecretStr
 
+from app.metrics import KeySnapshot
 from app.upstream.base import UpstreamKey
 
 
@@ -19,6 +20,13 @@ class RoundRobinKeys:
         self._cycle: Iterator[UpstreamKey] | None = (
             itertools.cycle(self.keys) if self.keys else None
         )
+
+    def snapshots(self) -> list[KeySnapshot]:
+        """Every key as the metrics report it: a round-robin has no health, all are healthy."""
+        return [
+            KeySnapshot(upstream=key.id.partition("#")[0], key_id=key.id, state="healthy")
+            for key in self.keys
+        ]
 
     def next(self) -> UpstreamKey | None:
         """The next key, or None for an upstream that needs none (the demo)."""

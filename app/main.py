@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,27 +11,56 @@ import httpx
 from fastapi import FastAPI
 
 from app.api import health, images, models
-from app.auth import ClientAuthMiddleware
+from app.api import metrics as metrics_api
+from app.auth import PUBLIC_PATHS, ClientAuthMiddleware
 from app.config import Settings, load_settings
+from app.drain import Drain, DrainMiddleware
 from app.errors import install_error_handlers
+from app.logs import install_redaction
+from app.metrics import GatewayMetrics
+from app.observe import ObservabilityMiddleware
+from app.redis_health import watch_redis
 from app.request_id import RequestIdMiddleware
 from app.runtime import open_gateway
 
 
 def create_app(
-    settings: Settings | None = None, *, transport: httpx.AsyncBaseTransport | None = None
+    settings: Settings | None = None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    metrics: GatewayMetrics | None = None,
 ) -> FastAPI:
     """Build the ASGI app. Settings are read here, once, never at import time."""
     settings = settings if settings is not None else load_settings()
+    if metrics is None:
+        metrics = GatewayMetrics(
+            models=settings.catalog.models,
+            multiprocess_dir=settings.metrics_multiprocess_dir,
+        )
+    drain = Drain()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway = open_gateway(settings, transport=transport)
+        gateway = open_gateway(settings, transport=transport, metrics=metrics)
         app.state.gateway = gateway
+        unredact = install_redaction(gateway.redactor)
+        unhook = drain.hook_signals()
+        watcher = (
+            asyncio.create_task(watch_redis(gateway.redis, metrics))
+            if gateway.redis is not None
+            else None
+        )
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            unhook()
             await gateway.aclose()
+            metrics.close()
+            unredact()
 
     app = FastAPI(
         title="image-gateway",
@@ -38,16 +69,27 @@ def create_app(
         redoc_url=None,
         openapi_url=None,
     )
+    app.state.drain = drain
     install_error_handlers(app)
     app.include_router(images.router)
     app.include_router(models.router)
     app.include_router(health.router)
-    # Outermost last: the request id wraps auth so that even a 401 carries one.
+    public_paths = PUBLIC_PATHS
+    if settings.metrics.enabled:
+        app.include_router(metrics_api.router)
+        if settings.metrics.public or settings.metrics_token is not None:
+            # The route checks the metrics token itself (or nothing, when public).
+            public_paths = public_paths | {"/metrics"}
+    # Outermost last: the request id wraps everything so that even a 401 carries one; the
+    # observability layer sits outside auth and drain so their refusals are counted and logged.
     app.add_middleware(
         ClientAuthMiddleware,
         keys=settings.client_keys,
         allow_anonymous=settings.allow_anonymous,
         admin_keys=settings.admin_keys,
+        public_paths=public_paths,
     )
+    app.add_middleware(DrainMiddleware, drain=drain)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics, routes=app.router.routes)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from app.config import Settings
 from app.forwarding import Forwarder
 from app.keys import RoundRobinKeys
+from app.metrics import GatewayMetrics
 from app.redaction import Redactor
 from app.upstream.base import Upstream
 from app.upstream.bfl import BflUpstream
@@ -27,6 +28,7 @@ class Gateway:
     forwarder: Forwarder
     redactor: Redactor
     redis: aioredis.Redis | None
+    metrics: GatewayMetrics
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -36,14 +38,21 @@ class Gateway:
 
 def secrets_of(settings: Settings) -> list[str]:
     values = [key.get_secret_value() for key in settings.client_keys + settings.admin_keys]
+    if settings.metrics_token is not None:
+        values.append(settings.metrics_token.get_secret_value())
     for upstream in settings.upstreams.values():
         values += [key.get_secret_value() for key in upstream.keys]
     return values
 
 
 def open_gateway(
-    settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+    settings: Settings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    metrics: GatewayMetrics | None = None,
 ) -> Gateway:
+    if metrics is None:
+        metrics = GatewayMetrics(models=settings.catalog.models)
     limits = httpx.Limits(
         max_connections=settings.http.max_connections,
         max_keepalive_connections=settings.http.max_keepalive_connections,
@@ -67,6 +76,8 @@ def open_gateway(
         else:
             upstreams[name] = OpenAIUpstream(name, config, http, redactor)
             keys[name] = RoundRobinKeys(name, config.keys)
+    for pool in keys.values():
+        metrics.watch_keys(pool.snapshots)
     if settings.demo:
         log.warning("demo mode: every model is served by the built-in demo upstream")
     redis = (
@@ -79,7 +90,8 @@ def open_gateway(
     return Gateway(
         settings=settings,
         http=http,
-        forwarder=Forwarder(upstreams, keys),
+        forwarder=Forwarder(upstreams, keys, metrics=metrics),
         redactor=redactor,
         redis=redis,
+        metrics=metrics,
     )

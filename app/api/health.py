@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import orjson
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.api.deps import GatewayDep
+from app.redis_health import check_redis
 
 router = APIRouter()
 
@@ -19,9 +18,13 @@ async def healthz() -> Response:
 
 
 @router.get("/readyz")
-async def readyz(gateway: GatewayDep) -> Response:
+async def readyz(request: Request, gateway: GatewayDep) -> Response:
     problems: list[str] = []
     checks: dict[str, str] = {}
+    if request.app.state.drain.draining:
+        # Shutting down: load balancers must stop sending work here now.
+        checks["shutdown"] = "draining"
+        problems.append("the gateway is shutting down")
     settings = gateway.settings
     for name in sorted(settings.catalog.upstreams_in_use()):
         upstream = settings.upstreams[name]
@@ -33,16 +36,16 @@ async def readyz(gateway: GatewayDep) -> Response:
             checks[f"upstream:{name}"] = "no keys"
             problems.append(f"upstream {name} has no keys")
     if gateway.redis is not None:
-        try:
-            async with asyncio.timeout(1.0):
-                await gateway.redis.ping()
+        if await check_redis(gateway.redis, gateway.metrics, "health"):
             checks["redis"] = "ok"
-        except Exception as exc:
-            checks["redis"] = f"unreachable ({type(exc).__name__})"
+        else:
+            checks["redis"] = "unreachable"
             problems.append("redis unreachable")
     status = 503 if problems else 200
     body = {
-        "status": "ready" if not problems else "not ready",
+        "status": "ready"
+        if not problems
+        else ("draining" if request.app.state.drain.draining else "not ready"),
         "checks": checks,
         "problems": problems,
     }

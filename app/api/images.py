@@ -9,7 +9,8 @@ from starlette.responses import Response
 
 from app.api.deps import GatewayDep
 from app.images_response import normalize_images_response
-from app.intake.form import read_form
+from app.intake.form import IntakeForm, read_form
+from app.request_record import current_record
 from app.validation import validate_edit
 
 router = APIRouter()
@@ -31,6 +32,8 @@ async def create_image_edit(request: Request, gateway: GatewayDep) -> Response:
     except ClientDisconnect:
         # Nobody is left to answer; 499 is what the access log will show.
         return Response(status_code=499)
+    record = current_record()
+    _note_form(form)
     try:
         edit = validate_edit(
             form,
@@ -38,12 +41,27 @@ async def create_image_edit(request: Request, gateway: GatewayDep) -> Response:
             default_model=settings.default_model,
             max_pixels=settings.limits.max_pixels,
         )
+        record.model = edit.model.name
+        record.images_in = len(edit.images)
+        if settings.logging.log_prompts:
+            record.prompt = edit.prompt
         answer, _upstream = await gateway.forwarder.edit(edit)
     finally:
         form.close()
+    data = answer.body.get("data")
+    record.images_out = len(data) if isinstance(data, list) else 0
     headers = {"x-request-id": answer.request_id} if answer.request_id else None
     return Response(
         orjson.dumps(normalize_images_response(answer.body)),
         media_type="application/json",
         headers=headers,
     )
+
+
+def _note_form(form: IntakeForm) -> None:
+    """Sizes for the log line and metrics; the prompt's length only, never its text."""
+    record = current_record()
+    record.upload_bytes = sum(upload.size for upload in form.files)
+    for text in form.fields:
+        if text.name == "prompt":
+            record.prompt_chars = len(text.value)

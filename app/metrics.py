@@ -1,0 +1,377 @@
+"""Prometheus metrics behind intent-named methods: the rest of the gateway says what happened
+(`record_upstream(...)`), never which collector to touch.
+
+Every label value is bounded: routes are route templates, models come from the catalog, params
+from the images API's field names, keys are key ids. A client-supplied string never becomes a
+label value, so no client can grow the series count or smuggle text into the scrape.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+
+from app.catalog import KNOWN_PARAMS
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Client-facing requests are short when cached and up to 10 minutes for slow upstream edits.
+REQUEST_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600,
+)  # fmt: skip
+UPSTREAM_BUCKETS: Final = (
+    0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 240, 300, 450, 600,
+)  # fmt: skip
+
+KeyState = Literal["healthy", "cooling", "disabled", "ejected"]
+KEY_STATES: Final[tuple[KeyState, ...]] = ("healthy", "cooling", "disabled", "ejected")
+CacheResult = Literal["hit", "miss", "bypass"]
+CACHE_RESULTS: Final[tuple[CacheResult, ...]] = ("hit", "miss", "bypass")
+_CACHE_RESULTS: Final = frozenset(CACHE_RESULTS)
+
+# Why a key is not healthy: the upstream failure kinds, plus the pool's own reasons.
+KEY_REASONS: Final = frozenset(
+    {
+        "ok",
+        "rate_limited",
+        "auth",
+        "quota",
+        "server",
+        "connect",
+        "timeout",
+        "dropped",
+        "rejected",
+        "bad_response",
+        "probe_failed",
+        "manual",
+    }
+)
+# What an upstream call ended with: "ok", "cancelled", or one of app.errors.FailureKind.
+UPSTREAM_OUTCOMES: Final = frozenset(
+    {
+        "ok",
+        "cancelled",
+        "rate_limited",
+        "auth",
+        "quota",
+        "server",
+        "connect",
+        "timeout",
+        "dropped",
+        "rejected",
+        "bad_response",
+    }
+)
+# Fields a validation error can name, besides the optional images API fields.
+_REQUEST_FIELDS: Final = frozenset({"image", "mask", "prompt", "model"})
+_INDEXED = re.compile(r"^(image|mask)\[\d*\]$")
+REDIS_COMPONENTS: Final = frozenset({"cache", "keys", "health"})
+
+OTHER = "other"
+NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySnapshot:
+    """One upstream key as the pool sees it at scrape time."""
+
+    upstream: str
+    key_id: str  # the pool's id ("default#1"), never derived from the secret
+    state: KeyState
+    reason: str = "ok"
+    cooldown_seconds: float = 0.0
+
+
+KeySource = Callable[[], Iterable[KeySnapshot]]
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else OTHER
+
+
+def bounded(value: str | None, allowed: frozenset[str]) -> str:
+    if value is None:
+        return NONE
+    return value if value in allowed else OTHER
+
+
+def rejection_param(param: str | None) -> str:
+    """`image[3]` counts as `image`; a field the images API does not define counts as `other`."""
+    if param is None:
+        return NONE
+    indexed = _INDEXED.match(param)
+    if indexed is not None:
+        return indexed.group(1)
+    return param if param in _REQUEST_FIELDS or param in KNOWN_PARAMS else OTHER
+
+
+class _KeyCollector(Collector):
+    """Key state is read from the pool when Prometheus scrapes, so it is never stale."""
+
+    def __init__(self, sources: list[KeySource]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "gateway_upstream_key_state",
+            "1 for the state each upstream key is in (with the reason), 0 for the others.",
+            labels=["upstream", "key", "state", "reason"],
+        )
+        cooldown = GaugeMetricFamily(
+            "gateway_upstream_key_cooldown_seconds",
+            "Seconds until a cooling, disabled or ejected key is tried again (0 when healthy).",
+            labels=["upstream", "key"],
+        )
+        for source in self._sources:
+            for key in source():
+                reason = bounded(key.reason, KEY_REASONS)
+                for candidate in KEY_STATES:
+                    value = 1.0 if candidate == key.state else 0.0
+                    shown = reason if candidate == key.state else NONE
+                    state.add_metric([key.upstream, key.key_id, candidate, shown], value)
+                cooldown.add_metric([key.upstream, key.key_id], max(0.0, key.cooldown_seconds))
+        yield state
+        yield cooldown
+
+
+class GatewayMetrics:
+    """The gateway's collectors, in a registry of their own (so tests can build many apps).
+
+    With `multiprocess_dir` (uvicorn `--workers N`), prometheus-client keeps every value in
+    per-process files there and a scrape of any worker sums them all.
+    """
+
+    def __init__(self, *, models: Iterable[str], multiprocess_dir: str | None = None) -> None:
+        self._models = frozenset(models)
+        self._multiprocess_dir = multiprocess_dir
+        self.registry = CollectorRegistry()
+        self._key_sources: list[KeySource] = []
+        self._key_collector = _KeyCollector(self._key_sources)
+        self.registry.register(self._key_collector)
+        r = self.registry
+
+        self._requests = Counter(
+            "gateway_requests",
+            "HTTP requests answered, by route template, catalog model and status class.",
+            ["route", "model", "status_class"],
+            registry=r,
+        )
+        self._request_seconds = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from the first byte of a request to the last byte of its response.",
+            ["route", "model"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self._in_flight = Gauge(
+            "gateway_requests_in_flight",
+            "Requests being handled right now.",
+            ["route"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self._request_bytes = Counter(
+            "gateway_request_bytes",
+            "Request body bytes received.",
+            ["route"],
+            registry=r,
+        )
+        self._response_bytes = Counter(
+            "gateway_response_bytes",
+            "Response body bytes sent.",
+            ["route"],
+            registry=r,
+        )
+        self._upload_bytes = Counter(
+            "gateway_upload_bytes",
+            "Bytes of uploaded image and mask files in accepted multipart forms.",
+            ["model"],
+            registry=r,
+        )
+        self._images = Counter(
+            "gateway_images_returned",
+            "Images returned to clients (from the upstream or the cache).",
+            ["model"],
+            registry=r,
+        )
+        self._rejections = Counter(
+            "gateway_validation_rejections",
+            "Requests refused before reaching an upstream, by the field at fault.",
+            ["param"],
+            registry=r,
+        )
+        self._upstream_requests = Counter(
+            "gateway_upstream_requests",
+            "Calls to an upstream, by outcome (ok or the failure kind).",
+            ["upstream", "model", "outcome"],
+            registry=r,
+        )
+        self._upstream_seconds = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Time an upstream took to answer one call (successful or not).",
+            ["upstream", "model"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self._upstream_errors = Counter(
+            "gateway_upstream_errors",
+            "Failed upstream calls, by kind: rate_limited (429), auth (401/403), quota (402), "
+            "server (5xx), connect, timeout, dropped, rejected (other 4xx), bad_response.",
+            ["upstream", "kind"],
+            registry=r,
+        )
+        self._retries = Counter(
+            "gateway_upstream_retries",
+            "Further attempts at a request after a failed call, by the failure that caused them.",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self._failovers = Counter(
+            "gateway_upstream_failovers",
+            "Requests moved from one upstream to another.",
+            ["from_upstream", "to_upstream"],
+            registry=r,
+        )
+        self._cache_lookups = Counter(
+            "gateway_cache_lookups",
+            "Result-cache lookups: hit, miss, or bypass (not consulted).",
+            ["model", "result"],
+            registry=r,
+        )
+        self._cache_stores = Counter(
+            "gateway_cache_stores",
+            "Responses written to the result cache.",
+            ["model"],
+            registry=r,
+        )
+        self._cache_stored_bytes = Counter(
+            "gateway_cache_stored_bytes",
+            "Bytes written to the result cache.",
+            ["model"],
+            registry=r,
+        )
+        self._cache_served_bytes = Counter(
+            "gateway_cache_served_bytes",
+            "Image bytes served from the result cache instead of an upstream.",
+            ["model"],
+            registry=r,
+        )
+        self._cache_joins = Counter(
+            "gateway_cache_singleflight_joins",
+            "Requests that waited for an identical in-flight edit instead of calling upstream.",
+            ["model"],
+            registry=r,
+        )
+        self._redis_errors = Counter(
+            "gateway_redis_errors",
+            "Redis commands that failed or timed out, by the component that issued them.",
+            ["component"],
+            registry=r,
+        )
+        self._redis_up = Gauge(
+            "gateway_redis_up",
+            "1 when the last Redis health check passed, 0 when it failed.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+
+    # Requests (the observability middleware calls these).
+    def model_label(self, model: str | None) -> str:
+        return bounded(model, self._models)
+
+    def request_started(self, route: str) -> None:
+        self._in_flight.labels(route).inc()
+
+    def request_finished(
+        self,
+        *,
+        route: str,
+        model: str | None,
+        status: int,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None:
+        model_label = self.model_label(model)
+        self._in_flight.labels(route).dec()
+        self._requests.labels(route, model_label, status_class(status)).inc()
+        self._request_seconds.labels(route, model_label).observe(seconds)
+        if bytes_in:
+            self._request_bytes.labels(route).inc(bytes_in)
+        if bytes_out:
+            self._response_bytes.labels(route).inc(bytes_out)
+
+    def record_upload(self, model: str | None, nbytes: int) -> None:
+        self._upload_bytes.labels(self.model_label(model)).inc(nbytes)
+
+    def record_images(self, model: str | None, count: int) -> None:
+        self._images.labels(self.model_label(model)).inc(count)
+
+    def record_rejection(self, param: str | None) -> None:
+        self._rejections.labels(rejection_param(param)).inc()
+
+    # Upstream calls (the forwarder and key pool call these).
+    def record_upstream(self, upstream: str, model: str, outcome: str, seconds: float) -> None:
+        kind = bounded(outcome, UPSTREAM_OUTCOMES)
+        model_label = self.model_label(model)
+        self._upstream_requests.labels(upstream, model_label, kind).inc()
+        self._upstream_seconds.labels(upstream, model_label).observe(seconds)
+        if kind not in ("ok", "cancelled"):
+            self._upstream_errors.labels(upstream, kind).inc()
+
+    def record_retry(self, upstream: str, reason: str) -> None:
+        self._retries.labels(upstream, bounded(reason, UPSTREAM_OUTCOMES)).inc()
+
+    def record_failover(self, from_upstream: str, to_upstream: str) -> None:
+        self._failovers.labels(from_upstream, to_upstream).inc()
+
+    def watch_keys(self, source: KeySource) -> None:
+        """Report the keys `source` lists (state, reason, cooldown left) on every scrape."""
+        self._key_sources.append(source)
+
+    # The result cache.
+    def record_cache_lookup(self, model: str, result: CacheResult) -> None:
+        self._cache_lookups.labels(self.model_label(model), bounded(result, _CACHE_RESULTS)).inc()
+
+    def record_cache_store(self, model: str, nbytes: int) -> None:
+        model_label = self.model_label(model)
+        self._cache_stores.labels(model_label).inc()
+        self._cache_stored_bytes.labels(model_label).inc(nbytes)
+
+    def record_cache_served(self, model: str, nbytes: int) -> None:
+        self._cache_served_bytes.labels(self.model_label(model)).inc(nbytes)
+
+    def record_cache_join(self, model: str) -> None:
+        self._cache_joins.labels(self.model_label(model)).inc()
+
+    # Redis.
+    def record_redis_error(self, component: str) -> None:
+        self._redis_errors.labels(bounded(component, REDIS_COMPONENTS)).inc()
+
+    def set_redis_up(self, up: bool) -> None:
+        self._redis_up.set(1 if up else 0)
+
+    # Exposition.
+    def scrape(self) -> bytes:
+        """The text exposition of every metric (all workers' in multiprocess mode)."""
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        # prometheus-client's multiprocess module is untyped.
+        MultiProcessCollector(merged, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        # Key state is this worker's view of the pool (shared through Redis when configured).
+        merged.register(self._key_collector)
+        return generate_latest(merged)
+
+    def close(self) -> None:
+        """Tell prometheus-client this worker is gone, so its live gauges stop counting."""
+        if self._multiprocess_dir is not None:
+            mark_process_dead(os.getpid(), self._multiprocess_dir)  # type: ignore[no-untyped-call]

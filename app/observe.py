@@ -1,0 +1,161 @@
+"""Per-request observability: time and size every request, count it, and write its log line.
+
+A pure ASGI middleware around the whole app (inside the request id, outside auth, so refusals
+are counted too). What the request did is read from its RequestRecord, which the inner layers
+fill in; this is the one place that turns it into metrics and one JSON log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.logs import ACCESS_LOGGER, FIELDS
+from app.metrics import OTHER, GatewayMetrics
+from app.request_record import RequestRecord, recording
+
+# Refusals that are the client's to fix (401 is authentication, counted by status only).
+_REJECTION_STATUSES = frozenset({400, 404, 409, 413, 415, 422})
+
+
+class ObservabilityMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: GatewayMetrics,
+        routes: Sequence[BaseRoute],
+        clock: Callable[[], float] = time.perf_counter,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.app = app
+        self._metrics = metrics
+        self._routes = routes
+        self._clock = clock
+        self._log = logger or logging.getLogger(ACCESS_LOGGER)
+        self._labels: dict[str, str] = {}
+
+    def _route(self, scope: Scope) -> str:
+        """The route template the path matches (the same label from start to finish)."""
+        path: str = scope["path"]
+        label = self._labels.get(path)
+        if label is not None:
+            return label
+        label = OTHER
+        for route in self._routes:
+            match, _ = route.matches(scope)
+            if match is not Match.NONE:
+                label = getattr(route, "path", OTHER)
+                break
+        if "{" not in label and len(self._labels) < 1024:
+            # Only exact paths are remembered, so clients cannot grow this dict.
+            self._labels[path] = label
+        return label
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        route = self._route(scope)
+        start = self._clock()
+        status = 500
+        bytes_in = 0
+        bytes_out = 0
+
+        async def counting_receive() -> Message:
+            nonlocal bytes_in
+            message = await receive()
+            if message["type"] == "http.request":
+                bytes_in += len(message.get("body", b""))
+            return message
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status, bytes_out
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                bytes_out += len(message.get("body", b""))
+            await send(message)
+
+        self._metrics.request_started(route)
+        with recording(state.get("request_id", "")) as record:
+            try:
+                await self.app(scope, counting_receive, counting_send)
+            finally:
+                seconds = self._clock() - start
+                self._finish(scope, route, record, status, seconds, bytes_in, bytes_out)
+
+    def _finish(
+        self,
+        scope: Scope,
+        route: str,
+        record: RequestRecord,
+        status: int,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None:
+        metrics = self._metrics
+        metrics.request_finished(
+            route=route,
+            model=record.model,
+            status=status,
+            seconds=seconds,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+        )
+        if record.upload_bytes:
+            metrics.record_upload(record.model, record.upload_bytes)
+        if status == 200 and record.images_out:
+            metrics.record_images(record.model, record.images_out)
+        rejected = record.error_code is not None and record.failure is None
+        if rejected and status in _REJECTION_STATUSES:
+            metrics.record_rejection(record.error_param)
+        if self._log.isEnabledFor(logging.INFO):
+            self._log.info(
+                "request",
+                extra={
+                    FIELDS: _log_fields(scope, route, record, status, seconds, bytes_in, bytes_out)
+                },
+            )
+
+
+def _log_fields(
+    scope: Scope,
+    route: str,
+    record: RequestRecord,
+    status: int,
+    seconds: float,
+    bytes_in: int,
+    bytes_out: int,
+) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "request_id": record.request_id,
+        "client_id": scope.get("state", {}).get("client_id"),
+        "method": scope.get("method"),
+        "route": route,
+        "status": status,
+        "duration_ms": round(seconds * 1000, 2),
+        "model": record.model,
+        "upstream": record.upstream,
+        "key_id": record.key_id,
+        "attempts": record.attempts,
+        "cache": record.cache,
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "upload_bytes": record.upload_bytes,
+        "images_in": record.images_in,
+        "images_out": record.images_out,
+        "prompt_chars": record.prompt_chars,
+        "error_code": record.error_code,
+        "error_param": record.error_param,
+        "failure": record.failure,
+    }
+    if record.prompt is not None:
+        fields["prompt"] = record.prompt
+    return fields
