@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shutil
+import signal
 import sys
+import tempfile
+from types import FrameType
 
 import uvicorn
 
 from app.config import load_settings
 from app.config_file import ConfigError
+from app.logs import logging_config
+
+# prometheus-client's multiprocess mode: every worker writes its values to files in this
+# directory and a scrape of any worker adds them all up.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,23 +42,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo:
         # Worker processes build their own app from the environment, so the flag travels there.
         os.environ["GATEWAY_DEMO"] = "true"
+    if args.workers < 1:
+        print("image-gateway: --workers must be at least 1", file=sys.stderr)
+        return 2
+    metrics_dir = None
+    if args.workers > 1 and not os.environ.get(MULTIPROC_ENV):
+        # Fresh per run: stale files from an earlier run would be added to this run's totals.
+        metrics_dir = tempfile.mkdtemp(prefix="image-gateway-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
     try:
-        load_settings()  # fail here, with a readable message, rather than inside every worker
+        # Fail here, with a readable message, rather than inside every worker.
+        settings = load_settings()
     except ConfigError as exc:
         print(f"image-gateway: configuration error:\n{exc}", file=sys.stderr)
+        _remove(metrics_dir)
         return 2
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        log_level="info",
-        timeout_graceful_shutdown=60,
-    )
+    # After a graceful shutdown uvicorn re-raises the signal that stopped it, to the handler
+    # that was in place before it started: this one, so a drained shutdown exits 0.
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            loop="uvloop",
+            http="httptools",
+            log_config=logging_config(settings.logging),
+            log_level=settings.logging.level,
+            access_log=False,  # app/observe.py writes one richer line per request
+            timeout_graceful_shutdown=math.ceil(settings.shutdown.drain_timeout),
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _remove(metrics_dir)
     return 0
+
+
+def _stopped(sig: int, frame: FrameType | None) -> None:
+    """SIGTERM once uvicorn has drained: nothing is left to do but return."""
+
+
+def _remove(directory: str | None) -> None:
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

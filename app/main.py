@@ -90,6 +90,6 @@ def create_app(
         public_paths=public_paths,
     )
     app.add_middleware(DrainMiddleware, drain=drain)
-    app.add_middleware(ObservabilityMiddleware, metrics=metrics, routes=app.router.routes)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -173,8 +173,7 @@ class GatewayMetrics:
         )
         self._in_flight = Gauge(
             "gateway_requests_in_flight",
-            "Requests being handled right now.",
-            ["route"],
+            "Client requests being handled right now (health probes and scrapes excluded).",
             registry=r,
             multiprocess_mode="livesum",
         )
@@ -276,19 +275,18 @@ class GatewayMetrics:
             ["component"],
             registry=r,
         )
-        self._redis_up = Gauge(
-            "gateway_redis_up",
-            "1 when the last Redis health check passed, 0 when it failed.",
-            registry=r,
-            multiprocess_mode="livemin",
-        )
+        # Created on the first check: a gateway without Redis must not report it down.
+        self._redis_up: Gauge | None = None
 
     # Requests (the observability middleware calls these).
     def model_label(self, model: str | None) -> str:
         return bounded(model, self._models)
 
-    def request_started(self, route: str) -> None:
-        self._in_flight.labels(route).inc()
+    def request_started(self) -> None:
+        self._in_flight.inc()
+
+    def request_ended(self) -> None:
+        self._in_flight.dec()
 
     def request_finished(
         self,
@@ -301,7 +299,6 @@ class GatewayMetrics:
         bytes_out: int,
     ) -> None:
         model_label = self.model_label(model)
-        self._in_flight.labels(route).dec()
         self._requests.labels(route, model_label, status_class(status)).inc()
         self._request_seconds.labels(route, model_label).observe(seconds)
         if bytes_in:
@@ -357,6 +354,13 @@ class GatewayMetrics:
         self._redis_errors.labels(bounded(component, REDIS_COMPONENTS)).inc()
 
     def set_redis_up(self, up: bool) -> None:
+        if self._redis_up is None:
+            self._redis_up = Gauge(
+                "gateway_redis_up",
+                "1 when the last Redis health check passed, 0 when it failed.",
+                registry=self.registry,
+                multiprocess_mode="livemin",
+            )
         self._redis_up.set(1 if up else 0)
 
     # Exposition.

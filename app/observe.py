@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.logs import ACCESS_LOGGER, FIELDS
 from app.metrics import OTHER, GatewayMetrics
 from app.request_record import RequestRecord, recording
 
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # Refusals that are the client's to fix (401 is authentication, counted by status only).
 _REJECTION_STATUSES = frozenset({400, 404, 409, 413, 415, 422})
 
@@ -28,40 +28,33 @@ class ObservabilityMiddleware:
         app: ASGIApp,
         *,
         metrics: GatewayMetrics,
-        routes: Sequence[BaseRoute],
         clock: Callable[[], float] = time.perf_counter,
         logger: logging.Logger | None = None,
     ) -> None:
         self.app = app
         self._metrics = metrics
-        self._routes = routes
         self._clock = clock
         self._log = logger or logging.getLogger(ACCESS_LOGGER)
-        self._labels: dict[str, str] = {}
+        # Exact paths of parameterless routes, learned as the router matches them, so that a
+        # request refused before routing (a 401) is still labelled with its route.
+        self._known_paths: dict[str, str] = {}
 
     def _route(self, scope: Scope) -> str:
-        """The route template the path matches (the same label from start to finish)."""
+        """The route template the router matched; never the raw path of an unknown route."""
+        route = scope.get("route")
+        template = getattr(route, "path", None)
         path: str = scope["path"]
-        label = self._labels.get(path)
-        if label is not None:
-            return label
-        label = OTHER
-        for route in self._routes:
-            match, _ = route.matches(scope)
-            if match is not Match.NONE:
-                label = getattr(route, "path", OTHER)
-                break
-        if "{" not in label and len(self._labels) < 1024:
-            # Only exact paths are remembered, so clients cannot grow this dict.
-            self._labels[path] = label
-        return label
+        if isinstance(template, str):
+            if template == path:
+                self._known_paths.setdefault(path, template)
+            return template
+        return self._known_paths.get(path, OTHER)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
-        route = self._route(scope)
         start = self._clock()
         status = 500
         bytes_in = 0
@@ -82,12 +75,18 @@ class ObservabilityMiddleware:
                 bytes_out += len(message.get("body", b""))
             await send(message)
 
-        self._metrics.request_started(route)
+        # Probes and scrapes are not work in flight.
+        counted = scope["path"] not in PROBE_PATHS
+        if counted:
+            self._metrics.request_started()
         with recording(state.get("request_id", "")) as record:
             try:
                 await self.app(scope, counting_receive, counting_send)
             finally:
+                if counted:
+                    self._metrics.request_ended()
                 seconds = self._clock() - start
+                route = self._route(scope)
                 self._finish(scope, route, record, status, seconds, bytes_in, bytes_out)
 
     def _finish(

@@ -8,6 +8,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from app.api.deps import GatewayDep
+from app.catalog import Catalog
 from app.images_response import normalize_images_response
 from app.intake.form import IntakeForm, read_form
 from app.request_record import current_record
@@ -33,7 +34,7 @@ async def create_image_edit(request: Request, gateway: GatewayDep) -> Response:
         # Nobody is left to answer; 499 is what the access log will show.
         return Response(status_code=499)
     record = current_record()
-    _note_form(form)
+    _note_form(form, settings.catalog, settings.default_model)
     try:
         edit = validate_edit(
             form,
@@ -58,10 +59,16 @@ async def create_image_edit(request: Request, gateway: GatewayDep) -> Response:
     )
 
 
-def _note_form(form: IntakeForm) -> None:
-    """Sizes for the log line and metrics; the prompt's length only, never its text."""
+def _note_form(form: IntakeForm, catalog: Catalog, default_model: str) -> None:
+    """What the log line and metrics may know even if validation then refuses the request:
+    sizes, the model asked for (only if the catalog has it) and the prompt's length, never its
+    text."""
     record = current_record()
     record.upload_bytes = sum(upload.size for upload in form.files)
+    model = default_model
     for text in form.fields:
         if text.name == "prompt":
             record.prompt_chars = len(text.value)
+        elif text.name == "model":
+            model = text.value
+    record.model = model if catalog.get(model) is not None else None
