@@ -1,0 +1,136 @@
+"""Acceptance: every PromQL expression in the Grafana dashboard and the alert rules parses, and
+every metric and label it selects is one the gateway exports (no dead panels, no silent alerts)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import promql_parser
+import yaml
+
+from app.metrics import GatewayMetrics, KeySnapshot
+from tests.support.prom import samples
+
+CONFIG = Path(__file__).resolve().parents[2] / "config"
+DASHBOARDS = sorted((CONFIG / "grafana" / "dashboards").glob("*.json"))
+ALERTS = CONFIG / "prometheus-alerts.yml"
+# Labels Prometheus itself adds to every scraped series, and its own per-target series.
+TARGET_LABELS = {"job", "instance"}
+PROMETHEUS_SERIES = {"up": TARGET_LABELS}
+# Grafana's built-in variables, replaced as Grafana would before the query reaches Prometheus.
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "6h"}
+
+
+def exported_series() -> dict[str, set[str]]:
+    """Every series name the gateway exports, with its label names (each method exercised)."""
+    metrics = GatewayMetrics(models=("m",))
+    metrics.request_started()
+    metrics.request_finished(
+        route="/v1/images/edits", model="m", status=200, seconds=1, bytes_in=1, bytes_out=1
+    )
+    metrics.record_upload("m", 1)
+    metrics.record_images("m", 1)
+    metrics.record_rejection("size")
+    metrics.record_upstream("default", "m", "rate_limited", 1)
+    metrics.record_retry("default", "rate_limited")
+    metrics.record_failover("default", "backup")
+    metrics.watch_keys(lambda: [KeySnapshot("default", "default#1", "cooling", "rate_limited", 3)])
+    metrics.record_cache_lookup("m", "hit")
+    metrics.record_cache_store("m", 1)
+    metrics.record_cache_served("m", 1)
+    metrics.record_cache_join("m")
+    metrics.record_redis_error("cache")
+    metrics.set_redis_up(True)
+    series: dict[str, set[str]] = {}
+    for name, labels, _ in samples(metrics.scrape().decode()):
+        series.setdefault(name, set()).update(labels)
+    return series
+
+
+def dashboard_expressions(path: Path) -> Iterator[tuple[str, str]]:
+    def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for panel in items:
+            yield panel
+            yield from panels(panel.get("panels", []))
+
+    dashboard = json.loads(path.read_text())
+    for panel in panels(dashboard["panels"]):
+        for target in panel.get("targets", []):
+            yield f"{path.name}: {panel['title']} ({target['refId']})", target["expr"]
+
+
+def alert_expressions() -> Iterator[tuple[str, str]]:
+    rules = yaml.safe_load(ALERTS.read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            yield f"{ALERTS.name}: {rule.get('alert') or rule.get('record')}", rule["expr"]
+
+
+def all_expressions() -> list[tuple[str, str]]:
+    return [
+        *(item for path in DASHBOARDS for item in dashboard_expressions(path)),
+        *alert_expressions(),
+    ]
+
+
+def selectors(expr: str) -> list[tuple[str, set[str]]]:
+    """(metric name, label names matched) for every series selector in the expression."""
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    found: list[tuple[str, set[str]]] = []
+
+    def visit(node: object) -> bool:
+        if isinstance(node, promql_parser.VectorSelector):
+            labels = {matcher.name for matcher in node.matchers.matchers}
+            found.append((node.name or "", labels - {"__name__"}))
+        return True
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return found
+
+
+def test_dashboards_and_alerts_exist() -> None:
+    assert DASHBOARDS, "no dashboard under config/grafana/dashboards"
+    names = {name for name, _ in alert_expressions()}
+    for alert in ("UpstreamKeyDisabled", "UpstreamAllKeysCooling", "Gateway5xxRatioHigh"):
+        assert any(alert in name for name in names)
+    assert any("GatewayP99LatencyHigh" in name for name in names)
+    assert any("RedisDown" in name for name in names)
+
+
+def test_every_promql_expression_uses_exported_metrics_and_labels() -> None:
+    exported = {**exported_series(), **PROMETHEUS_SERIES}
+    problems = []
+    for where, expr in all_expressions():
+        for name, labels in selectors(expr):
+            if name not in exported:
+                problems.append(f"{where}: {name!r} is not exported by the gateway")
+            elif unknown := labels - exported[name] - TARGET_LABELS:
+                problems.append(f"{where}: {name} has no label(s) {sorted(unknown)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_exported_metric_is_on_the_dashboard_or_in_an_alert() -> None:
+    used = {name for _, expr in all_expressions() for name, _ in selectors(expr)}
+    families = {
+        name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
+        for name in exported_series()
+        if not name.endswith("_created")
+    }
+    unused = {
+        family
+        for family in families
+        if not any(name == family or name.startswith(family + "_") for name in used)
+    }
+    assert not unused, f"exported but shown nowhere: {sorted(unused)}"
+
+
+def test_selector_check_catches_a_dead_panel() -> None:
+    exported = exported_series()
+    ((name, labels),) = selectors('sum(rate(gateway_requets_total{route="/x"}[5m]))')
+    assert name not in exported  # the typo is caught
+    ((name, labels),) = selectors('sum(rate(gateway_requests_total{path="/x"}[$__rate_interval]))')
+    assert name in exported and labels - exported[name] == {"path"}
