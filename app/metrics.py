@@ -8,9 +8,12 @@ label value, so no client can grow the series count or smuggle text into the scr
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -20,6 +23,8 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from app.catalog import KNOWN_PARAMS
+
+log = logging.getLogger("gateway.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -90,7 +95,10 @@ class KeySnapshot:
     cooldown_seconds: float = 0.0
 
 
-KeySource = Callable[[], Iterable[KeySnapshot]]
+# The key pool's view: read in memory, or from Redis (hence awaitable) when the pool shares state.
+KeySource = Callable[[], Iterable[KeySnapshot] | Awaitable[Iterable[KeySnapshot]]]
+# A key source slower than this (Redis in trouble) leaves the previous snapshot in the scrape.
+KEY_REFRESH_SECONDS = 2.0
 
 
 def status_class(status: int) -> str:
@@ -114,10 +122,10 @@ def rejection_param(param: str | None) -> str:
 
 
 class _KeyCollector(Collector):
-    """Key state is read from the pool when Prometheus scrapes, so it is never stale."""
+    """Key state as the pool reported it at the start of this scrape (see `refresh_keys`)."""
 
-    def __init__(self, sources: list[KeySource]) -> None:
-        self._sources = sources
+    def __init__(self) -> None:
+        self.keys: list[KeySnapshot] = []
 
     def collect(self) -> Iterator[Metric]:
         state = GaugeMetricFamily(
@@ -130,14 +138,13 @@ class _KeyCollector(Collector):
             "Seconds until a cooling, disabled or ejected key is tried again (0 when healthy).",
             labels=["upstream", "key"],
         )
-        for source in self._sources:
-            for key in source():
-                reason = bounded(key.reason, KEY_REASONS)
-                for candidate in KEY_STATES:
-                    value = 1.0 if candidate == key.state else 0.0
-                    shown = reason if candidate == key.state else NONE
-                    state.add_metric([key.upstream, key.key_id, candidate, shown], value)
-                cooldown.add_metric([key.upstream, key.key_id], max(0.0, key.cooldown_seconds))
+        for key in self.keys:
+            reason = bounded(key.reason, KEY_REASONS)
+            for candidate in KEY_STATES:
+                value = 1.0 if candidate == key.state else 0.0
+                shown = reason if candidate == key.state else NONE
+                state.add_metric([key.upstream, key.key_id, candidate, shown], value)
+            cooldown.add_metric([key.upstream, key.key_id], max(0.0, key.cooldown_seconds))
         yield state
         yield cooldown
 
@@ -154,7 +161,7 @@ class GatewayMetrics:
         self._multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         self._key_sources: list[KeySource] = []
-        self._key_collector = _KeyCollector(self._key_sources)
+        self._key_collector = _KeyCollector()
         self.registry.register(self._key_collector)
         r = self.registry
 
@@ -333,6 +340,19 @@ class GatewayMetrics:
     def watch_keys(self, source: KeySource) -> None:
         """Report the keys `source` lists (state, reason, cooldown left) on every scrape."""
         self._key_sources.append(source)
+
+    async def refresh_keys(self) -> None:
+        """Ask every key source for its keys now; /metrics calls this before `scrape()`."""
+        keys: list[KeySnapshot] = []
+        try:
+            async with asyncio.timeout(KEY_REFRESH_SECONDS):
+                for source in self._key_sources:
+                    found = source()
+                    keys.extend(await found if inspect.isawaitable(found) else found)
+        except Exception:
+            log.warning("key state unavailable for this scrape; showing the previous one")
+            return
+        self._key_collector.keys = keys
 
     # The result cache.
     def record_cache_lookup(self, model: str, result: CacheResult) -> None:

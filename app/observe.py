@@ -71,6 +71,10 @@ class ObservabilityMiddleware:
             nonlocal status, bytes_out
             if message["type"] == "http.response.start":
                 status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"x-request-id":
+                        # The route passed the upstream's id on: that is the one the client saw.
+                        record.client_request_id = value.decode("latin-1")[:200]
             elif message["type"] == "http.response.body":
                 bytes_out += len(message.get("body", b""))
             await send(message)
@@ -134,7 +138,9 @@ def _log_fields(
     bytes_out: int,
 ) -> dict[str, object]:
     fields: dict[str, object] = {
-        "request_id": record.request_id,
+        # What the client saw (the upstream's id when it was passed on), and the gateway's own.
+        "request_id": record.client_request_id or record.request_id,
+        "gateway_request_id": record.request_id,
         "client_id": scope.get("state", {}).get("client_id"),
         "method": scope.get("method"),
         "route": route,

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 @dataclass(slots=True)
 class RequestRecord:
     request_id: str = ""
+    client_request_id: str | None = (
+        None  # the x-request-id the response carried, if the route set one
+    )
     model: str | None = None  # a catalog name, once validation has found the model
     prompt_chars: int | None = None
     prompt: str | None = None  # only when logging.log_prompts is on

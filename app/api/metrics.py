@@ -33,4 +33,5 @@ async def scrape_metrics(request: Request, gateway: GatewayDep) -> Response:
                 "GET /metrics needs the metrics token: `Authorization: Bearer <token>`.",
                 headers={"www-authenticate": "Bearer"},
             )
+    await gateway.metrics.refresh_keys()
     return Response(gateway.metrics.scrape(), media_type=CONTENT_TYPE)

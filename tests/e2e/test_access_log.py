@@ -39,6 +39,11 @@ def test_access_log_has_one_json_line_per_request_and_no_secrets(
         png = images.png(64, 64)
         raw = client.images.with_raw_response.edit(image=("a.png", png, "image/png"), prompt=PROMPT)
         request_ids[raw.headers["x-request-id"]] = 200
+        # The upstream's own request id is passed on to the client, and logged as the one it saw.
+        upstream.enqueue(Reply(headers={"x-request-id": "req_upstream_0042"}))
+        raw = client.images.with_raw_response.edit(image=("a.png", png, "image/png"), prompt="y")
+        assert raw.headers["x-request-id"] == "req_upstream_0042"
+        request_ids["req_upstream_0042"] = 200
         # The upstream echoes the key it was given in its error messages.
         upstream.enqueue(
             Reply(401, {"error": {"message": f"Incorrect API key provided: {UPSTREAM_KEYS[0]}"}}),
@@ -71,9 +76,12 @@ def test_access_log_has_one_json_line_per_request_and_no_secrets(
     assert sorted(str(line["request_id"]) for line in access) == sorted(request_ids)
     for line in access:
         assert line["status"] == request_ids[str(line["request_id"])]
+    passed_on = next(line for line in access if line["request_id"] == "req_upstream_0042")
+    assert str(passed_on["gateway_request_id"]).startswith("req_")
+    assert passed_on["gateway_request_id"] != "req_upstream_0042"
     assert "HTTP/1.1" not in output  # uvicorn's own access log is off: nothing logged twice
 
-    success = next(line for line in access if line["status"] == 200 and line["route"] != "/metrics")
+    success = next(line for line in access if line["route"] == "/v1/images/edits")
     assert success["route"] == "/v1/images/edits"
     assert success["client_id"] == "client-1"
     assert success["model"] == "gpt-image-1.5"

@@ -3,6 +3,7 @@ every metric and label it selects is one the gateway exports (no dead panels, no
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,7 @@ def exported_series() -> dict[str, set[str]]:
     metrics.record_cache_join("m")
     metrics.record_redis_error("cache")
     metrics.set_redis_up(True)
+    asyncio.run(metrics.refresh_keys())
     series: dict[str, set[str]] = {}
     for name, labels, _ in samples(metrics.scrape().decode()):
         series.setdefault(name, set()).update(labels)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from app.metrics import GatewayMetrics, KeySnapshot, rejection_param
 from tests.support.prom import label_values, samples, total
 
@@ -138,6 +140,7 @@ def test_metrics_key_state_is_read_from_the_pool_at_scrape_time() -> None:
         KeySnapshot("default", "default#3", "disabled", "not-a-known-reason", 55.0),
     ]
     m.watch_keys(lambda: keys)
+    asyncio.run(m.refresh_keys())
     text = scrape(m)
     state = {
         (labels["key"], labels["state"], labels["reason"])
@@ -152,6 +155,7 @@ def test_metrics_key_state_is_read_from_the_pool_at_scrape_time() -> None:
     assert total(text, "gateway_upstream_key_cooldown_seconds", key="default#2") == 12.5
     # The next scrape sees the pool as it is then, not as it was.
     keys[1] = KeySnapshot("default", "default#2", "healthy")
+    asyncio.run(m.refresh_keys())
     text = scrape(m)
     assert total(text, "gateway_upstream_key_state", key="default#2", state="healthy") == 1
     assert total(text, "gateway_upstream_key_state", key="default#2", state="cooling") == 0
@@ -185,3 +189,21 @@ def test_metrics_redis_up_is_absent_until_a_check_ran() -> None:
     assert "gateway_redis_up" not in scrape(m)  # no Redis configured: not "down"
     m.set_redis_up(True)
     assert total(scrape(m), "gateway_redis_up") == 1
+
+
+def test_metrics_key_sources_may_be_async_and_a_failing_one_keeps_the_last_view() -> None:
+    m = metrics()
+    healthy = [KeySnapshot("bfl", "bfl#1", "healthy")]
+    fail = False
+
+    async def shared_state() -> list[KeySnapshot]:  # as a Redis-backed pool answers
+        if fail:
+            raise ConnectionError("redis went away")
+        return healthy
+
+    m.watch_keys(shared_state)
+    asyncio.run(m.refresh_keys())
+    assert total(scrape(m), "gateway_upstream_key_state", key="bfl#1", state="healthy") == 1
+    fail = True
+    asyncio.run(m.refresh_keys())
+    assert total(scrape(m), "gateway_upstream_key_state", key="bfl#1", state="healthy") == 1
