@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 
 import orjson
 from pydantic import SecretStr
@@ -34,8 +35,11 @@ class ClientAuthMiddleware:
         allow_anonymous: bool,
         admin_keys: tuple[SecretStr, ...] = (),
         public_paths: frozenset[str] = PUBLIC_PATHS,
+        public_get: re.Pattern[str] | None = None,
     ) -> None:
         self.app = app
+        # GETs whose whole raw path matches are public too (the hosted image files).
+        self._public_get = public_get
         # Paths guarded by something else or by nothing (health; /metrics when public or when
         # it has its own token).
         self._public = public_paths
@@ -44,7 +48,7 @@ class ClientAuthMiddleware:
         self._allow_anonymous = allow_anonymous
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._public:
+        if scope["type"] != "http" or scope["path"] in self._public or self._is_public_get(scope):
             await self.app(scope, receive, send)
             return
         presented = _bearer(scope)
@@ -60,6 +64,13 @@ class ClientAuthMiddleware:
             return
         scope.setdefault("state", {})["client_id"] = client_id or "anonymous"
         await self.app(scope, receive, send)
+
+    def _is_public_get(self, scope: Scope) -> bool:
+        return (
+            self._public_get is not None
+            and scope["method"] == "GET"
+            and self._public_get.fullmatch(scope["path"]) is not None
+        )
 
     async def _admin(
         self, scope: Scope, receive: Receive, send: Send, presented: str | None

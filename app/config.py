@@ -97,6 +97,46 @@ class ShutdownConfig(_Strict):
     drain_timeout: float = Field(60.0, gt=0)
 
 
+class FetchConfig(_Strict):
+    """Downloading image URLs an upstream answers with (they expire in 10-60 minutes)."""
+
+    # Exact host names, or `*.example.com` for any subdomain. The hosts of configured upstreams
+    # are always allowed: a reseller serves its own results.
+    allowed_hosts: tuple[str, ...] = (
+        "oaidalleapiprodscus.blob.core.windows.net",
+        "*.openai.com",
+        "*.bfl.ai",
+    )
+    # Plain http is refused unless this is true (local test setups).
+    allow_http: bool = False
+    # Loopback, private, link-local and metadata addresses are refused unless this is true.
+    allow_private_addresses: bool = False
+    max_bytes: ByteSize = ByteSize(50 * 1024 * 1024)
+    timeout: float = Field(30.0, gt=0)
+    max_redirects: int = Field(3, ge=0)
+
+
+class CacheConfig(_Strict):
+    enabled: bool = True
+    # shared: identical edits from any client share one entry; client: per client key.
+    scope: Literal["shared", "client"] = "shared"
+    ttl_seconds: int = Field(24 * 3600, gt=0)
+    # Per public model name, overriding ttl_seconds.
+    model_ttl_seconds: dict[str, int] = Field(default_factory=dict)
+    max_entry_bytes: ByteSize = ByteSize(32 * 1024 * 1024)
+    # The in-process LRU used when no Redis is configured (single replica only).
+    embedded_max_bytes: ByteSize = ByteSize(256 * 1024 * 1024)
+    # Redis is an optimisation: past this timeout a request goes on uncached.
+    redis_timeout_seconds: float = Field(0.25, gt=0)
+    # After a Redis failure, skip Redis this long before trying again (no timeout per request).
+    redis_retry_after_seconds: float = Field(1.0, ge=0)
+    # How long an identical request waits for the one in flight before paying for its own call.
+    single_flight_wait_seconds: float = Field(330.0, gt=0)
+    # GET /v1/images/files/... is public by default (ids are unguessable); true requires a key.
+    files_require_auth: bool = False
+    fetch: FetchConfig = FetchConfig()
+
+
 class FileConfig(_Strict):
     """The shape of gateway.yaml."""
 
@@ -110,6 +150,9 @@ class FileConfig(_Strict):
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    # Base of the image URLs the gateway hands out; null derives it from each request's own URL.
+    public_base_url: str | None = None
+    cache: CacheConfig = CacheConfig()
 
 
 class Settings(_Strict):
@@ -131,6 +174,8 @@ class Settings(_Strict):
     metrics_multiprocess_dir: str | None = None
     logging: LoggingConfig = LoggingConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    public_base_url: str | None = None
+    cache: CacheConfig = CacheConfig()
 
 
 def _env_list(value: str | None) -> tuple[SecretStr, ...]:
@@ -188,6 +233,11 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
         public = _env_bool("GATEWAY_METRICS_PUBLIC", env.get("GATEWAY_METRICS_PUBLIC"))
         metrics = metrics.model_copy(update={"public": public})
     metrics_token = env.get("GATEWAY_METRICS_TOKEN")
+    cache = file_config.cache
+    if env.get("GATEWAY_CACHE_ENABLED"):
+        enabled = _env_bool("GATEWAY_CACHE_ENABLED", env["GATEWAY_CACHE_ENABLED"])
+        cache = cache.model_copy(update={"enabled": enabled})
+    public_base_url = env.get("GATEWAY_PUBLIC_BASE_URL") or file_config.public_base_url
     settings = Settings(
         config_path=config_path,
         demo=demo,
@@ -205,6 +255,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
         metrics_multiprocess_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
         logging=file_config.logging,
         shutdown=file_config.shutdown,
+        public_base_url=public_base_url.rstrip("/") if public_base_url else None,
+        cache=cache,
     )
     _check(settings)
     return settings
@@ -220,6 +272,15 @@ def _check(settings: Settings) -> None:
         raise ConfigError(
             "environment: GATEWAY_CLIENT_KEYS: no client keys configured; set it, or set "
             "GATEWAY_ALLOW_ANONYMOUS=true to serve without client authentication"
+        )
+    for name in settings.cache.model_ttl_seconds:
+        if name not in settings.catalog.models:
+            raise ConfigError(f"{source}: cache.model_ttl_seconds: {name!r} is not in the catalog")
+    if settings.public_base_url is not None and not settings.public_base_url.startswith(
+        ("http://", "https://")
+    ):
+        raise ConfigError(
+            f"{source}: public_base_url: expected an http(s) URL, got {settings.public_base_url!r}"
         )
     if settings.demo:
         return

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
-from app.api import health, images, models
+from app.api import files, health, images, models
 from app.api import metrics as metrics_api
 from app.auth import PUBLIC_PATHS, ClientAuthMiddleware
 from app.config import Settings, load_settings
@@ -74,6 +74,7 @@ def create_app(
     app.include_router(images.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(files.router)
     public_paths = PUBLIC_PATHS
     if settings.metrics.enabled:
         app.include_router(metrics_api.router)
@@ -88,6 +89,7 @@ def create_app(
         allow_anonymous=settings.allow_anonymous,
         admin_keys=settings.admin_keys,
         public_paths=public_paths,
+        public_get=None if settings.cache.files_require_auth else files.FILE_PATH,
     )
     app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)

@@ -8,12 +8,15 @@ from dataclasses import dataclass
 import httpx
 import redis.asyncio as aioredis
 
+from app.cache.service import EditCache
+from app.cache.setup import open_edit_cache
 from app.config import Settings
+from app.edit import EditRequest
 from app.forwarding import Forwarder
 from app.keys import RoundRobinKeys
 from app.metrics import GatewayMetrics
 from app.redaction import Redactor
-from app.upstream.base import Upstream
+from app.upstream.base import Upstream, UpstreamAnswer
 from app.upstream.bfl import BflUpstream
 from app.upstream.demo import DemoUpstream
 from app.upstream.openai import OpenAIUpstream
@@ -29,8 +32,12 @@ class Gateway:
     redactor: Redactor
     redis: aioredis.Redis | None
     metrics: GatewayMetrics
+    cache: EditCache
 
     async def aclose(self) -> None:
+        # Paid upstream calls still running finish (and are stored) before the clients close.
+        await self.cache.aclose()
+        await self.cache.store.aclose()
         await self.http.aclose()
         if self.redis is not None:
             await self.redis.aclose()
@@ -87,11 +94,18 @@ def open_gateway(
         if settings.redis_url is not None
         else None
     )
+    forwarder = Forwarder(upstreams, keys, metrics=metrics)
+
+    async def forward(edit: EditRequest) -> UpstreamAnswer:
+        answer, _upstream = await forwarder.edit(edit)
+        return answer
+
     return Gateway(
         settings=settings,
         http=http,
-        forwarder=Forwarder(upstreams, keys, metrics=metrics),
+        forwarder=forwarder,
         redactor=redactor,
         redis=redis,
         metrics=metrics,
+        cache=open_edit_cache(settings, http=http, forward=forward, events=metrics),
     )

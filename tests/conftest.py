@@ -27,6 +27,9 @@ def gateway_env(upstream_url: str, **overrides: str) -> dict[str, str]:
         "GATEWAY_UPSTREAM_URL": upstream_url,
         "GATEWAY_UPSTREAM_KEYS": ",".join(UPSTREAM_KEYS),
         "GATEWAY_CLIENT_KEYS": CLIENT_KEY,
+        # Off for the shared gateway, so tests that repeat an edit see every upstream call;
+        # cache tests build their own gateways with it on.
+        "GATEWAY_CACHE_ENABLED": "false",
     }
     env.update(overrides)
     return env

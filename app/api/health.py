@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.api.deps import GatewayDep
+from app.cache.store import CacheUnavailable
 from app.redis_health import check_redis
 
 router = APIRouter()
@@ -39,13 +40,22 @@ async def readyz(request: Request, gateway: GatewayDep) -> Response:
         if await check_redis(gateway.redis, gateway.metrics, "health"):
             checks["redis"] = "ok"
         else:
+            # Redis only backs the cache, which fails open: the gateway still serves, uncached.
             checks["redis"] = "unreachable"
-            problems.append("redis unreachable")
+    # The cache is an optimisation: without it requests are served uncached, so a down cache
+    # degrades the gateway rather than taking it out of rotation.
+    try:
+        await gateway.cache.store.check()
+        checks["cache"] = "ok" if gateway.cache.store.kind == "redis" else "embedded"
+    except CacheUnavailable:
+        checks["cache"] = "degraded"
     status = 503 if problems else 200
+    if problems:
+        state = "draining" if request.app.state.drain.draining else "not ready"
+    else:
+        state = "degraded" if checks["cache"] == "degraded" else "ready"
     body = {
-        "status": "ready"
-        if not problems
-        else ("draining" if request.app.state.drain.draining else "not ready"),
+        "status": state,
         "checks": checks,
         "problems": problems,
     }

@@ -1,6 +1,8 @@
-"""POST /v1/images/edits: intake -> validation -> forwarding -> ImagesResponse."""
+"""POST /v1/images/edits: intake -> validation -> cache (-> forwarding) -> ImagesResponse."""
 
 from __future__ import annotations
+
+import hashlib
 
 import orjson
 from fastapi import APIRouter, Request
@@ -8,8 +10,9 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from app.api.deps import GatewayDep
+from app.api.files import file_url
+from app.cache.service import policy_from_header, response_format_of
 from app.catalog import Catalog
-from app.images_response import normalize_images_response
 from app.intake.form import IntakeForm, read_form
 from app.request_record import current_record
 from app.validation import validate_edit
@@ -46,17 +49,35 @@ async def create_image_edit(request: Request, gateway: GatewayDep) -> Response:
         record.images_in = len(edit.images)
         if settings.logging.log_prompts:
             record.prompt = edit.prompt
-        answer, _upstream = await gateway.forwarder.edit(edit)
-    finally:
+    except BaseException:
         form.close()
-    data = answer.body.get("data")
-    record.images_out = len(data) if isinstance(data, list) else 0
-    headers = {"x-request-id": answer.request_id} if answer.request_id else None
-    return Response(
-        orjson.dumps(normalize_images_response(answer.body)),
-        media_type="application/json",
-        headers=headers,
+        raise
+    # From here the cache owns the uploads: a paid upstream call may outlive this request.
+    outcome = await gateway.cache.run(
+        edit,
+        release=form.close,
+        policy=policy_from_header(request.headers.get("cache-control")),
+        client_scope=_client_scope(request),
     )
+    record.cache = outcome.x_cache
+    record.images_out = len(outcome.result.images)
+    # Without public_base_url the URL follows the request's own Host header; it is built per
+    # response (never stored), so a forged Host only ever reaches the client that forged it.
+    base_url = settings.public_base_url or str(request.base_url).rstrip("/")
+    body = outcome.result.render(
+        response_format_of(edit), lambda file_id, ext: file_url(base_url, file_id, ext)
+    )
+    headers = {"x-cache": outcome.x_cache, "age": str(outcome.age)}
+    if outcome.upstream_request_id:
+        headers["x-request-id"] = outcome.upstream_request_id
+    return Response(orjson.dumps(body), media_type="application/json", headers=headers)
+
+
+def _client_scope(request: Request) -> str:
+    # Per-client cache entries follow the key itself (by digest, never the key), not its
+    # position in GATEWAY_CLIENT_KEYS, so reordering keys cannot hand one client another's.
+    presented = request.headers.get("authorization", "")
+    return hashlib.sha256(presented.encode("latin-1", "replace")).hexdigest()
 
 
 def _note_form(form: IntakeForm, catalog: Catalog, default_model: str) -> None:

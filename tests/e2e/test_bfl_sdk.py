@@ -8,6 +8,7 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -209,13 +210,24 @@ def test_bfl_edit_bad_flux_field_rejected_before_upstream(
     assert bfl.hits == []
 
 
-def test_bfl_edit_url_response_format_is_a_clear_400(flux: OpenAI, bfl: FakeBflUpstream) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
-        flux.images.edit(
-            image=("a.png", images.png(), "image/png"), prompt="x", response_format="url"
-        )
-    assert caught.value.body["param"] == "response_format"  # type: ignore[index]
-    assert bfl.hits == []
+def test_bfl_edit_url_response_format_answers_a_gateway_hosted_url(
+    flux: OpenAI, bfl: FakeBflUpstream
+) -> None:
+    # BFL itself answers a URL valid ~10 minutes; the gateway downloads it at once, stores the
+    # bytes and answers its own URL (issue 5), which serves the same image as b64_json would.
+    source = images.png()
+    hosted = flux.images.edit(
+        image=("a.png", source, "image/png"), prompt="x", response_format="url"
+    )
+    url = str(hosted.data[0].url)
+    assert "/v1/images/files/" in url
+    served = httpx.get(url)
+    assert served.status_code == 200 and served.headers["content-type"].startswith("image/")
+    inline = flux.images.edit(
+        image=("a.png", source, "image/png"), prompt="x", response_format="b64_json"
+    )
+    assert decoded(inline) == [served.content]
+    assert len(bfl.submits) == 1  # the second answer came from the cache
 
 
 # Acceptance 3: terminal statuses and the allowlist.

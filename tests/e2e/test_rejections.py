@@ -236,8 +236,8 @@ SDK_CASES: list[tuple[str, dict[str, Any], type[openai.APIStatusError], int, str
         "image",
     ),
     (
-        "url for a b64-only model",
-        {"response_format": "url"},
+        "unknown response_format",
+        {"extra_body": {"response_format": "png"}},
         openai.BadRequestError,
         400,
         "response_format",

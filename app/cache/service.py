@@ -1,0 +1,352 @@
+"""The cache in front of the upstream: lookup, single-flight, spend-safe upstream calls, storing.
+
+Data flow: a validated EditRequest comes in; a CachedEdit (bytes plus metadata) goes out, with
+how it was obtained (`x-cache`). The upstream call runs in a task of its own, never cancelled
+with the request, so an edit a client stopped waiting for is still paid once, stored, and
+handed to the retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Literal, Protocol
+
+from app.cache.entry import CachedEdit, EntryMeta, FetchImage, from_upstream
+from app.cache.fingerprint import fingerprint
+from app.cache.store import CacheStore, CacheUnavailable
+from app.config import CacheConfig
+from app.edit import EditRequest
+from app.images_response import normalize_images_response
+from app.upstream.base import UpstreamAnswer
+
+log = logging.getLogger("gateway.cache")
+
+XCache = Literal["hit", "miss", "bypass"]
+# normal: read and write; refresh (no-cache): skip the lookup, write; bypass (no-store): neither.
+Policy = Literal["normal", "refresh", "bypass"]
+Forward = Callable[[EditRequest], Awaitable[UpstreamAnswer]]
+
+_POLL_FIRST = 0.05
+_POLL_MAX = 0.5
+
+
+class CacheEvents(Protocol):
+    """What the cache reports; app.metrics.GatewayMetrics implements it."""
+
+    def record_cache_lookup(self, model: str, result: XCache) -> None:
+        """Once per answered request: hit (an entry or a joined call), miss, bypass."""
+
+    def record_cache_store(self, model: str, nbytes: int) -> None: ...
+
+    def record_cache_served(self, model: str, nbytes: int) -> None:
+        """Image bytes answered without an upstream call of this request's own."""
+
+    def record_cache_join(self, model: str) -> None: ...
+
+    def record_redis_error(self, component: str) -> None: ...
+
+
+class CacheCounters:
+    """Counts events in memory, for when no metrics are wired (tests, embedding)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def record_cache_lookup(self, model: str, result: XCache) -> None:
+        self.counts[result] += 1
+
+    def record_cache_store(self, model: str, nbytes: int) -> None:
+        self.counts["stored"] += 1
+
+    def record_cache_served(self, model: str, nbytes: int) -> None:
+        self.counts["served_bytes"] += nbytes
+
+    def record_cache_join(self, model: str) -> None:
+        self.counts["joined"] += 1
+
+    def record_redis_error(self, component: str) -> None:
+        self.counts["error"] += 1
+
+
+def policy_from_header(cache_control: str | None) -> Policy:
+    directives = {
+        part.strip().split("=", 1)[0].lower() for part in (cache_control or "").split(",")
+    }
+    if "no-store" in directives:
+        return "bypass"
+    if "no-cache" in directives:
+        return "refresh"
+    return "normal"
+
+
+@dataclass(frozen=True, slots=True)
+class EditOutcome:
+    result: CachedEdit
+    x_cache: XCache
+    age: int
+    upstream_request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Paid:
+    result: CachedEdit
+    upstream_request_id: str | None
+
+
+def response_format_of(edit: EditRequest) -> str:
+    """What the client asked for, or the model's default (dall-e-2 answers URLs by default)."""
+    if edit.response_format is not None:
+        return edit.response_format
+    rule = edit.model.params.get("response_format")
+    return rule.default if rule is not None and isinstance(rule.default, str) else "b64_json"
+
+
+def for_upstream(edit: EditRequest) -> EditRequest:
+    """The edit as sent upstream: bytes wanted back, whatever the client asked for.
+
+    `response_format` goes only to models whose upstream takes it (never to GPT image models,
+    which answer 400); upstreams that answer URLs anyway have them downloaded at once.
+    """
+    params = dict(edit.params)
+    if "response_format" in edit.model.params and "response_format" not in edit.model.strip:
+        params["response_format"] = "b64_json"
+    return replace(edit, params=params, response_format="b64_json")
+
+
+class EditCache:
+    def __init__(
+        self,
+        *,
+        store: CacheStore,
+        forward: Forward,
+        fetch: FetchImage,
+        config: CacheConfig,
+        lease_seconds: Callable[[EditRequest], float],
+        events: CacheEvents | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.events: CacheEvents = events or CacheCounters()
+        self._forward = forward
+        self._fetch = fetch
+        self._config = config
+        self._lease_seconds = lease_seconds
+        self._clock = clock
+        self._flights: dict[str, asyncio.Task[_Paid]] = {}
+        self._tasks: set[asyncio.Task[_Paid]] = set()
+
+    def ttl_for(self, edit: EditRequest) -> int:
+        return self._config.model_ttl_seconds.get(edit.model.name, self._config.ttl_seconds)
+
+    async def run(
+        self,
+        edit: EditRequest,
+        *,
+        release: Callable[[], None],
+        policy: Policy,
+        client_scope: str | None,
+    ) -> EditOutcome:
+        """Answer `edit`. `release` frees its uploads: called once, when nothing needs them.
+
+        `client_scope` identifies the client for `scope: client` (a digest, never its key).
+        """
+        owner = _Release(release)
+        try:
+            outcome = await self._answer(edit, owner, policy, client_scope)
+        finally:
+            owner.release_unless_handed()
+        model = edit.model.name
+        self.events.record_cache_lookup(model, outcome.x_cache)
+        if outcome.x_cache == "hit":
+            self.events.record_cache_served(model, outcome.result.image_bytes)
+        return outcome
+
+    async def _answer(
+        self, edit: EditRequest, owner: _Release, policy: Policy, client_scope: str | None
+    ) -> EditOutcome:
+        if not self._config.enabled or policy == "bypass":
+            paid = await self._pay(edit, owner, key=None, token=None)
+            return EditOutcome(paid.result, "bypass", 0, paid.upstream_request_id)
+        scope = client_scope if self._config.scope == "client" else None
+        key = fingerprint(edit, scope=scope)
+        if policy == "refresh":
+            paid = await self._pay(edit, owner, key=key, token=None)
+            return EditOutcome(paid.result, "miss", 0, paid.upstream_request_id)
+        return await self._lookup_or_pay(edit, owner, key)
+
+    async def _lookup_or_pay(self, edit: EditRequest, owner: _Release, key: str) -> EditOutcome:
+        deadline = time.monotonic() + self._config.single_flight_wait_seconds
+        pause = _POLL_FIRST
+        while True:
+            flight = self._flights.get(key)
+            if flight is not None:
+                try:
+                    paid = await asyncio.shield(flight)
+                except asyncio.CancelledError:
+                    if not flight.cancelled():
+                        raise  # this request was cancelled, not the call it waited for
+                    continue
+                except Exception:  # noqa: S112 - a failed leader does not fail its followers
+                    continue
+                self.events.record_cache_join(edit.model.name)
+                return EditOutcome(paid.result, "hit", 0, None)
+            token = secrets.token_hex(16)
+            try:
+                found = await self.store.lookup(
+                    key, lead_token=token, lease=self._lease_seconds(edit)
+                )
+            except CacheUnavailable:
+                self._store_failed()
+                paid = await self._pay(edit, owner, key=None, token=None, flight_key=key)
+                return EditOutcome(paid.result, "bypass", 0, paid.upstream_request_id)
+            if found.state == "hit":
+                assert found.meta is not None
+                hit = await self._complete(found.meta)
+                if hit is not None:
+                    age = max(0, int(self._clock() - hit.stored_at))
+                    return EditOutcome(hit, "hit", age, None)
+                # The entry outlived one of its files (eviction): pay again and rewrite it.
+                paid = await self._pay(edit, owner, key=key, token=None, flight_key=key)
+                return EditOutcome(paid.result, "miss", 0, paid.upstream_request_id)
+            if found.state == "lead":
+                paid = await self._pay(edit, owner, key=key, token=token, flight_key=key)
+                return EditOutcome(paid.result, "miss", 0, paid.upstream_request_id)
+            # Another replica is paying for this edit: wait for its entry, or for its lease to
+            # go (a failed leader), then the next lookup takes over atomically.
+            if time.monotonic() >= deadline:
+                paid = await self._pay(edit, owner, key=key, token=None)
+                return EditOutcome(paid.result, "miss", 0, paid.upstream_request_id)
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 1.5, _POLL_MAX)
+
+    async def _complete(self, meta: EntryMeta) -> CachedEdit | None:
+        try:
+            blobs = await self.store.get_files([(file_id, ext) for file_id, ext, _ in meta.files])
+        except CacheUnavailable:
+            self._store_failed()
+            return None
+        if any(blob is None for blob in blobs):
+            return None
+        return meta.with_bytes([blob for blob in blobs if blob is not None])
+
+    async def _pay(
+        self,
+        edit: EditRequest,
+        owner: _Release,
+        *,
+        key: str | None,
+        token: str | None,
+        flight_key: str | None = None,
+    ) -> _Paid:
+        """Run the upstream call in its own task (it owns the uploads from now on) and wait."""
+        wants_files = response_format_of(edit) == "url"
+        task = asyncio.create_task(
+            self._paid_call(edit, owner.hand_over(), key, token, wants_files),
+            name="upstream-edit",
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieve)
+        if flight_key is not None:
+            self._flights[flight_key] = task
+            task.add_done_callback(lambda done: self._forget(flight_key, done))
+        # Shielded: a client that disconnects cancels its wait, never the paid call.
+        return await asyncio.shield(task)
+
+    def _store_failed(self) -> None:
+        if self.store.kind == "redis":
+            self.events.record_redis_error("cache")
+
+    def _forget(self, key: str, task: asyncio.Task[_Paid]) -> None:
+        if self._flights.get(key) is task:
+            del self._flights[key]
+
+    async def _paid_call(
+        self,
+        edit: EditRequest,
+        release: Callable[[], None],
+        key: str | None,
+        token: str | None,
+        wants_files: bool,
+    ) -> _Paid:
+        try:
+            answer = await self._forward(for_upstream(edit))
+            release()  # the uploads are no longer needed once the upstream has answered
+            body = normalize_images_response(answer.body)
+            result = await from_upstream(body, self._fetch, self._clock())
+            result = await self._keep(edit, result, key, wants_files)
+            return _Paid(result, answer.request_id)
+        finally:
+            release()
+            if token is not None and key is not None:
+                try:
+                    await self.store.release(key, token)
+                except CacheUnavailable:
+                    self._store_failed()  # the lease expires on its own
+
+    async def _keep(
+        self, edit: EditRequest, result: CachedEdit, key: str | None, wants_files: bool
+    ) -> CachedEdit:
+        cacheable = key is not None and result.image_bytes <= int(self._config.max_entry_bytes)
+        if not cacheable and not wants_files:
+            return result
+        ttl = self.ttl_for(edit)
+        hosted = replace(
+            result,
+            images=tuple(
+                replace(image, file_id=secrets.token_urlsafe(24)) for image in result.images
+            ),
+        )
+        try:
+            await self.store.put_files(
+                [(i.file_id or "", i.ext, i.data) for i in hosted.images], ttl
+            )
+            if cacheable and key is not None:
+                await self.store.put_entry(key, hosted.meta(), ttl)
+                self.events.record_cache_store(edit.model.name, result.image_bytes)
+        except CacheUnavailable:
+            self._store_failed()
+            return result
+        return hosted
+
+    async def aclose(self, grace: float = 30.0) -> None:
+        """Let paid calls in flight finish (they are money spent), within a bound."""
+        pending = list(self._tasks)
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace)
+            for task in still:
+                task.cancel()
+
+
+class _Release:
+    """Who frees the uploads: the request, or the paid call once it takes them over."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release
+        self._handed = False
+        self._done = False
+
+    def hand_over(self) -> Callable[[], None]:
+        self._handed = True
+        return self._once
+
+    def release_unless_handed(self) -> None:
+        if not self._handed:
+            self._once()
+
+    def _once(self) -> None:
+        if not self._done:
+            self._done = True
+            self._release()
+
+
+def _retrieve(task: asyncio.Task[_Paid]) -> None:
+    # A paid call nobody awaits any more (its client left) still logs its failure.
+    if not task.cancelled() and task.exception() is not None:
+        log.info("upstream edit failed: %s", type(task.exception()).__name__)

@@ -1,0 +1,68 @@
+"""Build the process's EditCache from settings: Redis when configured, else the in-process LRU."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlsplit
+
+import httpx
+import redis.asyncio as aioredis
+
+from app.cache.service import CacheEvents, EditCache, Forward
+from app.cache.store import CacheStore, MemoryStore, RedisStore
+from app.config import Settings
+from app.edit import EditRequest
+from app.upstream.fetch import ImageFetcher
+
+log = logging.getLogger("gateway.cache")
+
+
+def open_edit_cache(
+    settings: Settings,
+    *,
+    http: httpx.AsyncClient,
+    forward: Forward,
+    events: CacheEvents | None = None,
+) -> EditCache:
+    config = settings.cache
+    store: CacheStore
+    if settings.redis_url is not None:
+        timeout = config.redis_timeout_seconds
+        client = aioredis.from_url(
+            settings.redis_url.get_secret_value(),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        store = RedisStore(client, timeout=timeout, retry_after=config.redis_retry_after_seconds)
+    else:
+        store = MemoryStore(max_bytes=int(config.embedded_max_bytes))
+        log.warning(
+            "no GATEWAY_REDIS_URL: cache entries and hosted image files live in this process "
+            "(up to %d bytes); run a single replica, or configure Redis",
+            int(config.embedded_max_bytes),
+        )
+    upstream_hosts = [
+        host
+        for upstream in settings.upstreams.values()
+        if (host := urlsplit(upstream.base_url).hostname)
+    ]
+    fetch = ImageFetcher(http, config.fetch, extra_hosts=upstream_hosts)
+
+    def lease_seconds(edit: EditRequest) -> float:
+        totals = [
+            settings.upstreams[name].timeouts.total
+            for name in edit.model.upstreams
+            if name in settings.upstreams
+        ]
+        upstream_total = edit.model.timeout or max(totals, default=300.0)
+        # Generous: an expired lease only costs a duplicate call, a short one costs many.
+        return 2 * upstream_total + config.fetch.timeout
+
+    return EditCache(
+        store=store,
+        forward=forward,
+        fetch=fetch,
+        config=config,
+        lease_seconds=lease_seconds,
+        events=events,
+    )
