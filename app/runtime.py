@@ -35,8 +35,8 @@ class Gateway:
     cache: EditCache
 
     async def aclose(self) -> None:
-        # Paid upstream calls still running finish (and are stored) before the clients close.
-        await self.cache.aclose()
+        # Paid upstream calls whose clients left get the drain budget to finish and be stored.
+        await self.cache.aclose(grace=self.settings.shutdown.drain_timeout)
         await self.cache.store.aclose()
         await self.http.aclose()
         if self.redis is not None:

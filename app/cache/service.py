@@ -315,7 +315,7 @@ class EditCache:
             return result
         return hosted
 
-    async def aclose(self, grace: float = 30.0) -> None:
+    async def aclose(self, grace: float) -> None:
         """Let paid calls in flight finish (they are money spent), within a bound."""
         pending = list(self._tasks)
         if pending:

@@ -75,7 +75,7 @@ def test_service_cancelled_request_does_not_cancel_the_paid_call() -> None:
         await asyncio.gather(waiting, return_exceptions=True)
         assert released.count == 0  # the paid call still owns the uploads
         upstream.gate.set()
-        await service.aclose()
+        await service.aclose(grace=30)
         assert released.count == 1
         again = await service.run(
             edit({"prompt": "x"}), release=Releases(), policy="normal", client_scope=None

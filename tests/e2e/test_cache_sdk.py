@@ -506,6 +506,15 @@ def test_cache_redis_stopped_serves_uncached_and_resumes_when_it_returns(
             for _ in range(3):
                 state, _, result = edit_raw(client, prompt=prompt)
                 assert state == "bypass" and png_bytes(result) == [RESULT_PNG]
+            scrape = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {CLIENT_KEY}"})
+            assert _metric(scrape.text, 'gateway_redis_errors_total{component="cache"}') >= 1
+            assert (
+                _metric(
+                    scrape.text,
+                    'gateway_cache_lookups_total{model="gpt-image-1.5",result="bypass"}',
+                )
+                == 3
+            )
             ready = httpx.get(url + "/readyz")
             assert ready.status_code == 200  # degraded, not down
             assert ready.json()["checks"]["cache"] == "degraded"
@@ -531,6 +540,13 @@ def test_cache_redis_stopped_serves_uncached_and_resumes_when_it_returns(
             assert "miss" in states  # the entry was written again after the restart
     finally:
         server.stop()
+
+
+def _metric(scrape: str, series: str) -> float:
+    for line in scrape.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not in the scrape")
 
 
 def test_cache_slow_redis_times_out_and_serves_uncached(
