@@ -174,6 +174,17 @@ def test_bfl_edit_n_3_runs_three_tasks(flux: OpenAI, bfl: FakeBflUpstream) -> No
     assert sorted(task.body["seed"] for task in tasks) == [7, 8, 9]
 
 
+def test_bfl_edit_n_tasks_run_at_most_max_parallel_at_once(
+    bfl: FakeBflUpstream, tmp_path: Path
+) -> None:
+    # Each task stays pending for 10 polls, so two tasks admitted together overlap.
+    bfl.default_statuses = ("Pending",) * 10 + ("Ready",)
+    with serve_bfl_gateway(tmp_path, bfl_url=bfl.url, bfl={"max_parallel_tasks": 2}) as url:
+        result = sdk(url).images.edit(image=("a.png", images.png(), "image/png"), prompt="x", n=5)
+    assert len(result.data) == 5 and len(bfl.submits) == 5
+    assert bfl.max_active == 2
+
+
 # Rejected before any upstream call.
 
 

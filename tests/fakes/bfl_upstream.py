@@ -102,6 +102,9 @@ class FakeBflUpstream:
         self.result_override: bytes | None = None
         # Credits per key for GET /v1/credits (the key pool's free probe); missing keys have 100.
         self.credits: dict[str, float] = {}
+        # Tasks submitted whose result has not been downloaded yet, and the most seen at once.
+        self.active = 0
+        self.max_active = 0
 
     @property
     def submits(self) -> list[BflTask]:
@@ -144,6 +147,8 @@ class FakeBflUpstream:
             statuses=deque(statuses),
             result=self.result_override or result_png(index),
         )
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
         base = self.polling_base or self.url
         return JSONResponse({"id": task_id, "polling_url": f"{base}/v1/get_result?id={task_id}"})
 
@@ -183,6 +188,7 @@ class FakeBflUpstream:
         task = self.tasks.get(request.path_params["task_id"])
         if task is None:
             return Response(b"not found", status_code=404)
+        self.active -= 1
         return Response(task.result, media_type="image/png")
 
     async def _anything(self, request: Request) -> Response:
