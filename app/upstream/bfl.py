@@ -115,6 +115,8 @@ class BflUpstream:
         encoded = await asyncio.to_thread(
             lambda: [base64.b64encode(image).decode("ascii") for image in images]
         )
+        # Always bytes: a client asking for `url` gets one the gateway hosts (app/cache), never
+        # BFL's own, which expires in about 10 minutes.
         body: dict[str, Any] = {
             "created": int(time.time()),
             "data": [{"b64_json": image} for image in encoded],
@@ -422,13 +424,6 @@ def _check_request(edit: EditRequest) -> None:
             f"{BFL_MAX_IMAGES}.",
             param="image",
             code="too_many_images",
-        )
-    if edit.response_format == "url":
-        raise InvalidRequest(
-            f"response_format='url' is not available for {edit.model.name} on this gateway "
-            "yet; use b64_json.",
-            param="response_format",
-            code="unsupported_value",
         )
 
 
