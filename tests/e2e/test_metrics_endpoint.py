@@ -148,3 +148,21 @@ def test_metrics_public_needs_no_credentials(upstream: FakeOpenAIUpstream) -> No
         assert response.status_code == 200
         assert "gateway_requests_total" in response.text
         assert httpx.get(url + "/v1/models").status_code == 401  # nothing else opens up
+
+
+def test_metrics_report_redis_up_and_errors(upstream: FakeOpenAIUpstream, redis_url: str) -> None:
+    settings = gateway_settings(upstream.url, GATEWAY_REDIS_URL=redis_url)  # type: ignore[attr-defined]
+    with serve_in_thread(create_app(settings)) as url:
+        assert httpx.get(url + "/readyz").status_code == 200
+        text = scrape(url)
+    assert total(text, "gateway_redis_up") == 1
+    assert total(text, "gateway_redis_errors_total") == 0
+
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    settings = gateway_settings(upstream.url, GATEWAY_REDIS_URL=nowhere)  # type: ignore[attr-defined]
+    with serve_in_thread(create_app(settings)) as url:
+        assert httpx.get(url + "/readyz").status_code == 503
+        text = scrape(url)
+    assert total(text, "gateway_redis_up") == 0
+    assert total(text, "gateway_redis_errors_total", component="health") >= 1
+    assert "127.0.0.1:" not in text  # the Redis URL (it may hold a password) is no label
