@@ -248,7 +248,8 @@ class GatewayMetrics:
         )
         self._cache_lookups = Counter(
             "gateway_cache_lookups",
-            "Result-cache lookups: hit, miss, or bypass (not consulted).",
+            "Answered edits by cache result: hit (an entry, or a joined identical call in "
+            "flight), miss (paid upstream), bypass (cache not used).",
             ["model", "result"],
             registry=r,
         )

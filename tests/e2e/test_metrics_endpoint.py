@@ -3,6 +3,7 @@ no secret (upstream key, client key) nor any prompt text ever appears in the scr
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import httpx
@@ -39,47 +40,60 @@ def scrape(url: str, key: str = CLIENT_KEY) -> str:
     return response.text
 
 
-def test_metrics_after_real_traffic(own_gateway: str, upstream: FakeOpenAIUpstream) -> None:
-    client = sdk(own_gateway)
-    png = images.png(64, 64)
-    # Two successes: 1 + 2 images.
-    client.images.edit(image=("a.png", png, "image/png"), prompt=PROMPT)
-    client.images.edit(image=("a.png", png, "image/png"), prompt=PROMPT, n=2)
-    # Three validation errors, refused before any upstream call.
-    with pytest.raises(openai.BadRequestError):
-        client.images.edit(image=("a.png", png, "image/png"), prompt=PROMPT, size="999x999")  # type: ignore[arg-type]
-    with pytest.raises(openai.BadRequestError):
-        client.images.edit(
-            image=[("a.png", png, "image/png"), ("b.gif", images.other_format("gif"), "image/gif")],
-            prompt=PROMPT,
-        )
-    with pytest.raises(openai.NotFoundError):
-        client.images.edit(image=("a.png", png, "image/png"), prompt=PROMPT, model="no-such-model")
-    # Upstream failures: 429, 401 (our key rejected, its text echoed back), 500.
-    upstream.enqueue(
-        Reply(429, {"error": {"message": "slow down"}}, headers={"retry-after": "7"}),
-        Reply(401, {"error": {"message": f"Incorrect API key provided: {UPSTREAM_KEYS[0]}"}}),
-        Reply(500, {"error": {"message": f"boom {UPSTREAM_KEYS[1]}"}}),
+def test_metrics_after_real_traffic(upstream: FakeOpenAIUpstream, redis_url: str) -> None:
+    settings = gateway_settings(
+        upstream.url,  # type: ignore[attr-defined]
+        GATEWAY_CACHE_ENABLED="true",
+        GATEWAY_REDIS_URL=redis_url,
     )
-    with pytest.raises(openai.RateLimitError):
-        client.images.edit(image=("a.png", png, "image/png"), prompt=PROMPT)
-    with pytest.raises(openai.InternalServerError):
-        client.images.edit(image=("a.png", png, "image/png"), prompt=PROMPT)
-    with pytest.raises(openai.InternalServerError):
-        client.images.edit(image=("a.png", png, "image/png"), prompt=PROMPT)
-    assert len(upstream.edits) == 5
+    # Prompts unique to this run, so the shared test Redis holds no entry for them yet.
+    run = uuid.uuid4().hex
 
-    text = scrape(own_gateway)
+    def prompt(n: int) -> str:
+        return f"{PROMPT} {run} {n}"
+
+    png = images.png(64, 64)
+    image = ("a.png", png, "image/png")
+    with serve_in_thread(create_app(settings)) as url:
+        client = sdk(url)
+        # Two successes paid upstream (1 + 2 images), then the first again from the cache.
+        client.images.edit(image=image, prompt=prompt(1))
+        client.images.edit(image=image, prompt=prompt(2), n=2)
+        hit = client.images.with_raw_response.edit(image=image, prompt=prompt(1))
+        assert hit.headers["x-cache"] == "hit"
+        # Three validation errors, refused before any upstream call.
+        with pytest.raises(openai.BadRequestError):
+            client.images.edit(image=image, prompt=prompt(9), size="999x999")  # type: ignore[arg-type]
+        with pytest.raises(openai.BadRequestError):
+            client.images.edit(
+                image=[image, ("b.gif", images.other_format("gif"), "image/gif")], prompt=prompt(9)
+            )
+        with pytest.raises(openai.NotFoundError):
+            client.images.edit(image=image, prompt=prompt(9), model="no-such-model")
+        # Upstream failures: 429, 401 (our key rejected, its text echoed back), 500.
+        upstream.enqueue(
+            Reply(429, {"error": {"message": "slow down"}}, headers={"retry-after": "7"}),
+            Reply(401, {"error": {"message": f"Incorrect API key provided: {UPSTREAM_KEYS[0]}"}}),
+            Reply(500, {"error": {"message": f"boom {UPSTREAM_KEYS[1]}"}}),
+        )
+        with pytest.raises(openai.RateLimitError):
+            client.images.edit(image=image, prompt=prompt(3))
+        with pytest.raises(openai.InternalServerError):
+            client.images.edit(image=image, prompt=prompt(4))
+        with pytest.raises(openai.InternalServerError):
+            client.images.edit(image=image, prompt=prompt(5))
+        assert len(upstream.edits) == 5
+        text = scrape(url)
 
     model = "gpt-image-1.5"
-    assert total(text, "gateway_requests_total", route=EDITS, model=model, status_class="2xx") == 2
+    assert total(text, "gateway_requests_total", route=EDITS, model=model, status_class="2xx") == 3
     # 429 from upstream, size error and gif error are 4xx for a known model; the unknown model
     # is 4xx with no model label.
     assert total(text, "gateway_requests_total", route=EDITS, model=model, status_class="4xx") == 3
     assert total(text, "gateway_requests_total", route=EDITS, model="none", status_class="4xx") == 1
     assert total(text, "gateway_requests_total", route=EDITS, model=model, status_class="5xx") == 2
-    assert total(text, "gateway_request_duration_seconds_count", route=EDITS) == 8
-    assert total(text, "gateway_images_returned_total", model=model) == 3
+    assert total(text, "gateway_request_duration_seconds_count", route=EDITS) == 9
+    assert total(text, "gateway_images_returned_total", model=model) == 4
     assert total(text, "gateway_requests_in_flight") == 0  # the scrape itself is not counted
 
     assert total(text, "gateway_validation_rejections_total", param="size") == 1
@@ -88,22 +102,30 @@ def test_metrics_after_real_traffic(own_gateway: str, upstream: FakeOpenAIUpstre
     assert total(text, "gateway_validation_rejections_total") == 3  # upstream errors are not
 
     assert total(text, "gateway_upstream_requests_total", upstream="default", outcome="ok") == 2
-    assert (
-        total(text, "gateway_upstream_errors_total", upstream="default", kind="rate_limited") == 1
-    )
-    assert total(text, "gateway_upstream_errors_total", upstream="default", kind="auth") == 1
-    assert total(text, "gateway_upstream_errors_total", upstream="default", kind="server") == 1
+    assert total(text, "gateway_upstream_requests_total", upstream="default") == 5
+    errors = "gateway_upstream_errors_total"
+    assert total(text, errors, upstream="default", kind="rate_limited") == 1
+    assert total(text, errors, upstream="default", kind="auth") == 1
+    assert total(text, errors, upstream="default", kind="server") == 1
     assert total(text, "gateway_upstream_duration_seconds_count", model=model) == 5
 
+    assert total(text, "gateway_cache_lookups_total", model=model, result="hit") == 1
+    assert total(text, "gateway_cache_lookups_total", model=model, result="miss") == 2
+    assert total(text, "gateway_cache_stores_total", model=model) == 2
+    assert total(text, "gateway_cache_stored_bytes_total", model=model) > 0
+    assert total(text, "gateway_cache_served_bytes_total", model=model) > 0
+    assert total(text, "gateway_redis_up") == 1
+    assert total(text, "gateway_redis_errors_total") == 0
+
     uploads = total(text, "gateway_upload_bytes_total")
-    assert uploads >= 7 * len(png)  # every parsed form's files, accepted or refused
+    assert uploads >= 8 * len(png)  # every parsed form's files, accepted or refused
     assert total(text, "gateway_request_bytes_total", route=EDITS) > uploads  # plus the framing
     assert total(text, "gateway_response_bytes_total", route=EDITS) > 0
 
     assert label_values(text, "gateway_upstream_key_state", "key") == {"default#1", "default#2"}
     assert total(text, "gateway_upstream_key_state", state="healthy") == 2
 
-    for secret in (*UPSTREAM_KEYS, CLIENT_KEY, "secret-prompt-marker", "no-such-model"):
+    for secret in (*UPSTREAM_KEYS, CLIENT_KEY, "secret-prompt-marker", "no-such-model", run):
         assert secret not in text
 
 
@@ -161,7 +183,8 @@ def test_metrics_report_redis_up_and_errors(upstream: FakeOpenAIUpstream, redis_
     nowhere = f"redis://127.0.0.1:{free_port()}/0"
     settings = gateway_settings(upstream.url, GATEWAY_REDIS_URL=nowhere)  # type: ignore[attr-defined]
     with serve_in_thread(create_app(settings)) as url:
-        assert httpx.get(url + "/readyz").status_code == 503
+        # A down Redis degrades the gateway (served uncached), it does not take it out.
+        assert httpx.get(url + "/readyz").json()["checks"]["redis"] == "unreachable"
         text = scrape(url)
     assert total(text, "gateway_redis_up") == 0
     assert total(text, "gateway_redis_errors_total", component="health") >= 1
