@@ -3,7 +3,8 @@
 Deny by default: only the exact health paths are public, so no spelling of another path
 (`//v1/...`, trailing slash, case, %-encoding, a forged Host) can reach a route unauthenticated.
 `/admin/...` takes admin keys only (and does not exist without them); everything else takes
-client keys. Keys are kept as SHA-256 digests and compared in constant time.
+client keys. Keys are kept as SHA-256 digests and compared in constant time; client keys are
+resolved by the client directory (app/clients/directory.py), which also knows runtime keys.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Callable
 
 import orjson
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.clients.directory import ClientDirectory
 from app.errors import AuthenticationFailed, GatewayError, InvalidRequest
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
@@ -36,6 +39,7 @@ class ClientAuthMiddleware:
         admin_keys: tuple[SecretStr, ...] = (),
         public_paths: frozenset[str] = PUBLIC_PATHS,
         public_get: re.Pattern[str] | None = None,
+        clients: Callable[[], ClientDirectory] | None = None,
     ) -> None:
         self.app = app
         # GETs whose whole raw path matches are public too (the hosted image files).
@@ -43,6 +47,8 @@ class ClientAuthMiddleware:
         # Paths guarded by something else or by nothing (health; /metrics when public or when
         # it has its own token).
         self._public = public_paths
+        # The directory lives in the lifespan's Gateway (it reads Redis), hence the accessor.
+        self._clients = clients
         self._digests = _digests("client", keys)
         self._admin_digests = _digests("admin", admin_keys)
         self._allow_anonymous = allow_anonymous
@@ -55,10 +61,18 @@ class ClientAuthMiddleware:
         if scope["path"].startswith(ADMIN_PREFIX):
             await self._admin(scope, receive, send, presented)
             return
-        client_id = _identify(self._digests, presented) if presented is not None else None
+        directory = self._clients() if self._clients is not None else None
+        client_id: str | None = None
+        if presented is not None:
+            client_id = (
+                await directory.identify(presented)
+                if directory is not None
+                else _identify(self._digests, presented)
+            )
+        has_keys = directory.has_configured_keys if directory is not None else bool(self._digests)
         # Anonymous mode with no keys configured accepts whatever the SDK sends (it always sends
         # one); once keys exist, a wrong key is a mistake worth a 401 even in anonymous mode.
-        anonymous_ok = self._allow_anonymous and (presented is None or not self._digests)
+        anonymous_ok = self._allow_anonymous and (presented is None or not has_keys)
         if client_id is None and not anonymous_ok:
             await _reject(send, presented is None)
             return

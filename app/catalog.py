@@ -6,6 +6,7 @@ adding a model is a config edit.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +92,14 @@ class MaskRules(_Strict):
     max_bytes: ByteSize = ByteSize(4 * 1024 * 1024)
 
 
+class ModelPrice(_Strict):
+    """Upstream list prices in USD, for usage cost estimates (tokens from the answer's usage)."""
+
+    per_image: Decimal = Field(Decimal(0), ge=0)
+    per_million_input_tokens: Decimal = Field(Decimal(0), ge=0)
+    per_million_output_tokens: Decimal = Field(Decimal(0), ge=0)
+
+
 class ModelRule(_Strict):
     name: str
     upstream_model: str
@@ -105,6 +114,8 @@ class ModelRule(_Strict):
     strip: tuple[str, ...] = ()
     translate: dict[str, Translation] = Field(default_factory=dict)
     timeout: float | None = Field(None, gt=0)
+    # For usage cost estimates only; a model without a price costs 0.
+    price: ModelPrice = ModelPrice()
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelRule:

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError
 
 from app.catalog import Catalog, load_catalog
+from app.clients.config import ClientsConfig
 from app.config_file import ConfigError, format_validation_error, read_yaml
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
@@ -153,6 +154,7 @@ class FileConfig(_Strict):
     # Base of the image URLs the gateway hands out; null derives it from each request's own URL.
     public_base_url: str | None = None
     cache: CacheConfig = CacheConfig()
+    clients: ClientsConfig = ClientsConfig()
 
 
 class Settings(_Strict):
@@ -176,6 +178,8 @@ class Settings(_Strict):
     shutdown: ShutdownConfig = ShutdownConfig()
     public_base_url: str | None = None
     cache: CacheConfig = CacheConfig()
+    # Named clients with their keys read from the environment (see app/clients/config.py).
+    clients: ClientsConfig = ClientsConfig()
 
 
 def _env_list(value: str | None) -> tuple[SecretStr, ...]:
@@ -257,6 +261,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
         shutdown=file_config.shutdown,
         public_base_url=public_base_url.rstrip("/") if public_base_url else None,
         cache=cache,
+        clients=_with_client_keys(file_config.clients, env),
     )
     _check(settings)
     return settings
@@ -268,10 +273,12 @@ def _check(settings: Settings) -> None:
         raise ConfigError(
             f"{source}: default_model: {settings.default_model!r} is not in the catalog"
         )
-    if not settings.client_keys and not settings.allow_anonymous:
+    _check_clients(settings)
+    if not settings.client_keys and not settings.clients.named and not settings.allow_anonymous:
         raise ConfigError(
-            "environment: GATEWAY_CLIENT_KEYS: no client keys configured; set it, or set "
-            "GATEWAY_ALLOW_ANONYMOUS=true to serve without client authentication"
+            "environment: GATEWAY_CLIENT_KEYS: no client keys configured; set it, declare "
+            "clients under `clients.named`, or set GATEWAY_ALLOW_ANONYMOUS=true to serve "
+            "without client authentication"
         )
     for name in settings.cache.model_ttl_seconds:
         if name not in settings.catalog.models:
@@ -322,3 +329,39 @@ def _check_bfl_models(settings: Settings, upstream: str) -> None:
                 f"{source}: models.{model.name}.images.max_count: at most {BFL_MAX_IMAGES} for "
                 f"the bfl upstream {upstream!r}"
             )
+
+
+def _with_client_keys(clients: ClientsConfig, env: Mapping[str, str]) -> ClientsConfig:
+    named = {}
+    for name, client in clients.named.items():
+        if client.keys_env:
+            keys = _env_list(env.get(client.keys_env))
+            # A variable named but empty is a deployment slip, not a wish for no keys.
+            if not keys:
+                raise ConfigError(
+                    f"environment: {client.keys_env}: client {name!r} takes its keys from this "
+                    "variable, but it is empty; set it to a comma-separated list of keys"
+                )
+            client = client.model_copy(update={"keys": keys})
+        named[name] = client
+    return clients.model_copy(update={"named": named})
+
+
+def _check_clients(settings: Settings) -> None:
+    source = str(settings.config_path)
+    clients = settings.clients
+    for name, client in clients.named.items():
+        for model in client.models or ():
+            if model not in settings.catalog.models:
+                raise ConfigError(
+                    f"{source}: clients.named.{name}.models: {model!r} is not in the catalog"
+                )
+    limited = clients.default_limits.any_set() or any(
+        client.limits.any_set() for client in clients.named.values()
+    )
+    # Limits held per process would multiply with every replica: they need the shared store.
+    if limited and settings.redis_url is None:
+        raise ConfigError(
+            f"{source}: clients: limits are set but no Redis is configured; set redis_url "
+            "(or GATEWAY_REDIS_URL) so that every replica counts against the same limits"
+        )

@@ -4,14 +4,18 @@ GatewayError
  ├── InvalidRequest            400 invalid_request_error (a field the client can fix)
  │    └── ModelNotFound        404 model_not_found
  ├── AuthenticationFailed      401 invalid_api_key
+ ├── PermissionDenied          403 the client may not use this model
  ├── PayloadTooLarge           413 a size limit was crossed while the body streamed in
  ├── UnsupportedMediaType      415 the body is not multipart/form-data
- ├── RateLimited               429 the upstream (or every key) is rate limited
+ ├── RateLimited               429 the upstream (or every key) is rate limited, or the client's
+ │    │                            own limit (requests/images per minute, concurrency) is reached
+ │    └── QuotaExceeded        429 insufficient_quota: the client's daily/monthly images are used
  ├── UpstreamRejected          the upstream's own 4xx, passed through (secrets scrubbed)
  ├── UpstreamFailed            502 upstream 5xx, auth failure of our key, malformed answer
  ├── UpstreamUnreachable       502 connection failed before the request was delivered
  ├── UpstreamTimeout           504 the upstream did not answer within the model's timeout
- └── Overloaded                503 the gateway is at its concurrency limit
+ ├── Overloaded                503 the gateway is at its concurrency limit
+ └── StoreUnavailable          503 shared state (Redis) is needed and cannot be reached
 """
 
 from __future__ import annotations
@@ -90,6 +94,12 @@ class AuthenticationFailed(GatewayError):
     default_code = "invalid_api_key"
 
 
+class PermissionDenied(GatewayError):
+    status_code = 403
+    error_type = "invalid_request_error"
+    default_code = "model_not_allowed"
+
+
 class PayloadTooLarge(GatewayError):
     status_code = 413
     error_type = "invalid_request_error"
@@ -106,6 +116,11 @@ class RateLimited(GatewayError):
     status_code = 429
     error_type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(RateLimited):
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"
 
 
 class UpstreamRejected(GatewayError):
@@ -148,6 +163,12 @@ class Overloaded(GatewayError):
     status_code = 503
     error_type = "server_error"
     default_code = "gateway_overloaded"
+
+
+class StoreUnavailable(GatewayError):
+    status_code = 503
+    error_type = "server_error"
+    default_code = "store_unavailable"
 
 
 def error_envelope(

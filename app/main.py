@@ -10,9 +10,10 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
-from app.api import files, health, images, models
+from app.api import admin, files, health, images, models
 from app.api import metrics as metrics_api
 from app.auth import PUBLIC_PATHS, ClientAuthMiddleware
+from app.clients.directory import ClientDirectory, client_names
 from app.config import Settings, load_settings
 from app.drain import Drain, DrainMiddleware
 from app.errors import install_error_handlers
@@ -21,7 +22,7 @@ from app.metrics import GatewayMetrics
 from app.observe import ObservabilityMiddleware
 from app.redis_health import watch_redis
 from app.request_id import RequestIdMiddleware
-from app.runtime import open_gateway
+from app.runtime import Gateway, open_gateway
 
 
 def create_app(
@@ -36,6 +37,7 @@ def create_app(
         metrics = GatewayMetrics(
             models=settings.catalog.models,
             multiprocess_dir=settings.metrics_multiprocess_dir,
+            clients=client_names(settings.clients, len(settings.client_keys)),
         )
     drain = Drain()
 
@@ -75,6 +77,7 @@ def create_app(
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(files.router)
+    app.include_router(admin.router)
     public_paths = PUBLIC_PATHS
     if settings.metrics.enabled:
         app.include_router(metrics_api.router)
@@ -83,6 +86,11 @@ def create_app(
             public_paths = public_paths | {"/metrics"}
     # Outermost last: the request id wraps everything so that even a 401 carries one; the
     # observability layer sits outside auth and drain so their refusals are counted and logged.
+
+    def client_directory() -> ClientDirectory:
+        gateway: Gateway = app.state.gateway
+        return gateway.clients.directory
+
     app.add_middleware(
         ClientAuthMiddleware,
         keys=settings.client_keys,
@@ -90,6 +98,7 @@ def create_app(
         admin_keys=settings.admin_keys,
         public_paths=public_paths,
         public_get=None if settings.cache.files_require_auth else files.FILE_PATH,
+        clients=client_directory,
     )
     app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)

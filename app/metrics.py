@@ -2,7 +2,8 @@
 (`record_upstream(...)`), never which collector to touch.
 
 Every label value is bounded: routes are route templates, models come from the catalog, params
-from the images API's field names, keys are key ids. A client-supplied string never becomes a
+from the images API's field names, keys are key ids, clients are names from configuration
+(runtime keys belong to a configured client). A client-supplied string never becomes a
 label value, so no client can grow the series count or smuggle text into the scrape.
 """
 
@@ -78,7 +79,21 @@ UPSTREAM_OUTCOMES: Final = frozenset(
 # Fields a validation error can name, besides the optional images API fields.
 _REQUEST_FIELDS: Final = frozenset({"image", "mask", "prompt", "model"})
 _INDEXED = re.compile(r"^(image|mask)\[\d*\]$")
-REDIS_COMPONENTS: Final = frozenset({"cache", "keys", "health"})
+REDIS_COMPONENTS: Final = frozenset(
+    {"cache", "keys", "health", "client_keys", "client_limits", "client_usage"}
+)
+# What a client's edit ended with, and which of its limits can refuse it.
+CLIENT_OUTCOMES: Final = frozenset({"ok", "cache_hit", "error"})
+CLIENT_LIMITS: Final = frozenset(
+    {
+        "requests_per_minute",
+        "images_per_minute",
+        "concurrent_requests",
+        "images_per_day",
+        "images_per_month",
+        "model_not_allowed",
+    }
+)
 
 OTHER = "other"
 NONE = "none"
@@ -156,8 +171,15 @@ class GatewayMetrics:
     per-process files there and a scrape of any worker sums them all.
     """
 
-    def __init__(self, *, models: Iterable[str], multiprocess_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        models: Iterable[str],
+        multiprocess_dir: str | None = None,
+        clients: Iterable[str] = (),
+    ) -> None:
         self._models = frozenset(models)
+        self._clients = frozenset(clients)
         self._multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         self._key_sources: list[KeySource] = []
@@ -283,6 +305,30 @@ class GatewayMetrics:
             ["component"],
             registry=r,
         )
+        self._client_requests = Counter(
+            "gateway_client_requests",
+            "Edits per client and model, by outcome (ok, cache_hit, error).",
+            ["client", "model", "outcome"],
+            registry=r,
+        )
+        self._client_images = Counter(
+            "gateway_client_images",
+            "Images delivered per client and model, by source (upstream, cache).",
+            ["client", "model", "source"],
+            registry=r,
+        )
+        self._client_cost = Counter(
+            "gateway_client_cost_usd",
+            "Estimated upstream spend per client and model, in USD (prices from the catalog).",
+            ["client", "model"],
+            registry=r,
+        )
+        self._client_refusals = Counter(
+            "gateway_client_refusals",
+            "Requests refused by a client's limit, quota or model permission.",
+            ["client", "limit"],
+            registry=r,
+        )
         # Created on the first check: a gateway without Redis must not report it down.
         self._redis_up: Gauge | None = None
 
@@ -369,6 +415,25 @@ class GatewayMetrics:
 
     def record_cache_join(self, model: str) -> None:
         self._cache_joins.labels(self.model_label(model)).inc()
+
+    # Clients (the client gate and limiter call these).
+    def record_client_edit(
+        self, client: str, model: str, *, outcome: str, images: int, cost_usd: float
+    ) -> None:
+        client_label = bounded(client, self._clients)
+        model_label = self.model_label(model)
+        outcome_label = bounded(outcome, CLIENT_OUTCOMES)
+        self._client_requests.labels(client_label, model_label, outcome_label).inc()
+        if images:
+            source = "cache" if outcome == "cache_hit" else "upstream"
+            self._client_images.labels(client_label, model_label, source).inc(images)
+        if cost_usd:
+            self._client_cost.labels(client_label, model_label).inc(cost_usd)
+
+    def record_client_refusal(self, client: str, limit: str) -> None:
+        self._client_refusals.labels(
+            bounded(client, self._clients), bounded(limit, CLIENT_LIMITS)
+        ).inc()
 
     # Redis.
     def record_redis_error(self, component: str) -> None:

@@ -10,6 +10,8 @@ import redis.asyncio as aioredis
 
 from app.cache.service import EditCache
 from app.cache.setup import open_edit_cache
+from app.clients.directory import client_names
+from app.clients.services import ClientServices, open_client_services
 from app.config import Settings
 from app.edit import EditRequest
 from app.forwarding import Forwarder
@@ -33,6 +35,7 @@ class Gateway:
     redis: aioredis.Redis | None
     metrics: GatewayMetrics
     cache: EditCache
+    clients: ClientServices
 
     async def aclose(self) -> None:
         # Paid upstream calls whose clients left get the drain budget to finish and be stored.
@@ -47,6 +50,8 @@ def secrets_of(settings: Settings) -> list[str]:
     values = [key.get_secret_value() for key in settings.client_keys + settings.admin_keys]
     if settings.metrics_token is not None:
         values.append(settings.metrics_token.get_secret_value())
+    for client in settings.clients.named.values():
+        values += [key.get_secret_value() for key in client.keys]
     for upstream in settings.upstreams.values():
         values += [key.get_secret_value() for key in upstream.keys]
     return values
@@ -59,7 +64,10 @@ def open_gateway(
     metrics: GatewayMetrics | None = None,
 ) -> Gateway:
     if metrics is None:
-        metrics = GatewayMetrics(models=settings.catalog.models)
+        metrics = GatewayMetrics(
+            models=settings.catalog.models,
+            clients=client_names(settings.clients, len(settings.client_keys)),
+        )
     limits = httpx.Limits(
         max_connections=settings.http.max_connections,
         max_keepalive_connections=settings.http.max_keepalive_connections,
@@ -108,4 +116,5 @@ def open_gateway(
         redis=redis,
         metrics=metrics,
         cache=open_edit_cache(settings, http=http, forward=forward, events=metrics),
+        clients=open_client_services(settings, redis, metrics),
     )

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.clients.directory import ClientPolicy
 from app.runtime import Gateway
 
 
@@ -15,3 +16,12 @@ def get_gateway(request: Request) -> Gateway:
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+def get_client(request: Request, gateway: GatewayDep) -> ClientPolicy:
+    """The calling client's policy (auth put its name in the request state)."""
+    name: str = getattr(request.state, "client_id", None) or "anonymous"
+    return gateway.clients.directory.policy(name)
+
+
+ClientDep = Annotated[ClientPolicy, Depends(get_client)]

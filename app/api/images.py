@@ -1,4 +1,5 @@
-"""POST /v1/images/edits: intake -> validation -> cache (-> forwarding) -> ImagesResponse."""
+"""POST /v1/images/edits: client limits -> intake -> validation -> cache (-> forwarding) ->
+ImagesResponse."""
 
 from __future__ import annotations
 
@@ -9,19 +10,28 @@ from fastapi import APIRouter, Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from app.api.deps import GatewayDep
+from app.api.deps import ClientDep, GatewayDep
 from app.api.files import file_url
 from app.cache.service import policy_from_header, response_format_of
 from app.catalog import Catalog
+from app.clients.gate import MeteredEdit
+from app.errors import GatewayError
 from app.intake.form import IntakeForm, read_form
 from app.request_record import current_record
+from app.runtime import Gateway
 from app.validation import validate_edit
 
 router = APIRouter()
 
 
 @router.post("/v1/images/edits")
-async def create_image_edit(request: Request, gateway: GatewayDep) -> Response:
+async def create_image_edit(request: Request, gateway: GatewayDep, client: ClientDep) -> Response:
+    # The client's requests/min and concurrency are checked before the upload is read.
+    async with gateway.clients.gate.enter(client, request.state.request_id) as metered:
+        return await _edit(request, gateway, metered)
+
+
+async def _edit(request: Request, gateway: Gateway, metered: MeteredEdit) -> Response:
     settings = gateway.settings
     try:
         form = await read_form(
@@ -49,15 +59,28 @@ async def create_image_edit(request: Request, gateway: GatewayDep) -> Response:
         record.images_in = len(edit.images)
         if settings.logging.log_prompts:
             record.prompt = edit.prompt
+        # 403 for a model this client may not use; then images/min and quotas are charged
+        # (given back below for a cache hit, or when the upstream makes nothing).
+        await metered.charge(edit)
     except BaseException:
         form.close()
         raise
     # From here the cache owns the uploads: a paid upstream call may outlive this request.
-    outcome = await gateway.cache.run(
+    try:
+        outcome = await gateway.cache.run(
+            edit,
+            release=form.close,
+            policy=policy_from_header(request.headers.get("cache-control")),
+            client_scope=_client_scope(request),
+        )
+    except GatewayError as error:
+        await metered.failed(edit, error)
+        raise
+    await metered.answered(
         edit,
-        release=form.close,
-        policy=policy_from_header(request.headers.get("cache-control")),
-        client_scope=_client_scope(request),
+        outcome.result.body,
+        images=len(outcome.result.images),
+        cache_hit=outcome.x_cache == "hit",
     )
     record.cache = outcome.x_cache
     record.images_out = len(outcome.result.images)

@@ -6,13 +6,13 @@ import orjson
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from app.api.deps import GatewayDep
+from app.api.deps import ClientDep, GatewayDep
 
 router = APIRouter()
 
 
 @router.get("/v1/models")
-async def list_models(gateway: GatewayDep) -> Response:
+async def list_models(gateway: GatewayDep, client: ClientDep) -> Response:
     settings = gateway.settings
     data = [
         {
@@ -23,6 +23,7 @@ async def list_models(gateway: GatewayDep) -> Response:
             "owned_by": "image-gateway-demo" if settings.demo else model.owned_by,
         }
         for name, model in settings.catalog.models.items()
+        if client.may_use(name)  # a client sees only the models it may use
     ]
     body: dict[str, object] = {"object": "list", "data": data}
     if settings.demo:

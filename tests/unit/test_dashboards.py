@@ -27,7 +27,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": 
 
 def exported_series() -> dict[str, set[str]]:
     """Every series name the gateway exports, with its label names (each method exercised)."""
-    metrics = GatewayMetrics(models=("m",))
+    metrics = GatewayMetrics(models=("m",), clients=("team",))
     metrics.request_started()
     metrics.request_finished(
         route="/v1/images/edits", model="m", status=200, seconds=1, bytes_in=1, bytes_out=1
@@ -46,6 +46,8 @@ def exported_series() -> dict[str, set[str]]:
     metrics.record_redis_error("cache")
     metrics.set_redis_up(True)
     asyncio.run(metrics.refresh_keys())
+    metrics.record_client_edit("team", "m", outcome="ok", images=1, cost_usd=0.5)
+    metrics.record_client_refusal("team", "requests_per_minute")
     series: dict[str, set[str]] = {}
     for name, labels, _ in samples(metrics.scrape().decode()):
         series.setdefault(name, set()).update(labels)

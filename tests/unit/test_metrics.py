@@ -207,3 +207,27 @@ def test_metrics_key_sources_may_be_async_and_a_failing_one_keeps_the_last_view(
     fail = True
     asyncio.run(m.refresh_keys())
     assert total(scrape(m), "gateway_upstream_key_state", key="bfl#1", state="healthy") == 1
+
+
+def test_metrics_client_labels_are_configured_names_only() -> None:
+    m = GatewayMetrics(models=MODELS, clients=("anonymous", "client-1", "design"))
+    m.record_client_edit("design", "dall-e-2", outcome="ok", images=2, cost_usd=0.04)
+    m.record_client_edit("design", "dall-e-2", outcome="cache_hit", images=1, cost_usd=0.0)
+    m.record_client_edit("igw-someones-key", "nonsense", outcome="weird", images=1, cost_usd=1)
+    m.record_client_refusal("design", "images_per_day")
+    m.record_client_refusal("design", "made-up limit")
+    text = scrape(m)
+    assert label_values(text, "gateway_client_requests_total", "client") == {"design", "other"}
+    assert label_values(text, "gateway_client_requests_total", "outcome") == {
+        "ok",
+        "cache_hit",
+        "other",
+    }
+    assert total(text, "gateway_client_images_total", client="design", source="upstream") == 2
+    assert total(text, "gateway_client_images_total", client="design", source="cache") == 1
+    assert total(text, "gateway_client_cost_usd_total", client="design") == 0.04
+    assert label_values(text, "gateway_client_refusals_total", "limit") == {
+        "images_per_day",
+        "other",
+    }
+    assert "igw-someones-key" not in text

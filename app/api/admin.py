@@ -1,0 +1,153 @@
+"""Admin routes (admin keys only, see app/auth.py): client keys at run time, clients, usage."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from app.api.deps import GatewayDep
+from app.clients.config import CLIENT_NAME, RESERVED_NAME
+from app.clients.keystore import REDIS_DOWN, RuntimeKeyStore
+from app.clients.usage import MAX_REPORT_DAYS, UsageLedger
+from app.errors import InvalidRequest, StoreUnavailable
+from app.runtime import Gateway
+
+router = APIRouter(prefix="/admin")
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str | None = Field(None, max_length=100)
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def _not_found(what: str) -> InvalidRequest:
+    error = InvalidRequest(what, code="not_found")
+    error.status_code = 404
+    return error
+
+
+def _keys(gateway: Gateway, name: str) -> RuntimeKeyStore:
+    if not gateway.clients.directory.knows(name):
+        raise _not_found(f"No client named {name[:64]!r} is configured.")
+    if gateway.clients.keys is None:
+        raise StoreUnavailable("Runtime client keys need Redis; set GATEWAY_REDIS_URL.")
+    return gateway.clients.keys
+
+
+@router.get("/clients")
+async def list_clients(gateway: GatewayDep) -> Response:
+    directory = gateway.clients.directory
+    data = []
+    for name in directory.names:
+        policy = directory.policy(name)
+        data.append(
+            {
+                "name": name,
+                "models": sorted(policy.models) if policy.models is not None else None,
+                "limits": policy.limits.model_dump(),
+            }
+        )
+    return _json({"object": "list", "data": data})
+
+
+@router.get("/clients/{name}")
+async def show_client(name: str, gateway: GatewayDep) -> Response:
+    directory = gateway.clients.directory
+    if not directory.knows(name):
+        raise _not_found(f"No client named {name[:64]!r} is configured.")
+    policy = directory.policy(name)
+    try:
+        used = await gateway.clients.gate.limiter.quota_used(name)
+    except REDIS_DOWN:
+        raise StoreUnavailable("Cannot read quotas now: the shared store is unreachable.") from None
+    return _json(
+        {
+            "object": "client",
+            "name": name,
+            "models": sorted(policy.models) if policy.models is not None else None,
+            "limits": policy.limits.model_dump(),
+            "quota_used": used,
+        }
+    )
+
+
+@router.post("/clients/{name}/keys")
+async def create_key(name: str, gateway: GatewayDep, body: NewKey | None = None) -> Response:
+    store = _keys(gateway, name)
+    key, record = await store.create(name, body.label if body is not None else None)
+    # The only time the key is ever shown: only its SHA-256 digest is stored.
+    return _json({"object": "client.key", **record.public(), "key": key}, status=201)
+
+
+@router.get("/clients/{name}/keys")
+async def list_keys(name: str, gateway: GatewayDep) -> Response:
+    store = _keys(gateway, name)
+    records = await store.list(name)
+    return _json({"object": "list", "data": [record.public() for record in records]})
+
+
+@router.delete("/clients/{name}/keys/{key_id}")
+async def revoke_key(name: str, key_id: str, gateway: GatewayDep) -> Response:
+    store = _keys(gateway, name)
+    if not await store.revoke(name, key_id):
+        raise _not_found(f"Client {name!r} has no key {key_id[:64]!r}.")
+    return _json({"object": "client.key", "id": key_id, "client": name, "revoked": True})
+
+
+@router.get("/usage")
+async def usage(
+    gateway: GatewayDep,
+    client: Annotated[str | None, Query()] = None,
+    first: Annotated[str | None, Query(alias="from")] = None,
+    last: Annotated[str | None, Query(alias="to")] = None,
+) -> Response:
+    ledger: UsageLedger | None = gateway.clients.usage
+    if ledger is None:
+        raise StoreUnavailable("Usage accounting needs Redis; set GATEWAY_REDIS_URL.")
+    today = datetime.now(UTC).date()
+    end = _date(last, "to") if last else today
+    start = _date(first, "from") if first else end
+    if start > end:
+        raise InvalidRequest("`from` is after `to`.", param="from", code="invalid_date_range")
+    if (end - start).days >= MAX_REPORT_DAYS:
+        raise InvalidRequest(
+            f"A report covers at most {MAX_REPORT_DAYS} days.",
+            param="from",
+            code="invalid_date_range",
+        )
+    if client is not None:
+        # Past clients may have left config but not the books: any well-formed name is asked.
+        if not (CLIENT_NAME.match(client) or RESERVED_NAME.match(client)):
+            raise InvalidRequest("Not a client name.", param="client", code="invalid_client")
+        clients = [client]
+    else:
+        clients = gateway.clients.directory.names
+    try:
+        report = await ledger.report(clients, start, end)
+    except REDIS_DOWN:
+        raise StoreUnavailable("Cannot read usage now: the shared store is unreachable.") from None
+    return _json(report)
+
+
+def _date(value: str, param: str) -> date:
+    try:
+        if not _DATE.match(value):
+            raise ValueError
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"`{param}` must be a date as YYYY-MM-DD (UTC).", param=param, code="invalid_date"
+        ) from None

@@ -1,0 +1,77 @@
+"""The `clients:` section of gateway.yaml: named clients, their keys, models and limits."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+# Names appear in Redis keys, metric labels and URLs: keep them short and plain.
+CLIENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# GATEWAY_CLIENT_KEYS clients are `client-<n>`; requests without a key (when allowed) `anonymous`.
+RESERVED_NAME = re.compile(r"^(client-\d+|anonymous|admin-\d+)$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClientLimits(_Strict):
+    """Per-client limits; null means unlimited. Quotas count images (n), by UTC day and month."""
+
+    requests_per_minute: int | None = Field(None, ge=0)
+    images_per_minute: int | None = Field(None, ge=0)
+    concurrent_requests: int | None = Field(None, ge=0)
+    images_per_day: int | None = Field(None, ge=0)
+    images_per_month: int | None = Field(None, ge=0)
+
+    def over(self, defaults: ClientLimits) -> ClientLimits:
+        """These limits where set (an explicit null included), the defaults elsewhere."""
+        merged = defaults.model_dump()
+        merged.update({name: getattr(self, name) for name in self.model_fields_set})
+        return ClientLimits.model_validate(merged)
+
+    def any_set(self) -> bool:
+        return any(value is not None for value in self.model_dump().values())
+
+
+class NamedClient(_Strict):
+    # An environment variable holding this client's keys, comma-separated.
+    keys_env: str | None = None
+    # SHA-256 (hex) of keys handed out elsewhere: config can name a key without holding it.
+    key_sha256: tuple[str, ...] = ()
+    # Models this client may use; null: every model in the catalog.
+    models: tuple[str, ...] | None = None
+    limits: ClientLimits = ClientLimits()
+    # Filled at load time from keys_env.
+    keys: tuple[SecretStr, ...] = ()
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex_digests(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for digest in value:
+            if not _SHA256_HEX.match(digest):
+                raise ValueError("expected 64 lowercase hex characters (sha256 of the key)")
+        return value
+
+
+class ClientsConfig(_Strict):
+    # Redis key prefix for runtime keys, limits and usage; replicas sharing it share them.
+    namespace: str = Field("igw", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    # Limits for every client that does not set its own (GATEWAY_CLIENT_KEYS clients included).
+    default_limits: ClientLimits = ClientLimits()
+    named: dict[str, NamedClient] = Field(default_factory=dict)
+
+    @field_validator("named")
+    @classmethod
+    def _plain_names(cls, value: dict[str, NamedClient]) -> dict[str, NamedClient]:
+        for name in value:
+            if not CLIENT_NAME.match(name):
+                raise ValueError(
+                    f"{name!r}: client names are 1-63 of a-z 0-9 _ . - (starting with a letter "
+                    "or digit)"
+                )
+            if RESERVED_NAME.match(name):
+                raise ValueError(f"{name!r}: this name is reserved for built-in clients")
+        return value

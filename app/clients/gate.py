@@ -1,0 +1,155 @@
+"""The client's side of one edit: limits on the way in, permission for the model, image charges
+around the upstream call, and usage on the way out.
+
+    async with gate.enter(policy, request_id) as metered:   # requests/min, concurrency
+        ...intake, validation...
+        metered.allow(edit)                                  # 403 for a model not allowed
+        answer, upstream = await metered.forward(edit, forwarder.edit)   # images/min, quotas
+  or, with a cache in between:
+        await metered.charge(edit)                           # images/min, quotas
+        ...cache or upstream...
+        await metered.answered(edit, body, cache_hit=...)    # or metered.failed(edit, error)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from app.clients.directory import ClientPolicy
+from app.clients.limiter import Limiter, Slot
+from app.clients.usage import Usage, UsageLedger, estimate_cost_nanos, tokens_of
+from app.edit import EditRequest
+from app.errors import GatewayError, PermissionDenied
+from app.metrics import GatewayMetrics
+from app.upstream.base import UpstreamAnswer
+
+Send = Callable[[EditRequest], Awaitable[tuple[UpstreamAnswer, str]]]
+# Failures after which the upstream may have done (and billed) the work: the charge stays.
+_MAYBE_BILLED = frozenset({"timeout", "dropped", "bad_response"})
+
+
+class ClientGate:
+    def __init__(
+        self, limiter: Limiter, ledger: UsageLedger | None, metrics: GatewayMetrics
+    ) -> None:
+        self._limiter = limiter
+        self._ledger = ledger
+        self.metrics = metrics
+
+    @property
+    def limiter(self) -> Limiter:
+        return self._limiter
+
+    @asynccontextmanager
+    async def enter(self, policy: ClientPolicy, request_id: str) -> AsyncIterator[MeteredEdit]:
+        slot = await self._limiter.admit(policy, request_id)
+        try:
+            yield MeteredEdit(self, slot)
+        finally:
+            await slot.release()
+
+    async def _record(self, policy: ClientPolicy, edit: EditRequest, usage: Usage) -> None:
+        if self._ledger is not None:
+            await self._ledger.record(policy.name, edit.model.name, usage)
+
+
+class MeteredEdit:
+    def __init__(self, gate: ClientGate, slot: Slot) -> None:
+        self._gate = gate
+        self._slot = slot
+
+    @property
+    def policy(self) -> ClientPolicy:
+        return self._slot.policy
+
+    def allow(self, edit: EditRequest) -> None:
+        try:
+            self.policy.check_model(edit.model)
+        except PermissionDenied:
+            self._gate.metrics.record_client_refusal(self.policy.name, "model_not_allowed")
+            raise
+
+    async def forward(self, edit: EditRequest, send: Send) -> tuple[UpstreamAnswer, str]:
+        """Charge the images, call the upstream, and keep the charge only for what it made."""
+        await self.charge(edit)
+        try:
+            answer, upstream = await send(edit)
+        except GatewayError as exc:
+            await self.failed(edit, exc)
+            raise
+        await self.answered(edit, answer.body)
+        return answer, upstream
+
+    # The steps of forward(), for callers that put something between the charge and the
+    # upstream (a cache): charge, then exactly one of answered() or failed().
+    async def charge(self, edit: EditRequest) -> None:
+        """Charge `n` images to images/min and the quotas (429 when over), before any upstream
+        call. 403 first if the client may not use the model."""
+        self.allow(edit)
+        await self._slot.take_images(edit.n)
+
+    async def answered(
+        self,
+        edit: EditRequest,
+        body: dict[str, Any],
+        *,
+        images: int | None = None,
+        cache_hit: bool = False,
+        calls_saved: int = 1,
+    ) -> None:
+        """Account an answer (`images` when `body` carries no `data`). A cache hit gives the
+        image charge back (no upstream made anything) and notes the calls and cost it saved;
+        otherwise the charge is kept for the images made."""
+        images = _image_count(body) if images is None else images
+        input_tokens, output_tokens, total_tokens = tokens_of(body)
+        cost = estimate_cost_nanos(edit.model.price, images, input_tokens, output_tokens)
+        if cache_hit:
+            await self._slot.settle(0)
+            usage = Usage(
+                requests=1,
+                cache_hits=1,
+                cached_images=images,
+                upstream_calls_saved=calls_saved,
+                input_bytes=_input_bytes(edit),
+                saved_nano_usd=cost,
+            )
+        else:
+            await self._slot.settle(images)
+            usage = Usage(
+                requests=1,
+                images=images,
+                input_bytes=_input_bytes(edit),
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                total_tokens=total_tokens,
+                cost_nano_usd=cost,
+            )
+        await self._gate._record(self.policy, edit, usage)
+        self._gate.metrics.record_client_edit(
+            self.policy.name,
+            edit.model.name,
+            outcome="cache_hit" if cache_hit else "ok",
+            images=images,
+            cost_usd=0.0 if cache_hit else cost / 1e9,
+        )
+
+    async def failed(self, edit: EditRequest, error: GatewayError) -> None:
+        """Account a failed upstream call: the charge is given back unless the upstream may
+        have done (and billed) the work."""
+        await self._slot.settle(None if error.failure in _MAYBE_BILLED else 0)
+        await self._gate._record(self.policy, edit, Usage(errors=1, input_bytes=_input_bytes(edit)))
+        self._gate.metrics.record_client_edit(
+            self.policy.name, edit.model.name, outcome="error", images=0, cost_usd=0.0
+        )
+
+
+def _image_count(body: dict[str, Any]) -> int:
+    data = body.get("data")
+    return len(data) if isinstance(data, list) else 0
+
+
+def _input_bytes(edit: EditRequest) -> int:
+    total = sum(image.upload.size for image in edit.images)
+    return total + (edit.mask.upload.size if edit.mask is not None else 0)

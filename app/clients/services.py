@@ -1,0 +1,56 @@
+"""The client services one gateway process holds, built from Settings and the shared Redis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from app.clients.directory import ClientDirectory
+from app.clients.gate import ClientGate
+from app.clients.keystore import RuntimeKeyStore
+from app.clients.limiter import Limiter
+from app.clients.usage import UsageLedger
+from app.config import Settings
+from app.metrics import GatewayMetrics
+
+
+@dataclass
+class ClientServices:
+    directory: ClientDirectory
+    gate: ClientGate
+    # Both need Redis; without it runtime keys and usage reports are unavailable (503).
+    keys: RuntimeKeyStore | None
+    usage: UsageLedger | None
+
+
+def open_client_services(
+    settings: Settings,
+    redis: aioredis.Redis | None,
+    metrics: GatewayMetrics,
+) -> ClientServices:
+    namespace = settings.clients.namespace
+    on_error = metrics.record_redis_error
+    keys = (
+        RuntimeKeyStore(redis, namespace=namespace, on_store_error=on_error)
+        if redis is not None
+        else None
+    )
+    usage = (
+        UsageLedger(redis, namespace=namespace, on_store_error=on_error)
+        if redis is not None
+        else None
+    )
+    limiter = Limiter(
+        redis,
+        namespace=namespace,
+        on_store_error=on_error,
+        on_refused=metrics.record_client_refusal,
+    )
+    directory = ClientDirectory(settings.clients, env_keys=settings.client_keys, runtime_keys=keys)
+    return ClientServices(
+        directory=directory,
+        gate=ClientGate(limiter, usage, metrics),
+        keys=keys,
+        usage=usage,
+    )

@@ -1,0 +1,165 @@
+"""Usage accounting per client, model and UTC day, in Redis, and the report `/admin/usage` shows.
+
+Redis layout: one hash per client and day, under the client's hash tag (Redis Cluster friendly):
+  <ns>:{client:<name>}:usage:<YYYYMMDD>   field "<model>|<counter>" -> integer
+Costs are kept as integer nano-dollars so sums stay exact; the report turns them into USD.
+When Redis is unreachable the increments are kept in this process (bounded) and written with the
+next record that succeeds, so the report catches up after an outage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from app.catalog import ModelPrice
+from app.clients.keystore import REDIS_DOWN
+
+log = logging.getLogger("gateway.clients")
+
+USAGE_TTL_SECONDS = 400 * 86400
+MAX_REPORT_DAYS = 366
+# Increments held while Redis is down, at most; beyond it new ones are dropped (and counted).
+MAX_PENDING = 100_000
+NANOS_PER_USD = Decimal(1_000_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one request used; every field adds up in the report."""
+
+    requests: int = 0  # edits answered (from the upstream or the cache)
+    images: int = 0  # images generated upstream (billed)
+    errors: int = 0  # edits that reached an upstream and failed
+    cache_hits: int = 0  # edits answered from the cache
+    cached_images: int = 0  # images served from the cache
+    upstream_calls_saved: int = 0  # upstream calls the cache hits made unnecessary
+    input_bytes: int = 0  # uploaded image and mask bytes
+    input_tokens: int = 0  # from the upstream's `usage`
+    output_tokens: int = 0
+    total_tokens: int = 0
+    cost_nano_usd: int = 0  # estimated upstream spend
+    saved_nano_usd: int = 0  # estimated spend the cache avoided
+
+
+COUNTERS = tuple(f.name for f in fields(Usage))
+
+
+def estimate_cost_nanos(price: ModelPrice, images: int, input_tokens: int, out_tokens: int) -> int:
+    usd = (
+        price.per_image * images
+        + price.per_million_input_tokens * input_tokens / 1_000_000
+        + price.per_million_output_tokens * out_tokens / 1_000_000
+    )
+    return int((usd * NANOS_PER_USD).to_integral_value())
+
+
+def tokens_of(body: dict[str, Any]) -> tuple[int, int, int]:
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return 0, 0, 0
+
+    def number(name: str) -> int:
+        value = usage.get(name)
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    return number("input_tokens"), number("output_tokens"), number("total_tokens")
+
+
+def day_of(now: float) -> str:
+    return datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
+
+
+class UsageLedger:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        namespace: str,
+        clock: Callable[[], float] = time.time,
+        on_store_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self._redis = redis
+        self._namespace = namespace
+        self._clock = clock
+        self._on_store_error = on_store_error
+        self._pending: dict[tuple[str, str], int] = {}
+
+    def _key(self, client: str, day: str) -> str:
+        return f"{self._namespace}:{{client:{client}}}:usage:{day}"
+
+    async def record(self, client: str, model: str, usage: Usage) -> None:
+        key = self._key(client, day_of(self._clock()))
+        increments = {
+            (key, f"{model}|{name}"): value for name, value in asdict(usage).items() if value
+        }
+        for item, value in self._pending.items():
+            increments[item] = increments.get(item, 0) + value
+        self._pending = {}
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for (hash_key, field), value in increments.items():
+                    pipe.hincrby(hash_key, field, value)
+                for hash_key in {hash_key for hash_key, _ in increments}:
+                    pipe.expire(hash_key, USAGE_TTL_SECONDS)
+                await pipe.execute()
+        except REDIS_DOWN as exc:
+            log.warning("redis: cannot record usage, kept for later (%s)", type(exc).__name__)
+            if self._on_store_error is not None:
+                self._on_store_error("client_usage")
+            for item, value in increments.items():
+                if item in self._pending or len(self._pending) < MAX_PENDING:
+                    self._pending[item] = self._pending.get(item, 0) + value
+
+    async def report(self, clients: Iterable[str], first: date, last: date) -> dict[str, Any]:
+        """Usage rows per client, day and model between `first` and `last` (UTC, inclusive)."""
+        days = [first + timedelta(days=offset) for offset in range((last - first).days + 1)]
+        wanted = [(client, day) for client in clients for day in days]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for client, day in wanted:
+                pipe.hgetall(self._key(client, day.strftime("%Y%m%d")))
+            results = await pipe.execute()
+        rows: list[dict[str, Any]] = []
+        totals = dict.fromkeys(COUNTERS, 0)
+        for (client, day), raw in zip(wanted, results, strict=True):
+            per_model: dict[str, dict[str, int]] = {}
+            for field, value in raw.items():
+                name = field.decode() if isinstance(field, bytes) else field
+                model, _, counter = name.rpartition("|")
+                if counter in totals:
+                    per_model.setdefault(model, dict.fromkeys(COUNTERS, 0))[counter] = int(value)
+            for model in sorted(per_model):
+                counters = per_model[model]
+                for name, value in counters.items():
+                    totals[name] += value
+                rows.append(
+                    {"client": client, "date": day.isoformat(), "model": model, **_shown(counters)}
+                )
+        return {
+            "object": "usage",
+            "from": first.isoformat(),
+            "to": last.isoformat(),
+            "data": rows,
+            "totals": _shown(totals),
+        }
+
+
+def _shown(counters: dict[str, int]) -> dict[str, Any]:
+    shown: dict[str, Any] = {
+        name: value for name, value in counters.items() if not name.endswith("_nano_usd")
+    }
+    shown["cost_usd"] = _usd(counters["cost_nano_usd"])
+    shown["saved_usd"] = _usd(counters["saved_nano_usd"])
+    return shown
+
+
+def _usd(nanos: int) -> float:
+    # Nano-dollar sums are exact; a float with 9 decimals shows them faithfully in JSON.
+    return round(nanos / 1_000_000_000, 9)

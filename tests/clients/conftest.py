@@ -1,0 +1,59 @@
+"""Helpers for client tests: an async Redis on the private test server, a fresh namespace per
+test, policies, and validated edits built from real images."""
+
+from __future__ import annotations
+
+import secrets
+
+import redis.asyncio as aioredis
+
+from app.catalog import Catalog
+from app.clients.config import ClientLimits
+from app.clients.directory import ClientPolicy
+from app.config import load_settings
+from app.edit import EditRequest, ImageInput
+from app.intake.sniff import HEAD_BYTES, TAIL_BYTES, sniff_image
+from app.intake.spool import SpooledUpload
+from tests.conftest import CONFIG
+from tests.support import images
+
+
+def fresh_namespace() -> str:
+    return "t-" + secrets.token_hex(6)
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    return aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+
+
+def policy(name: str = "team", models: set[str] | None = None, **limits: int) -> ClientPolicy:
+    return ClientPolicy(
+        name, frozenset(models) if models is not None else None, ClientLimits(**limits)
+    )
+
+
+def catalog() -> Catalog:
+    env = {
+        "GATEWAY_CONFIG": str(CONFIG),
+        "GATEWAY_UPSTREAM_KEYS": "sk-x",
+        "GATEWAY_CLIENT_KEYS": "k",
+    }
+    return load_settings(env=env).catalog
+
+
+def edit_request(model: str = "gpt-image-1", n: int = 1, data: bytes | None = None) -> EditRequest:
+    data = data if data is not None else images.png(64, 64)
+    upload = SpooledUpload("image", "a.png", threshold=1 << 20, spool_dir=None)
+    upload.write(data)
+    info = sniff_image(upload.head(HEAD_BYTES), upload.tail(TAIL_BYTES), upload.size)
+    rule = catalog().models[model]
+    return EditRequest(
+        model=rule,
+        prompt="x",
+        images=(ImageInput(upload=upload, info=info, param="image"),),
+        mask=None,
+        params={"n": n},
+        extra_fields=(),
+        response_format=None,
+        n=n,
+    )
