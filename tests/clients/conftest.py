@@ -4,7 +4,9 @@ test, policies, and validated edits built from real images."""
 from __future__ import annotations
 
 import secrets
+from urllib.parse import urlsplit, urlunsplit
 
+import pytest
 import redis.asyncio as aioredis
 
 from app.catalog import Catalog
@@ -16,6 +18,15 @@ from app.intake.sniff import HEAD_BYTES, TAIL_BYTES, sniff_image
 from app.intake.spool import SpooledUpload
 from tests.conftest import CONFIG
 from tests.support import images
+
+# A database of its own on the shared test Redis: other suites scan theirs and must not see ours.
+CLIENTS_DB = 3
+
+
+@pytest.fixture(scope="session")
+def clients_redis_url(redis_url: str) -> str:
+    parts = urlsplit(redis_url)
+    return urlunsplit(parts._replace(path=f"/{CLIENTS_DB}"))
 
 
 def fresh_namespace() -> str:

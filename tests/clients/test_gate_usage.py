@@ -36,11 +36,13 @@ def sample(metrics: GatewayMetrics, name: str, **labels: str) -> float:
     return value if value is not None else 0.0
 
 
-def test_gate_usage_counts_upstream_edits_cache_hits_errors_and_costs(redis_url: str) -> None:
+def test_gate_usage_counts_upstream_edits_cache_hits_errors_and_costs(
+    clients_redis_url: str,
+) -> None:
     metrics = gateway_metrics()
 
     async def scenario() -> dict[str, Any]:
-        redis = redis_client(redis_url)
+        redis = redis_client(clients_redis_url)
         namespace = fresh_namespace()
         ledger = UsageLedger(redis, namespace=namespace)
         gate = ClientGate(Limiter(redis, namespace=namespace), ledger, metrics)
@@ -98,9 +100,11 @@ def test_gate_usage_counts_upstream_edits_cache_hits_errors_and_costs(redis_url:
     assert cost == pytest.approx(0.0045)
 
 
-def test_gate_cache_hits_do_not_use_quota_and_timeouts_keep_the_charge(redis_url: str) -> None:
+def test_gate_cache_hits_do_not_use_quota_and_timeouts_keep_the_charge(
+    clients_redis_url: str,
+) -> None:
     async def scenario() -> None:
-        redis = redis_client(redis_url)
+        redis = redis_client(clients_redis_url)
         namespace = fresh_namespace()
         gate = ClientGate(Limiter(redis, namespace=namespace), None, gateway_metrics())
         team = policy("team", images_per_day=2)
@@ -127,11 +131,11 @@ def test_gate_cache_hits_do_not_use_quota_and_timeouts_keep_the_charge(redis_url
     asyncio.run(scenario())
 
 
-def test_gate_refuses_a_model_the_client_may_not_use(redis_url: str) -> None:
+def test_gate_refuses_a_model_the_client_may_not_use(clients_redis_url: str) -> None:
     metrics = gateway_metrics()
 
     async def scenario() -> None:
-        redis = redis_client(redis_url)
+        redis = redis_client(clients_redis_url)
         gate = ClientGate(Limiter(redis, namespace=fresh_namespace()), None, metrics)
         flux_only = policy("designers", models={"flux-kontext-pro"})
 

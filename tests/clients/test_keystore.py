@@ -21,9 +21,9 @@ class ManualClock:
         return self.now
 
 
-def test_keystore_key_is_stored_as_a_digest_only(redis_url: str) -> None:
+def test_keystore_key_is_stored_as_a_digest_only(clients_redis_url: str) -> None:
     async def scenario() -> None:
-        redis = redis_client(redis_url)
+        redis = redis_client(clients_redis_url)
         namespace = fresh_namespace()
         store = RuntimeKeyStore(redis, namespace=namespace)
         key, record = await store.create("team", "laptop")
@@ -49,10 +49,10 @@ def test_keystore_key_is_stored_as_a_digest_only(redis_url: str) -> None:
 
 
 def test_keystore_other_replica_sees_new_key_at_once_and_revocation_within_interval(
-    redis_url: str,
+    clients_redis_url: str,
 ) -> None:
     async def scenario() -> None:
-        redis = redis_client(redis_url)
+        redis = redis_client(clients_redis_url)
         namespace = fresh_namespace()
         clock = ManualClock()
         here = RuntimeKeyStore(redis, namespace=namespace)
@@ -74,9 +74,9 @@ def test_keystore_other_replica_sees_new_key_at_once_and_revocation_within_inter
     asyncio.run(scenario())
 
 
-def test_keystore_revoke_only_the_owners_key(redis_url: str) -> None:
+def test_keystore_revoke_only_the_owners_key(clients_redis_url: str) -> None:
     async def scenario() -> None:
-        redis = redis_client(redis_url)
+        redis = redis_client(clients_redis_url)
         store = RuntimeKeyStore(redis, namespace=fresh_namespace())
         key, record = await store.create("team")
         assert not await store.revoke("intruder", record.id)
@@ -87,9 +87,9 @@ def test_keystore_revoke_only_the_owners_key(redis_url: str) -> None:
     asyncio.run(scenario())
 
 
-def test_keystore_keeps_last_known_keys_when_redis_is_down(redis_url: str) -> None:
+def test_keystore_keeps_last_known_keys_when_redis_is_down(clients_redis_url: str) -> None:
     async def scenario() -> None:
-        redis = redis_client(redis_url)
+        redis = redis_client(clients_redis_url)
         namespace = fresh_namespace()
         errors: list[str] = []
         clock = ManualClock()

@@ -19,9 +19,11 @@ def request_id() -> str:
     return "req_" + secrets.token_hex(6)
 
 
-def test_limiter_requests_per_minute_refuses_the_sixth_with_retry_after(redis_url: str) -> None:
+def test_limiter_requests_per_minute_refuses_the_sixth_with_retry_after(
+    clients_redis_url: str,
+) -> None:
     async def scenario() -> None:
-        redis = redis_client(redis_url)
+        redis = redis_client(clients_redis_url)
         refused: list[tuple[str, str]] = []
         limiter = Limiter(
             redis,
@@ -45,9 +47,9 @@ def test_limiter_requests_per_minute_refuses_the_sixth_with_retry_after(redis_ur
     asyncio.run(scenario())
 
 
-def test_limiter_images_per_minute_counts_n(redis_url: str) -> None:
+def test_limiter_images_per_minute_counts_n(clients_redis_url: str) -> None:
     async def scenario() -> None:
-        redis = redis_client(redis_url)
+        redis = redis_client(clients_redis_url)
         limiter = Limiter(redis, namespace=fresh_namespace())
         team = policy(images_per_minute=10)
         first = await limiter.admit(team, request_id())
@@ -68,9 +70,9 @@ def test_limiter_images_per_minute_counts_n(redis_url: str) -> None:
     asyncio.run(scenario())
 
 
-def test_limiter_failed_call_gives_images_back(redis_url: str) -> None:
+def test_limiter_failed_call_gives_images_back(clients_redis_url: str) -> None:
     async def scenario() -> None:
-        redis = redis_client(redis_url)
+        redis = redis_client(clients_redis_url)
         limiter = Limiter(redis, namespace=fresh_namespace())
         team = policy(images_per_minute=4, images_per_day=4, images_per_month=100)
         slot = await limiter.admit(team, request_id())
@@ -93,9 +95,9 @@ def test_limiter_failed_call_gives_images_back(redis_url: str) -> None:
     asyncio.run(scenario())
 
 
-def test_limiter_monthly_quota(redis_url: str) -> None:
+def test_limiter_monthly_quota(clients_redis_url: str) -> None:
     async def scenario() -> None:
-        redis = redis_client(redis_url)
+        redis = redis_client(clients_redis_url)
         limiter = Limiter(redis, namespace=fresh_namespace())
         team = policy(images_per_day=100, images_per_month=3)
         await (await limiter.admit(team, request_id())).take_images(3)
@@ -109,10 +111,10 @@ def test_limiter_monthly_quota(redis_url: str) -> None:
 
 
 def test_limiter_concurrency_slots_are_released_and_crashed_leases_lapse(
-    redis_url: str,
+    clients_redis_url: str,
 ) -> None:
     async def scenario() -> None:
-        redis = redis_client(redis_url)
+        redis = redis_client(clients_redis_url)
         namespace = fresh_namespace()
         limiter = Limiter(redis, namespace=namespace)
         team = policy(concurrent_requests=2)
@@ -141,9 +143,9 @@ def test_limiter_concurrency_slots_are_released_and_crashed_leases_lapse(
     asyncio.run(scenario())
 
 
-def test_limiter_lease_is_renewed_while_the_request_runs(redis_url: str) -> None:
+def test_limiter_lease_is_renewed_while_the_request_runs(clients_redis_url: str) -> None:
     async def scenario() -> None:
-        redis = redis_client(redis_url)
+        redis = redis_client(clients_redis_url)
         limiter = Limiter(redis, namespace=fresh_namespace(), lease_seconds=0.3)
         team = policy(concurrent_requests=1)
         running = await limiter.admit(team, request_id())
@@ -157,9 +159,9 @@ def test_limiter_lease_is_renewed_while_the_request_runs(redis_url: str) -> None
     asyncio.run(scenario())
 
 
-def test_limiter_keys_of_one_client_share_a_hash_tag(redis_url: str) -> None:
+def test_limiter_keys_of_one_client_share_a_hash_tag(clients_redis_url: str) -> None:
     async def scenario() -> None:
-        redis = redis_client(redis_url)
+        redis = redis_client(clients_redis_url)
         namespace = fresh_namespace()
         limiter = Limiter(redis, namespace=namespace)
         team = policy(

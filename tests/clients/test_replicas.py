@@ -20,6 +20,7 @@ import openai
 import pytest
 from openai import OpenAI
 
+from app.catalog import ModelPrice
 from app.config import load_settings
 from tests.conftest import REPO, UPSTREAM_KEYS
 from tests.e2e.test_demo_cli import cli
@@ -70,10 +71,12 @@ def admin(method: str, url: str, path: str, **kwargs: object) -> httpx.Response:
     return httpx.request(method, url + path, headers=headers, timeout=10, **kwargs)  # type: ignore[arg-type]
 
 
-def edit(url: str, key: str, **kwargs: object) -> object:
+def edit(url: str, key: str, prompt: str | None = None, **kwargs: object) -> object:
+    # A fresh prompt unless one is given: the result cache is on, and only the usage test
+    # wants hits.
     return sdk(url, key).images.edit(
         image=("a.png", PNG, "image/png"),
-        prompt="x",
+        prompt=prompt or "edit " + secrets.token_hex(8),
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -81,7 +84,7 @@ def edit(url: str, key: str, **kwargs: object) -> object:
 @pytest.fixture(scope="module")
 def replicas(
     fake_upstream: FakeOpenAIUpstream,
-    redis_url: str,
+    clients_redis_url: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Replicas]:
     clients = {
@@ -93,7 +96,7 @@ def replicas(
         },
     }
     config = write_gateway_config(
-        tmp_path_factory.mktemp("replicas"), clients=clients, redis_url=redis_url
+        tmp_path_factory.mktemp("replicas"), clients=clients, redis_url=clients_redis_url
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
@@ -237,9 +240,13 @@ def test_clients_usage_reports_a_mixed_run_exactly(
     replicas: Replicas, upstream: FakeOpenAIUpstream
 ) -> None:
     key = KEYS["accounted"]
+    wide, flux_prompt = "wide " + secrets.token_hex(8), "flux " + secrets.token_hex(8)
     edit(replicas.a, key, model="gpt-image-1")
-    edit(replicas.b, key, model="gpt-image-1", n=2)
-    edit(replicas.b, key, model="flux-kontext-pro", n=3)
+    edit(replicas.b, key, wide, model="gpt-image-1", n=2)
+    edit(replicas.b, key, flux_prompt, model="flux-kontext-pro", n=3)
+    # The same edits again, on the other replica: answered from the shared cache.
+    edit(replicas.a, key, wide, model="gpt-image-1", n=2)
+    edit(replicas.a, key, flux_prompt, model="flux-kontext-pro", n=3)
     upstream.enqueue(Reply(status=500, body={"error": {"message": "upstream broke"}}))
     with pytest.raises(openai.InternalServerError):
         edit(replicas.a, key, model="gpt-image-1")
@@ -261,48 +268,48 @@ def test_clients_usage_reports_a_mixed_run_exactly(
 
     catalog = load_settings(env=replicas.env).catalog
     gpt, flux = catalog.models["gpt-image-1"].price, catalog.models["flux-kontext-pro"].price
-    # The fake upstream reports 50 input and 100 output tokens per answer.
-    gpt_cost = (
-        2
-        * (
-            gpt.per_million_input_tokens * 50 / 1_000_000
-            + gpt.per_million_output_tokens * 100 / 1_000_000
+
+    def cost(price: ModelPrice, images: int) -> Decimal:
+        # The fake upstream reports 50 input and 100 output tokens per answer.
+        return (
+            price.per_image * images
+            + price.per_million_input_tokens * 50 / 1_000_000
+            + price.per_million_output_tokens * 100 / 1_000_000
         )
-        + 3 * gpt.per_image
-    )
-    flux_cost = 3 * flux.per_image + flux.per_million_input_tokens * 50 / 1_000_000
-    flux_cost += flux.per_million_output_tokens * 100 / 1_000_000
+
+    gpt_cost = cost(gpt, 1) + cost(gpt, 2)
+    flux_cost = cost(flux, 3)
     assert gpt_cost > 0 and flux_cost > 0
     assert per_model["gpt-image-1"] == {
-        "requests": 2,
+        "requests": 3,
         "images": 3,
         "errors": 1,
-        "cache_hits": 0,
-        "cached_images": 0,
-        "upstream_calls_saved": 0,
-        "input_bytes": 3 * len(PNG),
+        "cache_hits": 1,
+        "cached_images": 2,
+        "upstream_calls_saved": 1,
+        "input_bytes": 4 * len(PNG),
         "input_tokens": 100,
         "output_tokens": 200,
         "total_tokens": 300,
         "cost_usd": float(gpt_cost),
-        "saved_usd": 0,
+        "saved_usd": float(cost(gpt, 2)),
     }
     assert per_model["flux-kontext-pro"] == {
-        "requests": 1,
+        "requests": 2,
         "images": 3,
         "errors": 0,
-        "cache_hits": 0,
-        "cached_images": 0,
-        "upstream_calls_saved": 0,
-        "input_bytes": len(PNG),
+        "cache_hits": 1,
+        "cached_images": 3,
+        "upstream_calls_saved": 1,
+        "input_bytes": 2 * len(PNG),
         "input_tokens": 50,
         "output_tokens": 100,
         "total_tokens": 150,
         "cost_usd": float(flux_cost),
-        "saved_usd": 0,
+        "saved_usd": float(flux_cost),
     }
     totals = report.json()["totals"]
-    assert totals["requests"] == 3 and totals["images"] == 6
+    assert (totals["requests"], totals["images"], totals["cache_hits"]) == (5, 6, 2)
     assert Decimal(str(totals["cost_usd"])) == gpt_cost + flux_cost
 
     # The same run in the client-labelled counters, summed over both replicas' scrapes.
@@ -316,9 +323,9 @@ def test_clients_usage_reports_a_mixed_run_exactly(
 
     assert counted("gateway_client_requests_total", model="gpt-image-1", outcome="ok") == 2
     assert counted("gateway_client_requests_total", model="gpt-image-1", outcome="error") == 1
-    assert counted("gateway_client_images_total", model="flux-kontext-pro") == 3
-    cost = counted("gateway_client_cost_usd_total")
-    assert cost == pytest.approx(float(gpt_cost + flux_cost))
+    assert counted("gateway_client_requests_total", outcome="cache_hit") == 2
+    assert counted("gateway_client_images_total", model="flux-kontext-pro", source="cache") == 3
+    assert counted("gateway_client_cost_usd_total") == pytest.approx(float(gpt_cost + flux_cost))
     # Labels name configured clients only, never a key or anything a client sent.
     for text in scrapes:
         assert prom.label_values(text, "gateway_client_requests_total", "client") <= set(
