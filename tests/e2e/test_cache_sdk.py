@@ -421,7 +421,9 @@ def test_cache_redis_keys_hold_no_secrets_or_filenames(
         cached, prompt=unique_prompt(), image=("secret-holiday.png", images.png(), "image/png")
     )
     keys = [key.decode() for key in redis.Redis.from_url(redis_url).scan_iter(count=1000)]
-    assert keys and all(key.startswith(("igw:c1:{", "igw:f1:{")) for key in keys)
+    # Cache entries and files, and the per-client usage the gateway keeps beside them.
+    prefixes = ("igw:c1:{", "igw:f1:{", "igw:{client:")
+    assert keys and all(key.startswith(prefixes) for key in keys)
     for key in keys:
         for secret in (CLIENT_KEY, *UPSTREAM_KEYS, "secret-holiday"):
             assert secret not in key
