@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import UTC, date, datetime
 from typing import Annotated, Any
@@ -19,6 +20,8 @@ from app.errors import InvalidRequest, StoreUnavailable
 from app.runtime import Gateway
 
 router = APIRouter(prefix="/admin")
+# Who may call which model changes here: ops want a trail (ids only; the key is never logged).
+audit = logging.getLogger("gateway.admin")
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -88,6 +91,12 @@ async def show_client(name: str, gateway: GatewayDep) -> Response:
 async def create_key(name: str, gateway: GatewayDep, body: NewKey | None = None) -> Response:
     store = _keys(gateway, name)
     key, record = await store.create(name, body.label if body is not None else None)
+    audit.info(
+        "client key created: client=%s id=%s",
+        name,
+        record.id,
+        extra={"fields": {"client": name, "key_id": record.id, "action": "create"}},
+    )
     # The only time the key is ever shown: only its SHA-256 digest is stored.
     return _json({"object": "client.key", **record.public(), "key": key}, status=201)
 
@@ -104,6 +113,12 @@ async def revoke_key(name: str, key_id: str, gateway: GatewayDep) -> Response:
     store = _keys(gateway, name)
     if not await store.revoke(name, key_id):
         raise _not_found(f"Client {name!r} has no key {key_id[:64]!r}.")
+    audit.info(
+        "client key revoked: client=%s id=%s",
+        name,
+        key_id,
+        extra={"fields": {"client": name, "key_id": key_id, "action": "revoke"}},
+    )
     return _json({"object": "client.key", "id": key_id, "client": name, "revoked": True})
 
 
