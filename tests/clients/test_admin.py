@@ -98,3 +98,49 @@ def test_admin_show_client_and_list(admin_url: str) -> None:
     ]
     assert sorted(names) == ["anonymous", "art", "ops"]
     assert httpx.get(admin_url + "/admin/clients/nobody", headers=ADMIN).status_code == 404
+
+
+def test_gateway_with_redis_down_fails_open_and_says_so(
+    fake_upstream: FakeOpenAIUpstream, upstream: FakeOpenAIUpstream, tmp_path: Path
+) -> None:
+    from tests.support import prom
+    from tests.support.servers import free_port
+
+    key = "igw-team-" + secrets.token_hex(8)
+    config = write_gateway_config(
+        tmp_path,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        clients={
+            "named": {
+                "team": {
+                    "keys_env": "TEAM_KEYS",
+                    "limits": {"requests_per_minute": 1, "images_per_day": 1},
+                }
+            }
+        },
+        cache={"enabled": False},
+    )
+    env = {
+        "GATEWAY_CONFIG": str(config),
+        "GATEWAY_UPSTREAM_URL": fake_upstream.url,  # type: ignore[attr-defined]
+        "GATEWAY_UPSTREAM_KEYS": ",".join(UPSTREAM_KEYS),
+        "GATEWAY_ADMIN_KEYS": ADMIN["authorization"].removeprefix("Bearer "),
+        "TEAM_KEYS": key,
+    }
+    headers = {"authorization": f"Bearer {key}"}
+    with serve_in_thread(create_app(load_settings(env=env))) as url:
+        for _ in range(2):  # over both limits, yet served: limits fail open
+            response = httpx.post(
+                url + "/v1/images/edits",
+                headers=headers,
+                files={"image": ("a.png", images.png(), "image/png")},
+                data={"prompt": "x", "n": "1"},
+                timeout=30,
+            )
+            assert response.status_code == 200, response.text
+        assert httpx.post(url + "/admin/clients/team/keys", headers=ADMIN).status_code == 503
+        assert httpx.get(url + "/admin/usage", headers=ADMIN).status_code == 503
+        scrape = httpx.get(url + "/metrics", headers=headers).text
+        for component in ("client_limits", "client_usage"):
+            assert prom.total(scrape, "gateway_redis_errors_total", component=component) >= 1
+    assert len(upstream.edits) == 2
