@@ -90,7 +90,7 @@ async def _edit(request: Request, gateway: Gateway, metered: MeteredEdit) -> Res
     body = outcome.result.render(
         response_format_of(edit), lambda file_id, ext: file_url(base_url, file_id, ext)
     )
-    headers = {"x-cache": outcome.x_cache, "age": str(outcome.age)}
+    headers = {"x-cache": outcome.x_cache, "age": str(outcome.age), **metered.headers}
     if outcome.upstream_request_id:
         headers["x-request-id"] = outcome.upstream_request_id
     return Response(orjson.dumps(body), media_type="application/json", headers=headers)

@@ -64,6 +64,11 @@ class MeteredEdit:
     def policy(self) -> ClientPolicy:
         return self._slot.policy
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """`x-ratelimit-*` headers for the response."""
+        return self._slot.headers
+
     def allow(self, edit: EditRequest) -> None:
         try:
             self.policy.check_model(edit.model)

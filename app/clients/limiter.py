@@ -55,7 +55,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS: rpm, inflight. ARGV: request id, rpm limit, concurrency limit, lease ms, window ms.
-# Returns {0, 0} when admitted, else {1 (rpm) | 2 (concurrency), retry after ms}.
+# Returns {0, requests left this window, ms until the oldest leaves it} when admitted (-1 left:
+# no rpm limit), else {1 (rpm) | 2 (concurrency), retry after ms}.
 _ADMIT_REQUEST = (
     _NOW_MS
     + """
@@ -82,7 +83,9 @@ if conc >= 0 then
   redis.call('ZADD', KEYS[2], now + lease, ARGV[1])
   redis.call('PEXPIRE', KEYS[2], lease)
 end
-return {0, 0}
+if rpm < 0 then return {0, -1, 0} end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {0, rpm - redis.call('ZCARD', KEYS[1]), tonumber(oldest[2]) + window - now}
 """
 )
 
@@ -203,6 +206,8 @@ class Slot:
         self._renewal: asyncio.Task[None] | None = None
         self._charged = 0
         self._period: QuotaPeriod | None = None
+        # Rate-limit headers for the response (requests per minute), when the client has one.
+        self.headers: dict[str, str] = {}
 
     async def take_images(self, n: int) -> None:
         """Charge `n` images to the per-minute limit and the quotas, or raise 429."""
@@ -282,7 +287,7 @@ class Limiter:
             return slot
         lease_ms = int(self.lease_seconds * 1000)
         try:
-            refused, wait_ms = await self._redis.eval(
+            refused, detail, *reset = await self._redis.eval(
                 _ADMIT_REQUEST,
                 2,
                 self._key(policy.name, "rpm"),
@@ -301,7 +306,7 @@ class Limiter:
                 policy,
                 "requests_per_minute",
                 f"{limits.requests_per_minute} requests per minute",
-                int(wait_ms),
+                int(detail),
             )
         if refused == 2:
             raise self._rate_limited(
@@ -313,6 +318,13 @@ class Limiter:
         if limits.concurrent_requests is not None:
             slot.leased = True
             slot._start_renewal()
+        if limits.requests_per_minute is not None:
+            # What OpenAI sends too, so clients can pace themselves before a 429.
+            slot.headers = {
+                "x-ratelimit-limit-requests": str(limits.requests_per_minute),
+                "x-ratelimit-remaining-requests": str(max(int(detail), 0)),
+                "x-ratelimit-reset-requests": f"{math.ceil(int(reset[0]) / 1000)}s",
+            }
         return slot
 
     async def _admit_images(self, slot: Slot, n: int, period: QuotaPeriod) -> bool:

@@ -165,8 +165,15 @@ def test_clients_requests_per_minute_hold_across_replicas(
     replicas: Replicas, upstream: FakeOpenAIUpstream
 ) -> None:
     key = KEYS["limited"]
+    remaining = []
     for number in range(5):
-        edit(replicas.both[number % 2], key)
+        raw = sdk(replicas.both[number % 2], key).images.with_raw_response.edit(
+            image=("a.png", PNG, "image/png"), prompt="rpm " + secrets.token_hex(8)
+        )
+        assert raw.headers["x-ratelimit-limit-requests"] == "5"
+        assert raw.headers["x-ratelimit-reset-requests"].endswith("s")
+        remaining.append(int(raw.headers["x-ratelimit-remaining-requests"]))
+    assert remaining == [4, 3, 2, 1, 0]  # one count across both replicas
     for url in replicas.both:
         with pytest.raises(openai.RateLimitError) as caught:
             edit(url, key)
