@@ -16,9 +16,10 @@ from app.intake.form import IntakeForm
 from app.intake.sniff import HEAD_BYTES, TAIL_BYTES, ImageInfo, SniffError, sniff_image
 from app.intake.spool import SpooledUpload
 
-_IMAGE_FIELD = re.compile(r"^image(\[(\d{0,4})\])?$")
+# ASCII digits only: `\d` would also take "٣" or "３", which int() reads but upstreams do not.
+_IMAGE_FIELD = re.compile(r"^image(\[([0-9]{0,4})\])?$")
 _MASK_FIELDS = ("mask", "mask[]")
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 _TRUE = ("true", "1")
 _FALSE = ("false", "0")
 
@@ -279,7 +280,7 @@ def _param(name: str, raw: str, model: ModelRule) -> ParamValue:
 
 def _int(name: str, value: str, rule: ParamRule) -> int:
     bounds = f"an integer from {rule.min} to {rule.max}"
-    if not re.fullmatch(r"[+-]?\d{1,10}", value):
+    if not re.fullmatch(r"[+-]?[0-9]{1,10}", value):
         raise _bad_value(name, value, bounds)
     number = int(value)
     if (rule.min is not None and number < rule.min) or (rule.max is not None and number > rule.max):

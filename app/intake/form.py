@@ -126,6 +126,8 @@ class _FormBuilder:
                 code="invalid_multipart",
             )
         name = _decode_header(options[b"name"], "part name")
+        if not name.strip():
+            raise InvalidRequest("A multipart part has an empty name.", code="invalid_multipart")
         if b"filename" in options:
             filename = _decode_header(options[b"filename"], "filename")
             self._upload = SpooledUpload(
