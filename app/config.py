@@ -70,6 +70,10 @@ class Limits(_Strict):
     # Each upload keeps up to this many bytes in memory, the rest goes to a temp file.
     spool_threshold_bytes: ByteSize = ByteSize(2 * 1024 * 1024)
     spool_dir: str | None = None
+    # A client that stops sending its body holds a connection and its spooled bytes: after this
+    # many idle seconds (or this many in total) it gets 408 and the connection is closed.
+    body_idle_timeout: float = Field(30.0, gt=0)
+    body_timeout: float = Field(600.0, gt=0)
 
 
 class HttpClientConfig(_Strict):

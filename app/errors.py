@@ -5,6 +5,7 @@ GatewayError
  │    └── ModelNotFound        404 model_not_found
  ├── AuthenticationFailed      401 invalid_api_key
  ├── PermissionDenied          403 the client may not use this model
+ ├── RequestTimeout            408 the client stopped sending its body
  ├── PayloadTooLarge           413 a size limit was crossed while the body streamed in
  ├── UnsupportedMediaType      415 the body is not multipart/form-data
  ├── RateLimited               429 the upstream (or every key) is rate limited, or the client's
@@ -98,6 +99,12 @@ class PermissionDenied(GatewayError):
     status_code = 403
     error_type = "invalid_request_error"
     default_code = "model_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class PayloadTooLarge(GatewayError):

@@ -16,7 +16,8 @@ from app.intake.form import IntakeForm
 from app.intake.sniff import HEAD_BYTES, TAIL_BYTES, ImageInfo, SniffError, sniff_image
 from app.intake.spool import SpooledUpload
 
-# ASCII digits only: `\d` would also take "٣" or "３", which int() reads but upstreams do not.
+# ASCII digits only: `\d` also matches other scripts' digits (Arabic-Indic, full-width), which
+# int() reads but upstreams do not.
 _IMAGE_FIELD = re.compile(r"^image(\[([0-9]{0,4})\])?$")
 _MASK_FIELDS = ("mask", "mask[]")
 _SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.config import Limits
-from app.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from app.errors import (
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from app.intake.spool import SpooledUpload
 
 # RFC 2046: 1-70 characters from a restricted set (space allowed, but not last).
@@ -226,8 +232,9 @@ async def read_form(
         max_header_size=int(limits.max_part_header_bytes),
     )
     received = 0
+    paced = _paced(chunks, idle=limits.body_idle_timeout, total=limits.body_timeout)
     try:
-        async for chunk in chunks:
+        async for chunk in paced:
             received += len(chunk)
             if received > max_body:
                 raise PayloadTooLarge(
@@ -239,15 +246,45 @@ async def read_form(
             raise InvalidRequest(
                 "The multipart body ended before its closing boundary.", code="invalid_multipart"
             )
-    except GatewayError:
+    except RequestTimeout:
         builder.form.close()
-        await _drain(chunks, max_body)
+        raise
+    except GatewayError as exc:
+        builder.form.close()
+        if not await _drain(chunks, max_body):
+            # Unread body bytes would be parsed as the next request on this connection.
+            exc.headers["connection"] = "close"
         raise
     except BaseException:
         builder.form.close()
         raise
+    finally:
+        await paced.aclose()
     builder.form.body_bytes = received
     return builder.form
+
+
+async def _paced(
+    chunks: AsyncIterator[bytes], *, idle: float, total: float
+) -> AsyncGenerator[bytes, None]:
+    """`chunks`, or 408 when the client pauses longer than `idle` or takes longer than `total`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + total
+    iterator = aiter(chunks)
+    while True:
+        wait = min(idle, deadline - loop.time())
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body stopped arriving (no data for {idle:g} seconds, or more than "
+                f"{total:g} seconds in all); the connection is closed.",
+                headers={"connection": "close"},
+            ) from None
+        yield chunk
 
 
 def _feed(parser: MultipartParser, chunk: bytes | None) -> None:
@@ -262,15 +299,15 @@ def _feed(parser: MultipartParser, chunk: bytes | None) -> None:
         ) from None
 
 
-async def _drain(chunks: AsyncIterator[bytes], budget: int) -> None:
-    """Read and discard what is left of the body, bounded in bytes and time."""
+async def _drain(chunks: AsyncIterator[bytes], budget: int) -> bool:
+    """Read and discard what is left of the body, bounded in bytes and time; True if it all was."""
     try:
         async with asyncio.timeout(DRAIN_SECONDS):
             async for chunk in chunks:
                 budget -= len(chunk)
                 if budget < 0:
-                    return
-    except (TimeoutError, OSError):
-        return
+                    return False
     except Exception:
-        return
+        # A timeout, a disconnect, or a stream already closed: the rest is not coming.
+        return False
+    return True

@@ -28,9 +28,7 @@ def small_settings(upstream_url: str, spool_dir: Path, **limits: object) -> Sett
     settings = gateway_settings(upstream_url)
     return settings.model_copy(
         update={
-            "limits": Limits.model_validate(
-                {**SMALL_LIMITS, "spool_dir": str(spool_dir), **limits}
-            )
+            "limits": Limits.model_validate({**SMALL_LIMITS, "spool_dir": str(spool_dir), **limits})
         }
     )
 

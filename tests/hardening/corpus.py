@@ -50,185 +50,543 @@ def edit(*extra: mp.Part, image: bytes | None = None, prompt: str | None = "a ha
     return mp.encode([*parts, *extra])
 
 
-def _bad(id: str, status: int, code: str | None, param: str | None, message: str, body: bytes,
-         **kwargs: object) -> Case:  # fmt: skip
+def _bad(
+    id: str,
+    status: int,
+    code: str | None,
+    param: str | None,
+    message: str,
+    body: bytes,
+    **kwargs: object,
+) -> Case:
     return Case(id, status, code, param, message, body=body, **kwargs)  # type: ignore[arg-type]
 
 
 def _files() -> Iterator[Case]:
     png = _png()
-    yield _bad("no-image", 400, "missing_required_parameter", "image", "image",
-               mp.encode([mp.text("prompt", "a hat")]))  # fmt: skip
-    yield _bad("no-prompt", 400, "missing_required_parameter", "prompt", "prompt",
-               edit(prompt=None))  # fmt: skip
-    yield _bad("blank-prompt", 400, "missing_required_parameter", "prompt", "prompt",
-               edit(prompt="   \r\n "))  # fmt: skip
+    yield _bad(
+        "no-image",
+        400,
+        "missing_required_parameter",
+        "image",
+        "image",
+        mp.encode([mp.text("prompt", "a hat")]),
+    )
+    yield _bad(
+        "no-prompt", 400, "missing_required_parameter", "prompt", "prompt", edit(prompt=None)
+    )
+    yield _bad(
+        "blank-prompt",
+        400,
+        "missing_required_parameter",
+        "prompt",
+        "prompt",
+        edit(prompt="   \r\n "),
+    )
     yield _bad("empty-file", 400, "invalid_image", "image", "empty", edit(image=b""))
-    yield _bad("text-named-png", 400, "invalid_image", "image", "not a png, jpeg or webp",
-               edit(image=b"hello, I am not an image at all\n" * 4))  # fmt: skip
-    yield _bad("truncated-png", 400, "invalid_image", "image", "truncated",
-               edit(image=png[: len(png) // 2]))  # fmt: skip
-    yield _bad("png-signature-only", 400, "invalid_image", "image", "truncated",
-               edit(image=png[:8]))  # fmt: skip
+    yield _bad(
+        "text-named-png",
+        400,
+        "invalid_image",
+        "image",
+        "not a png, jpeg or webp",
+        edit(image=b"hello, I am not an image at all\n" * 4),
+    )
+    yield _bad(
+        "truncated-png",
+        400,
+        "invalid_image",
+        "image",
+        "truncated",
+        edit(image=png[: len(png) // 2]),
+    )
+    yield _bad(
+        "png-signature-only", 400, "invalid_image", "image", "truncated", edit(image=png[:8])
+    )
     jpeg = images.jpeg(64, 48)
-    yield _bad("truncated-jpeg", 400, "invalid_image", "image", "truncated",
-               edit(image=jpeg[: len(jpeg) // 2]))  # fmt: skip
+    yield _bad(
+        "truncated-jpeg",
+        400,
+        "invalid_image",
+        "image",
+        "truncated",
+        edit(image=jpeg[: len(jpeg) // 2]),
+    )
     webp = images.webp(40, 30)
-    yield _bad("truncated-webp", 400, "invalid_image", "image", "truncated",
-               edit(image=webp[: len(webp) - 10]))  # fmt: skip
+    yield _bad(
+        "truncated-webp",
+        400,
+        "invalid_image",
+        "image",
+        "truncated",
+        edit(image=webp[: len(webp) - 10]),
+    )
     for kind in ("gif", "bmp", "svg", "tiff"):
-        yield _bad(f"format-{kind}", 400, "invalid_image", "image", kind,
-                   edit(image=images.other_format(kind)))  # fmt: skip
-    yield _bad("png-bomb-100000x100000", 400, "image_too_large", "image", "100000x100000",
-               edit(image=images.png_bomb_header(100_000, 100_000)))  # fmt: skip
-    yield _bad("png-zero-width", 400, "invalid_image", "image", "0x64",
-               edit(image=images.png_bomb_header(0, 64)))  # fmt: skip
+        yield _bad(
+            f"format-{kind}",
+            400,
+            "invalid_image",
+            "image",
+            kind,
+            edit(image=images.other_format(kind)),
+        )
+    yield _bad(
+        "png-bomb-100000x100000",
+        400,
+        "image_too_large",
+        "image",
+        "100000x100000",
+        edit(image=images.png_bomb_header(100_000, 100_000)),
+    )
+    yield _bad(
+        "png-zero-width",
+        400,
+        "invalid_image",
+        "image",
+        "0x64",
+        edit(image=images.png_bomb_header(0, 64)),
+    )
     seventeen = [mp.file("image[]", png) for _ in range(17)]
-    yield _bad("17-images", 400, "too_many_images", "image", "17 images",
-               mp.encode([*seventeen, mp.text("prompt", "x")]))  # fmt: skip
-    yield _bad("bad-second-image", 400, "invalid_image", "image[1]", "image[1]",
-               mp.encode([mp.file("image[]", png), mp.file("image[]", b"GIF89a" + b"\0" * 40),
-                          mp.text("prompt", "x")]))  # fmt: skip
-    yield _bad("image-as-text-field", 400, "invalid_type", "image", "expected a file",
-               mp.encode([mp.text("image", "https://example.com/a.png"), mp.text("prompt", "x")]))  # fmt: skip
-    yield _bad("unexpected-file-field", 400, "unexpected_file", "prompt_file", "prompt_file",
-               edit(mp.file("prompt_file", png)))  # fmt: skip
-    yield _bad("duplicate-image-index", 400, "duplicate_parameter", "image[0]", "more than once",
-               mp.encode([mp.file("image[0]", png), mp.file("image[0]", png),
-                          mp.text("prompt", "x")]))  # fmt: skip
+    yield _bad(
+        "17-images",
+        400,
+        "too_many_images",
+        "image",
+        "17 images",
+        mp.encode([*seventeen, mp.text("prompt", "x")]),
+    )
+    yield _bad(
+        "bad-second-image",
+        400,
+        "invalid_image",
+        "image[1]",
+        "image[1]",
+        mp.encode(
+            [
+                mp.file("image[]", png),
+                mp.file("image[]", b"GIF89a" + b"\0" * 40),
+                mp.text("prompt", "x"),
+            ]
+        ),
+    )
+    yield _bad(
+        "image-as-text-field",
+        400,
+        "invalid_type",
+        "image",
+        "expected a file",
+        mp.encode([mp.text("image", "https://example.com/a.png"), mp.text("prompt", "x")]),
+    )
+    yield _bad(
+        "unexpected-file-field",
+        400,
+        "unexpected_file",
+        "prompt_file",
+        "prompt_file",
+        edit(mp.file("prompt_file", png)),
+    )
+    yield _bad(
+        "duplicate-image-index",
+        400,
+        "duplicate_parameter",
+        "image[0]",
+        "more than once",
+        mp.encode([mp.file("image[0]", png), mp.file("image[0]", png), mp.text("prompt", "x")]),
+    )
     # dall-e-2 takes one square PNG under 4 MiB: the per-model cap, on default limits.
     big = images.noise_png(1200, 1200)
     assert len(big) > 4 * MIB
-    yield _bad("image-over-model-cap", 413, "file_too_large", "image", "4194304",
-               edit(mp.text("model", "dall-e-2"), image=big))  # fmt: skip
-    yield _bad("dall-e-2-not-square", 400, "invalid_image_dimensions", "image", "square",
-               edit(mp.text("model", "dall-e-2"), image=images.png(64, 32)))  # fmt: skip
-    yield _bad("dall-e-2-jpeg", 400, "unsupported_file_format", "image", "JPEG",
-               edit(mp.text("model", "dall-e-2"), image=images.jpeg(64, 64)))  # fmt: skip
+    yield _bad(
+        "image-over-model-cap",
+        413,
+        "file_too_large",
+        "image",
+        "4194304",
+        edit(mp.text("model", "dall-e-2"), image=big),
+    )
+    yield _bad(
+        "dall-e-2-not-square",
+        400,
+        "invalid_image_dimensions",
+        "image",
+        "square",
+        edit(mp.text("model", "dall-e-2"), image=images.png(64, 32)),
+    )
+    yield _bad(
+        "dall-e-2-jpeg",
+        400,
+        "unsupported_file_format",
+        "image",
+        "JPEG",
+        edit(mp.text("model", "dall-e-2"), image=images.jpeg(64, 64)),
+    )
 
 
 def _size_caps() -> Iterator[Case]:
     over_file = images.noise_png(640, 640)
     assert len(over_file) > SMALL_LIMITS["max_file_bytes"]
-    yield _bad("image-over-file-cap", 413, "file_too_large", "image", "larger than",
-               edit(image=over_file), limits="small")  # fmt: skip
-    second_over = mp.encode([mp.file("image[]", _png()), mp.file("image[]", over_file),
-                             mp.text("prompt", "x")])  # fmt: skip
-    yield _bad("second-image-over-file-cap", 413, "file_too_large", "image[1]", "larger than",
-               second_over, limits="small")  # fmt: skip
+    yield _bad(
+        "image-over-file-cap",
+        413,
+        "file_too_large",
+        "image",
+        "larger than",
+        edit(image=over_file),
+        limits="small",
+    )
+    second_over = mp.encode(
+        [mp.file("image[]", _png()), mp.file("image[]", over_file), mp.text("prompt", "x")]
+    )
+    yield _bad(
+        "second-image-over-file-cap",
+        413,
+        "file_too_large",
+        "image[1]",
+        "larger than",
+        second_over,
+        limits="small",
+    )
     # Several files each under the file cap, together over the body cap.
     files = [mp.file("image[]", images.noise_png(500, 500, seed=i)) for i in range(5)]
     over_body = mp.encode([*files, mp.text("prompt", "x")])
     assert len(over_body) > SMALL_LIMITS["max_body_bytes"]
-    yield _bad("body-over-cap-content-length", 413, "body_too_large", None, "limit",
-               over_body, limits="small")  # fmt: skip
+    yield _bad(
+        "body-over-cap-content-length",
+        413,
+        "body_too_large",
+        None,
+        "limit",
+        over_body,
+        limits="small",
+    )
     step = 64 * 1024
     chunks = tuple(over_body[i : i + step] for i in range(0, len(over_body), step))
-    yield _bad("body-over-cap-chunked", 413, "body_too_large", None, "larger than", b"",
-               chunks=chunks, limits="small")  # fmt: skip
-    yield _bad("field-over-cap", 413, "field_too_large", "prompt", "longer than",
-               edit(prompt="x" * (256 * 1024 + 1)))  # fmt: skip
+    yield _bad(
+        "body-over-cap-chunked",
+        413,
+        "body_too_large",
+        None,
+        "larger than",
+        b"",
+        chunks=chunks,
+        limits="small",
+    )
+    yield _bad(
+        "field-over-cap",
+        413,
+        "field_too_large",
+        "prompt",
+        "longer than",
+        edit(prompt="x" * (256 * 1024 + 1)),
+    )
 
 
 def _mask() -> Iterator[Case]:
     png, mask = _png(), images.mask_png(64, 64)
-    yield _bad("mask-wrong-size", 400, "invalid_mask", "mask", "same size",
-               edit(mp.file("mask", images.mask_png(32, 32))))  # fmt: skip
-    yield _bad("mask-jpeg", 400, "invalid_mask", "mask", "JPEG",
-               edit(mp.file("mask", images.jpeg(64, 64))))  # fmt: skip
-    yield _bad("mask-no-alpha", 400, "invalid_mask", "mask", "alpha",
-               edit(mp.file("mask", images.png(64, 64, mode="RGB"))))  # fmt: skip
-    yield _bad("two-masks", 400, "duplicate_parameter", "mask", "one mask",
-               edit(mp.file("mask", mask), mp.file("mask", mask)))  # fmt: skip
+    yield _bad(
+        "mask-wrong-size",
+        400,
+        "invalid_mask",
+        "mask",
+        "same size",
+        edit(mp.file("mask", images.mask_png(32, 32))),
+    )
+    yield _bad(
+        "mask-jpeg", 400, "invalid_mask", "mask", "JPEG", edit(mp.file("mask", images.jpeg(64, 64)))
+    )
+    yield _bad(
+        "mask-no-alpha",
+        400,
+        "invalid_mask",
+        "mask",
+        "alpha",
+        edit(mp.file("mask", images.png(64, 64, mode="RGB"))),
+    )
+    yield _bad(
+        "two-masks",
+        400,
+        "duplicate_parameter",
+        "mask",
+        "one mask",
+        edit(mp.file("mask", mask), mp.file("mask", mask)),
+    )
     yield _bad("mask-empty", 400, "invalid_image", "mask", "empty", edit(mp.file("mask", b"")))
-    yield _bad("mask-as-text", 400, "invalid_type", "mask", "expected a file",
-               edit(mp.text("mask", "yes")))  # fmt: skip
-    yield _bad("mask-on-flux", 400, "unsupported_parameter", "mask", "mask",
-               mp.encode([mp.file("image", png), mp.file("mask", mask),
-                          mp.text("prompt", "x"), mp.text("model", "flux-kontext-pro")]))  # fmt: skip
+    yield _bad(
+        "mask-as-text", 400, "invalid_type", "mask", "expected a file", edit(mp.text("mask", "yes"))
+    )
+    yield _bad(
+        "mask-on-flux",
+        400,
+        "unsupported_parameter",
+        "mask",
+        "mask",
+        mp.encode(
+            [
+                mp.file("image", png),
+                mp.file("mask", mask),
+                mp.text("prompt", "x"),
+                mp.text("model", "flux-kontext-pro"),
+            ]
+        ),
+    )
 
 
 def _fields(catalog: Catalog) -> Iterator[Case]:
-    yield _bad("prompt-over-dall-e-2-max", 400, "string_above_max_length", "prompt", "1000",
-               edit(mp.text("model", "dall-e-2"), prompt="p" * 1001))  # fmt: skip
-    yield _bad("prompt-over-gpt-image-max", 400, "string_above_max_length", "prompt", "32000",
-               edit(prompt="p" * 32001))  # fmt: skip
+    yield _bad(
+        "prompt-over-dall-e-2-max",
+        400,
+        "string_above_max_length",
+        "prompt",
+        "1000",
+        edit(mp.text("model", "dall-e-2"), prompt="p" * 1001),
+    )
+    yield _bad(
+        "prompt-over-gpt-image-max",
+        400,
+        "string_above_max_length",
+        "prompt",
+        "32000",
+        edit(prompt="p" * 32001),
+    )
     for value in ("0", "11", "-1", "1.5", "abc", "", "1e3", "99999999999999999999", "٣"):
-        yield _bad(f"n={value!r}", 400, "invalid_value", "n", "integer from 1 to 10",
-                   edit(mp.text("n", value)))  # fmt: skip
-    yield _bad("unknown-model", 404, "model_not_found", "model", "gpt-image-99",
-               edit(mp.text("model", "gpt-image-99")))  # fmt: skip
-    yield _bad("model-with-path", 404, "model_not_found", "model", "does not exist",
-               edit(mp.text("model", "../../etc/passwd")))  # fmt: skip
+        yield _bad(
+            f"n={value!r}",
+            400,
+            "invalid_value",
+            "n",
+            "integer from 1 to 10",
+            edit(mp.text("n", value)),
+        )
+    yield _bad(
+        "unknown-model",
+        404,
+        "model_not_found",
+        "model",
+        "gpt-image-99",
+        edit(mp.text("model", "gpt-image-99")),
+    )
+    yield _bad(
+        "model-with-path",
+        404,
+        "model_not_found",
+        "model",
+        "does not exist",
+        edit(mp.text("model", "../../etc/passwd")),
+    )
     for name, value in (("model", DEFAULT_MODEL), ("n", "1"), ("size", "auto")):
-        yield _bad(f"duplicate-{name}", 400, "duplicate_parameter", name, "more than once",
-                   edit(mp.text(name, value), mp.text(name, value)))  # fmt: skip
-    yield _bad("duplicate-prompt", 400, "duplicate_parameter", "prompt", "more than once",
-               edit(mp.text("prompt", "again")))  # fmt: skip
-    yield _bad("non-utf8-prompt", 400, "invalid_encoding", "prompt", "UTF-8",
-               mp.encode([mp.file("image", _png()), mp.text("prompt", b"caf\xe9 \xff\xfe")]))  # fmt: skip
-    yield _bad("stream-true", 400, "unsupported_parameter", "stream", "stream",
-               edit(mp.text("stream", "true")))  # fmt: skip
-    yield _bad("unsupported-param-for-model", 400, "unsupported_parameter", "background",
-               "background", edit(mp.text("model", "dall-e-2"), mp.text("background", "auto")))  # fmt: skip
+        yield _bad(
+            f"duplicate-{name}",
+            400,
+            "duplicate_parameter",
+            name,
+            "more than once",
+            edit(mp.text(name, value), mp.text(name, value)),
+        )
+    yield _bad(
+        "duplicate-prompt",
+        400,
+        "duplicate_parameter",
+        "prompt",
+        "more than once",
+        edit(mp.text("prompt", "again")),
+    )
+    yield _bad(
+        "non-utf8-prompt",
+        400,
+        "invalid_encoding",
+        "prompt",
+        "UTF-8",
+        mp.encode([mp.file("image", _png()), mp.text("prompt", b"caf\xe9 \xff\xfe")]),
+    )
+    yield _bad(
+        "stream-true",
+        400,
+        "unsupported_parameter",
+        "stream",
+        "stream",
+        edit(mp.text("stream", "true")),
+    )
+    yield _bad(
+        "unsupported-param-for-model",
+        400,
+        "unsupported_parameter",
+        "background",
+        "background",
+        edit(mp.text("model", "dall-e-2"), mp.text("background", "auto")),
+    )
     # Every enum, bool and size field of every model, with a value no model accepts.
     wrong = {"enum": "not-a-valid-value", "bool": "maybe", "size": "1000x999"}
     for model_name, model in catalog.models.items():
         for name, rule in model.params.items():
             if rule.kind not in wrong:
                 continue
-            yield _bad(f"{model_name}-{name}-wrong", 400, "invalid_value", name, "expected",
-                       edit(mp.text("model", model_name), mp.text(name, wrong[rule.kind])))  # fmt: skip
+            yield _bad(
+                f"{model_name}-{name}-wrong",
+                400,
+                "invalid_value",
+                name,
+                "expected",
+                edit(mp.text("model", model_name), mp.text(name, wrong[rule.kind])),
+            )
         for name, rule in model.params.items():
             if rule.kind == "int" and name != "n":
-                yield _bad(f"{model_name}-{name}-not-int", 400, "invalid_value", name, "integer",
-                           edit(mp.text("model", model_name), mp.text(name, "abc")))  # fmt: skip
+                yield _bad(
+                    f"{model_name}-{name}-not-int",
+                    400,
+                    "invalid_value",
+                    name,
+                    "integer",
+                    edit(mp.text("model", model_name), mp.text(name, "abc")),
+                )
 
 
 def _structure() -> Iterator[Case]:
     body = edit()
-    yield _bad("no-content-type", 415, "unsupported_media_type", None, "multipart/form-data",
-               body, content_type=None)  # fmt: skip
-    yield _bad("missing-boundary", 400, "invalid_multipart", None, "boundary", body,
-               content_type="multipart/form-data")  # fmt: skip
-    yield _bad("empty-boundary", 400, "invalid_multipart", None, "boundary", body,
-               content_type="multipart/form-data; boundary=")  # fmt: skip
+    yield _bad(
+        "no-content-type",
+        415,
+        "unsupported_media_type",
+        None,
+        "multipart/form-data",
+        body,
+        content_type=None,
+    )
+    yield _bad(
+        "missing-boundary",
+        400,
+        "invalid_multipart",
+        None,
+        "boundary",
+        body,
+        content_type="multipart/form-data",
+    )
+    yield _bad(
+        "empty-boundary",
+        400,
+        "invalid_multipart",
+        None,
+        "boundary",
+        body,
+        content_type="multipart/form-data; boundary=",
+    )
     long_boundary = "b" * 71
-    yield _bad("overlong-boundary", 400, "invalid_multipart", None, "boundary",
-               mp.encode(mp_parts_of_edit(), boundary=long_boundary),
-               content_type=mp.content_type(long_boundary))  # fmt: skip
-    yield _bad("boundary-with-bad-chars", 400, "invalid_multipart", None, "boundary",
-               body, content_type='multipart/form-data; boundary="a\\"b<>"')  # fmt: skip
-    yield _bad("mismatched-boundary", 400, "invalid_multipart", None, "malformed", body,
-               content_type=mp.content_type("some-other-boundary"))  # fmt: skip
-    yield _bad("junk-before-first-boundary", 400, "invalid_multipart", None, "malformed",
-               b"GARBAGE" * 1000 + body)  # fmt: skip
-    yield _bad("no-closing-boundary", 400, "invalid_multipart", None, "closing boundary",
-               body[: body.rindex(b"--" + mp.BOUNDARY.encode())])  # fmt: skip
+    yield _bad(
+        "overlong-boundary",
+        400,
+        "invalid_multipart",
+        None,
+        "boundary",
+        mp.encode(mp_parts_of_edit(), boundary=long_boundary),
+        content_type=mp.content_type(long_boundary),
+    )
+    yield _bad(
+        "boundary-with-bad-chars",
+        400,
+        "invalid_multipart",
+        None,
+        "boundary",
+        body,
+        content_type='multipart/form-data; boundary="a\\"b<>"',
+    )
+    yield _bad(
+        "mismatched-boundary",
+        400,
+        "invalid_multipart",
+        None,
+        "malformed",
+        body,
+        content_type=mp.content_type("some-other-boundary"),
+    )
+    yield _bad(
+        "junk-before-first-boundary",
+        400,
+        "invalid_multipart",
+        None,
+        "malformed",
+        b"GARBAGE" * 1000 + body,
+    )
+    yield _bad(
+        "no-closing-boundary",
+        400,
+        "invalid_multipart",
+        None,
+        "closing boundary",
+        body[: body.rindex(b"--" + mp.BOUNDARY.encode())],
+    )
     yield _bad("empty-body", 400, "invalid_multipart", None, "closing boundary", b"")
     tiny = [mp.text(f"f{i}", "x") for i in range(10_000)]
-    yield _bad("10000-tiny-parts", 413, "too_many_parts", None, "parts",
-               mp.encode([mp.file("image", _png()), mp.text("prompt", "x"), *tiny]))  # fmt: skip
+    yield _bad(
+        "10000-tiny-parts",
+        413,
+        "too_many_parts",
+        None,
+        "parts",
+        mp.encode([mp.file("image", _png()), mp.text("prompt", "x"), *tiny]),
+    )
     huge_header = mp.Part(b"prompt", b"x", extra_headers=(b"X-Padding: " + b"a" * MIB,))
-    yield _bad("1mb-part-header", 400, "invalid_multipart", None, "header",
-               mp.encode([mp.file("image", _png()), huge_header]))  # fmt: skip
+    yield _bad(
+        "1mb-part-header",
+        400,
+        "invalid_multipart",
+        None,
+        "header",
+        mp.encode([mp.file("image", _png()), huge_header]),
+    )
     many_headers = mp.Part(b"prompt", b"x", extra_headers=tuple(b"X-H: v" for _ in range(100)))
-    yield _bad("100-part-headers", 400, "invalid_multipart", None, "header",
-               mp.encode([mp.file("image", _png()), many_headers]))  # fmt: skip
-    yield _bad("part-without-disposition", 400, "invalid_multipart", None, "content-disposition",
-               mp.encode([mp.file("image", _png()), mp.Part(None, b"x")]))  # fmt: skip
-    yield _bad("part-with-empty-name", 400, "invalid_multipart", None, "name",
-               edit(mp.text("", "x")))  # fmt: skip
-    yield _bad("non-utf8-field-name", 400, "invalid_multipart", None, "UTF-8",
-               edit(mp.Part(b"caf\xe9", b"x")))  # fmt: skip
-    yield _bad("application-json", 415, "unsupported_media_type", None, "multipart/form-data",
-               b'{"prompt": "a hat", "model": "gpt-image-1.5"}',
-               content_type="application/json")  # fmt: skip
-    yield _bad("form-urlencoded", 415, "unsupported_media_type", None, "multipart/form-data",
-               b"prompt=a+hat&model=gpt-image-1.5",
-               content_type="application/x-www-form-urlencoded")  # fmt: skip
-    yield _bad("multipart-mixed", 415, "unsupported_media_type", None, "multipart/form-data",
-               body, content_type="multipart/mixed; boundary=" + mp.BOUNDARY)  # fmt: skip
+    yield _bad(
+        "100-part-headers",
+        400,
+        "invalid_multipart",
+        None,
+        "header",
+        mp.encode([mp.file("image", _png()), many_headers]),
+    )
+    yield _bad(
+        "part-without-disposition",
+        400,
+        "invalid_multipart",
+        None,
+        "content-disposition",
+        mp.encode([mp.file("image", _png()), mp.Part(None, b"x")]),
+    )
+    yield _bad(
+        "part-with-empty-name", 400, "invalid_multipart", None, "name", edit(mp.text("", "x"))
+    )
+    yield _bad(
+        "non-utf8-field-name",
+        400,
+        "invalid_multipart",
+        None,
+        "UTF-8",
+        edit(mp.Part(b"caf\xe9", b"x")),
+    )
+    yield _bad(
+        "application-json",
+        415,
+        "unsupported_media_type",
+        None,
+        "multipart/form-data",
+        b'{"prompt": "a hat", "model": "gpt-image-1.5"}',
+        content_type="application/json",
+    )
+    yield _bad(
+        "form-urlencoded",
+        415,
+        "unsupported_media_type",
+        None,
+        "multipart/form-data",
+        b"prompt=a+hat&model=gpt-image-1.5",
+        content_type="application/x-www-form-urlencoded",
+    )
+    yield _bad(
+        "multipart-mixed",
+        415,
+        "unsupported_media_type",
+        None,
+        "multipart/form-data",
+        body,
+        content_type="multipart/mixed; boundary=" + mp.BOUNDARY,
+    )
 
 
 def mp_parts_of_edit() -> list[mp.Part]:

@@ -34,7 +34,9 @@ def text(name: str, value: str | bytes) -> Part:
     return Part(name.encode(), value.encode() if isinstance(value, str) else value)
 
 
-def file(name: str, data: bytes, filename: str = "image.png", content_type: str = "image/png") -> Part:
+def file(
+    name: str, data: bytes, filename: str = "image.png", content_type: str = "image/png"
+) -> Part:
     return Part(name.encode(), data, filename.encode(), content_type.encode())
 
 
