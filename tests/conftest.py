@@ -12,6 +12,7 @@ from openai import OpenAI
 from app.config import Settings, load_settings
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
+from tests.support.log_watch import no_traceback_from_client_input  # noqa: F401 (autouse)
 from tests.support.redis_server import test_redis_url
 from tests.support.servers import serve_in_thread
 

@@ -1,0 +1,65 @@
+"""Issue 6, acceptance 2: the logs of a whole test run hold no traceback caused by client input.
+
+Every log record carrying exception info (the gateway's own, uvicorn's "Exception in ASGI
+application", asyncio's "Task exception was never retrieved"), from any thread, is collected; a
+test during which one was logged fails, unless it is marked `server_error_expected` (a test that
+breaks the gateway on purpose, not through client input).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+# uvicorn configures its loggers with propagate=False and replaces their handlers whenever a
+# server starts, so its error logger gets a filter (filters survive) and the root a handler.
+_UVICORN_ERROR = "uvicorn.error"
+
+
+class TracebackCollector(logging.Handler, logging.Filter):
+    def __init__(self) -> None:
+        logging.Handler.__init__(self, level=logging.DEBUG)
+        logging.Filter.__init__(self)
+        self.records: list[logging.LogRecord] = []
+        self._lock_records = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or "Traceback (most recent call last)" in record.getMessage():
+            with self._lock_records:
+                self.records.append(record)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.emit(record)
+        return True
+
+    def describe(self, records: list[logging.LogRecord]) -> str:
+        formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+        return "\n\n".join(formatter.format(record) for record in records)
+
+
+COLLECTOR = TracebackCollector()
+
+
+def install() -> None:
+    root = logging.getLogger()
+    if COLLECTOR not in root.handlers:
+        root.addHandler(COLLECTOR)
+    uvicorn_error = logging.getLogger(_UVICORN_ERROR)
+    if COLLECTOR not in uvicorn_error.filters:
+        uvicorn_error.addFilter(COLLECTOR)
+
+
+@pytest.fixture(autouse=True)
+def no_traceback_from_client_input(request: pytest.FixtureRequest) -> Iterator[None]:
+    install()
+    start = len(COLLECTOR.records)
+    yield
+    logged = COLLECTOR.records[start:]
+    if logged and request.node.get_closest_marker("server_error_expected") is None:
+        pytest.fail(
+            f"{len(logged)} traceback(s) logged during this test:\n{COLLECTOR.describe(logged)}",
+            pytrace=False,
+        )
