@@ -23,21 +23,25 @@ class TracebackCollector(logging.Handler, logging.Filter):
     def __init__(self) -> None:
         logging.Handler.__init__(self, level=logging.DEBUG)
         logging.Filter.__init__(self)
-        self.records: list[logging.LogRecord] = []
+        # Formatted text only: a kept record would keep its traceback's frames (and every
+        # upload they reference) alive for the rest of the run.
+        self.records: list[str] = []
+        self._formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
         self._lock_records = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.exc_info or "Traceback (most recent call last)" in record.getMessage():
+            text = self._formatter.format(record)
             with self._lock_records:
-                self.records.append(record)
+                self.records.append(text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         self.emit(record)
         return True
 
-    def describe(self, records: list[logging.LogRecord]) -> str:
-        formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
-        return "\n\n".join(formatter.format(record) for record in records)
+    @staticmethod
+    def describe(records: list[str]) -> str:
+        return "\n\n".join(records)
 
 
 COLLECTOR = TracebackCollector()
