@@ -22,6 +22,7 @@ GatewayError
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import orjson
@@ -184,9 +185,17 @@ def error_envelope(
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
-def error_response(error: GatewayError) -> Response:
+def error_response(error: GatewayError, redact: Callable[[str], str] | None = None) -> Response:
+    envelope = error.envelope()
+    if redact is not None:
+        # Messages quote client input; a client that pastes a key into a field never gets any
+        # key back, and neither does anyone reading the response on the way.
+        envelope["error"] = {
+            name: redact(value) if isinstance(value, str) else value
+            for name, value in envelope["error"].items()
+        }
     return Response(
-        orjson.dumps(error.envelope()),
+        orjson.dumps(envelope),
         status_code=error.status_code,
         media_type="application/json",
         headers=error.headers,
@@ -201,18 +210,18 @@ def _validation_param(exc: RequestValidationError) -> str | None:
     return None
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, *, redact: Callable[[str], str] | None = None) -> None:
     """Every error leaves the gateway in OpenAI's envelope; FastAPI's 422 shape never does."""
 
     async def on_gateway_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
         current_record().note_error(code=exc.code, param=exc.param, failure=exc.failure)
-        return error_response(exc)
+        return error_response(exc, redact)
 
     async def on_validation_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         return error_response(
-            InvalidRequest("The request is malformed.", param=_validation_param(exc))
+            InvalidRequest("The request is malformed.", param=_validation_param(exc)), redact
         )
 
     async def on_http_error(_: Request, exc: Exception) -> Response:
@@ -226,7 +235,7 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             error = InvalidRequest(str(exc.detail))
         error.status_code = exc.status_code
-        return error_response(error)
+        return error_response(error, redact)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         # The trace goes to our log; the client gets a request id to quote, never the trace.

@@ -20,9 +20,10 @@ from app.errors import install_error_handlers
 from app.logs import install_redaction
 from app.metrics import GatewayMetrics
 from app.observe import ObservabilityMiddleware
+from app.redaction import Redactor
 from app.redis_health import watch_redis
 from app.request_id import RequestIdMiddleware
-from app.runtime import Gateway, open_gateway
+from app.runtime import Gateway, open_gateway, secrets_of
 
 
 def create_app(
@@ -72,7 +73,7 @@ def create_app(
         openapi_url=None,
     )
     app.state.drain = drain
-    install_error_handlers(app)
+    install_error_handlers(app, redact=Redactor(secrets_of(settings)))
     app.include_router(images.router)
     app.include_router(models.router)
     app.include_router(health.router)

@@ -78,6 +78,11 @@ def open_gateway(
         limits=limits, timeout=httpx.Timeout(300.0, connect=5.0), transport=transport
     )
     redactor = Redactor(secrets_of(settings))
+    # httpcore's DEBUG trace logs upstream response headers verbatim, and upstreams may echo key
+    # fragments in them: it stays at INFO or above in a gateway process whatever the root level.
+    transport_log = logging.getLogger("httpcore")
+    if transport_log.getEffectiveLevel() < logging.INFO:
+        transport_log.setLevel(logging.INFO)
     upstreams: dict[str, Upstream] = {}
     keys: dict[str, RoundRobinKeys] = {}
     for name in sorted(settings.catalog.upstreams_in_use()):
