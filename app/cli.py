@@ -15,6 +15,7 @@ import uvicorn
 
 from app.config import load_settings
 from app.config_file import ConfigError
+from app.http_protocol import GuardedHttpToolsProtocol
 from app.logs import logging_config
 
 # prometheus-client's multiprocess mode: every worker writes its values to files in this
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             workers=args.workers,
             loop="uvloop",
-            http="httptools",
+            http=GuardedHttpToolsProtocol,
             log_config=logging_config(settings.logging),
             log_level=settings.logging.level,
             access_log=False,  # app/observe.py writes one richer line per request

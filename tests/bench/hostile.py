@@ -126,12 +126,15 @@ async def _hostile_client(
     return outcomes
 
 
-async def _storm(url: str, clients: int, seconds: float) -> Counter[str]:
+async def _storm(url: str, clients: int, seconds: float, first_seed: int) -> Counter[str]:
     host, port = url.removeprefix("http://").split(":")
     bodies = _hostile_bodies()
     deadline = asyncio.get_running_loop().time() + seconds
     results = await asyncio.gather(
-        *(_hostile_client(host, int(port), deadline, bodies, seed) for seed in range(clients))
+        *(
+            _hostile_client(host, int(port), deadline, bodies, seed + first_seed)
+            for seed in range(clients)
+        )
     )
     total: Counter[str] = Counter()
     for result in results:
@@ -210,7 +213,54 @@ def _summary(latencies: list[float]) -> dict[str, float]:
     }
 
 
-def run(clients: int, seconds: float, idle_timeout: float) -> dict[str, Any]:
+def _one_storm(
+    url: str,
+    pid: int,
+    spool_dir: Path,
+    measurer: Measurer,
+    clients: int,
+    seconds: float,
+    processes: list[subprocess.Popen[bytes]],
+    first_seed: int,
+) -> dict[str, Any]:
+    """One storm: the well-formed edit measured throughout, then memory and files as it settles."""
+    peak = [_rss_bytes(pid)]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.1):
+            peak[0] = max(peak[0], _rss_bytes(pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    storm = subprocess.Popen(
+        [sys.executable, "-m", "tests.bench.hostile", "--storm", url,
+         "--clients", str(clients), "--seconds", str(seconds), "--first-seed", str(first_seed)],
+        cwd=REPO, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    processes.append(storm)
+    time.sleep(1)  # let the storm build up before measuring
+    during, during_outcomes = measurer.run_for(seconds - 2)
+    storm_out, _ = storm.communicate(timeout=seconds + 120)
+    stop.set()
+    sampler.join()
+    settle: list[dict[str, float]] = []
+    for wait in (2, 5, 10):
+        time.sleep(wait - (settle[-1]["after_s"] if settle else 0))
+        fds, spooled = _open_fds(pid, spool_dir)
+        settle.append(
+            {"after_s": wait, "rss_mib": round(_rss_bytes(pid) / 2**20, 1),
+             "open_fds": fds, "spool_fds": spooled}
+        )  # fmt: skip
+    return {
+        "edit_during": {**_summary(during), "outcomes": dict(during_outcomes)},
+        "hostile": json.loads(storm_out.decode().strip().splitlines()[-1]),
+        "rss_peak_mib": round(peak[0] / 2**20, 1),
+        "settle": settle,
+    }
+
+
+def run(clients: int, seconds: float, idle_timeout: float, rounds: int = 1) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gw-bench-hostile-") as tmp:
         workdir = Path(tmp)
         spool_dir = workdir / "spool"
@@ -259,36 +309,12 @@ def run(clients: int, seconds: float, idle_timeout: float) -> dict[str, Any]:
             before, before_outcomes = measurer.run_for(10)
             rss_baseline = _rss_bytes(gateway.pid)
 
-            peak = [rss_baseline]
-            stop = threading.Event()
-
-            def sample() -> None:
-                while not stop.wait(0.1):
-                    peak[0] = max(peak[0], _rss_bytes(gateway.pid))
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            storm = subprocess.Popen(
-                [sys.executable, "-m", "tests.bench.hostile", "--storm", url,
-                 "--clients", str(clients), "--seconds", str(seconds)],
-                cwd=REPO, stdout=subprocess.PIPE,
-            )  # fmt: skip
-            processes.append(storm)
-            time.sleep(1)  # let the storm build up before measuring
-            during, during_outcomes = measurer.run_for(seconds - 2)
-            storm_out, _ = storm.communicate(timeout=seconds + 120)
-            stop.set()
-            sampler.join()
-            hostile = json.loads(storm_out.decode().strip().splitlines()[-1])
-
-            settle: list[dict[str, float]] = []
-            for wait in (2, 5, 10):
-                time.sleep(wait - (settle[-1]["after_s"] if settle else 0))
-                fds, spooled = _open_fds(gateway.pid, spool_dir)
-                settle.append(
-                    {"after_s": wait, "rss_mib": round(_rss_bytes(gateway.pid) / 2**20, 1),
-                     "open_fds": fds, "spool_fds": spooled}
-                )  # fmt: skip
+            storms = [
+                _one_storm(
+                    url, gateway.pid, spool_dir, measurer, clients, seconds, processes, n * clients
+                )
+                for n in range(rounds)
+            ]
             after, after_outcomes = measurer.run_for(10)
             health = httpx.get(url + "/healthz", timeout=10).status_code
             log_text = log_path.read_text(errors="replace")
@@ -305,14 +331,9 @@ def run(clients: int, seconds: float, idle_timeout: float) -> dict[str, Any]:
             "seconds": seconds,
             "body_idle_timeout": idle_timeout,
             "edit_before": {**_summary(before), "outcomes": dict(before_outcomes)},
-            "edit_during": {**_summary(during), "outcomes": dict(during_outcomes)},
             "edit_after": {**_summary(after), "outcomes": dict(after_outcomes)},
-            "hostile": hostile,
-            "rss_mib": {
-                "baseline": round(rss_baseline / 2**20, 1),
-                "peak": round(peak[0] / 2**20, 1),
-                "settle": settle,
-            },
+            "rss_baseline_mib": round(rss_baseline / 2**20, 1),
+            "storms": storms,
             "healthz_after": health,
             "tracebacks_in_gateway_log": log_text.count("Traceback (most recent call last)"),
         }
@@ -326,18 +347,22 @@ def main(argv: list[str] | None = None) -> int:
         "--idle-timeout", type=float, default=3.0,
         help="the gateway's body_idle_timeout for the run (stalled bodies are cut off after it)",
     )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="storms in a row (memory creep shows as a trend)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--storm", help=argparse.SUPPRESS)
+    parser.add_argument("--first-seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_upstream:
         _serve_upstream(args.serve_upstream)
         return 0
     if args.storm:
-        outcomes = asyncio.run(_storm(args.storm, args.clients, args.seconds))
+        outcomes = asyncio.run(_storm(args.storm, args.clients, args.seconds, args.first_seed))
         print(json.dumps(dict(sorted(outcomes.items()))))
         return 0
-    figures = run(args.clients, args.seconds, args.idle_timeout)
+    figures = run(args.clients, args.seconds, args.idle_timeout, args.rounds)
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

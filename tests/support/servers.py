@@ -29,9 +29,7 @@ def serve_in_thread(app: Any, *, port: int | None = None, **config: Any) -> Iter
             port=port,
             log_level="warning",
             lifespan="on",
-            loop="asyncio",
-            http="httptools",
-            **config,
+            **{"loop": "asyncio", "http": "httptools", **config},
         )
     )
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
