@@ -4,9 +4,11 @@ names the field at fault, and never reaches the upstream."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from openai import APIStatusError, BadRequestError, NotFoundError, OpenAI
 
 from app.catalog import load_catalog
 from tests.conftest import CLIENT_KEY, REPO
@@ -69,7 +71,7 @@ def test_corpus_covers_every_case_the_issue_lists() -> None:
 
 
 def test_corpus_filename_with_dot_dot_is_never_used(
-    client: object, gateway_url: str, small_gateway: SmallGateway, upstream: FakeOpenAIUpstream
+    small_gateway: SmallGateway, upstream: FakeOpenAIUpstream
 ) -> None:
     # A filename is the client's business: the edit goes through, the name goes nowhere.
     body = mp.encode(
@@ -87,3 +89,54 @@ def test_corpus_filename_with_dot_dot_is_never_used(
     assert "evil" not in str(sent.headers) + str(sent.fields)
     assert list(small_gateway.spool_dir.iterdir()) == []
     assert not Path("/etc/cron.d/evil.png").exists()
+
+
+SDK_CASES: list[tuple[str, dict[str, Any], type[APIStatusError], str, str]] = [
+    ("n=0", {"n": 0}, BadRequestError, "n", "invalid_value"),
+    ("n=11", {"n": 11}, BadRequestError, "n", "invalid_value"),
+    ("n=-1", {"n": -1}, BadRequestError, "n", "invalid_value"),
+    ("n=1.5", {"n": 1.5}, BadRequestError, "n", "invalid_value"),
+    ("n=abc", {"n": "abc"}, BadRequestError, "n", "invalid_value"),
+    ("unknown-model", {"model": "gpt-image-99"}, NotFoundError, "model", "model_not_found"),
+    ("empty-prompt", {"prompt": ""}, BadRequestError, "prompt", "missing_required_parameter"),
+    ("size", {"size": "1000x999"}, BadRequestError, "size", "invalid_value"),
+    ("quality", {"quality": "ultra"}, BadRequestError, "quality", "invalid_value"),
+    ("background", {"background": "glass"}, BadRequestError, "background", "invalid_value"),
+    ("aspect", {"extra_body": {"aspect_ratio": "5:4"}}, BadRequestError, "aspect_ratio",
+     "invalid_value"),
+    ("text-image", {"image": ("a.png", b"just text", "image/png")}, BadRequestError, "image",
+     "invalid_image"),
+    ("gif", {"image": ("a.gif", images.other_format("gif"), "image/gif")}, BadRequestError,
+     "image", "invalid_image"),
+    ("bomb", {"image": ("a.png", images.png_bomb_header(), "image/png")}, BadRequestError,
+     "image", "image_too_large"),
+    ("17-images", {"image": [("a.png", images.png(), "image/png")] * 17}, BadRequestError,
+     "image", "too_many_images"),
+    ("mask-jpeg", {"mask": ("m.jpg", images.jpeg(64, 64), "image/jpeg")}, BadRequestError,
+     "mask", "invalid_mask"),
+    ("mask-size", {"mask": ("m.png", images.mask_png(32, 32), "image/png")}, BadRequestError,
+     "mask", "invalid_mask"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "param", "code"),
+    [case[1:] for case in SDK_CASES],
+    ids=[case[0] for case in SDK_CASES],
+)
+def test_corpus_through_the_sdk_raises_the_right_error(
+    client: OpenAI,
+    upstream: FakeOpenAIUpstream,
+    kwargs: dict[str, Any],
+    error: type[APIStatusError],
+    param: str,
+    code: str,
+) -> None:
+    arguments: dict[str, Any] = {"image": ("a.png", images.png(64, 64), "image/png"), "prompt": "x"}
+    with pytest.raises(error) as caught:
+        client.images.edit(**{**arguments, **kwargs})
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert (body.get("param"), body.get("code")) == (param, code)
+    assert caught.value.request_id is not None
+    assert upstream.edits == []
