@@ -260,7 +260,13 @@ def _one_storm(
     }
 
 
-def run(clients: int, seconds: float, idle_timeout: float, rounds: int = 1) -> dict[str, Any]:
+def run(
+    clients: int,
+    seconds: float,
+    idle_timeout: float,
+    rounds: int = 1,
+    gateway_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gw-bench-hostile-") as tmp:
         workdir = Path(tmp)
         spool_dir = workdir / "spool"
@@ -278,6 +284,7 @@ def run(clients: int, seconds: float, idle_timeout: float, rounds: int = 1) -> d
             "GATEWAY_UPSTREAM_URL": f"http://127.0.0.1:{upstream_port}/v1",
             "GATEWAY_UPSTREAM_KEYS": UPSTREAM_KEY,
             "GATEWAY_CLIENT_KEYS": CLIENT_KEY,
+            **(gateway_env or {}),
         }
         log_path = workdir / "gateway.log"
         processes: list[subprocess.Popen[bytes]] = []
@@ -327,6 +334,7 @@ def run(clients: int, seconds: float, idle_timeout: float, rounds: int = 1) -> d
                     except subprocess.TimeoutExpired:
                         process.kill()
         return {
+            "gateway_env": gateway_env or {},
             "clients": clients,
             "seconds": seconds,
             "body_idle_timeout": idle_timeout,
@@ -350,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=1, help="storms in a row (memory creep shows as a trend)"
     )
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the gateway process only (e.g. MALLOC_MMAP_THRESHOLD_=131072)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--storm", help=argparse.SUPPRESS)
@@ -362,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = asyncio.run(_storm(args.storm, args.clients, args.seconds, args.first_seed))
         print(json.dumps(dict(sorted(outcomes.items()))))
         return 0
-    figures = run(args.clients, args.seconds, args.idle_timeout, args.rounds)
+    gateway_env = dict(item.split("=", 1) for item in args.gateway_env)
+    figures = run(args.clients, args.seconds, args.idle_timeout, args.rounds, gateway_env)
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
