@@ -71,6 +71,8 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        # A trailing-slash redirect would build its Location from the client's Host header.
+        redirect_slashes=False,
     )
     app.state.drain = drain
     install_error_handlers(app, redact=Redactor(secrets_of(settings)))

@@ -3,15 +3,19 @@ Host or rewrite header, no odd Authorization header gets an edit past it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from pydantic import SecretStr
 
 from app.auth import ClientAuthMiddleware
-from tests.conftest import CLIENT_KEY
+from app.main import create_app
+from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.hardening import multipart as mp
-from tests.hardening.raw_http import connect, head, read_response
+from tests.hardening.raw_http import RawResponse, connect, head, read_response
 from tests.support import images
+from tests.support.servers import serve_in_thread
 
 TARGETS = [
     "/v1/images/edits",
@@ -155,3 +159,83 @@ def test_auth_keys_are_held_only_as_digests() -> None:
         assert not (isinstance(value, str) and key in value)
         assert not (isinstance(value, bytes) and key.encode() in value)
         assert not isinstance(value, SecretStr)
+
+
+ADMIN_KEY = "igw-admin-key-bypass-test-31337"
+METRICS_TOKEN = "igw-metrics-token-bypass-test-99"
+
+
+@pytest.fixture(scope="module")
+def guarded_extras_url(fake_upstream: FakeOpenAIUpstream) -> Iterator[str]:
+    """A gateway whose /metrics takes its own token and whose /admin/* takes admin keys."""
+    settings = gateway_settings(
+        fake_upstream.url,  # type: ignore[attr-defined]
+        GATEWAY_ADMIN_KEYS=ADMIN_KEY,
+        GATEWAY_METRICS_TOKEN=METRICS_TOKEN,
+    )
+    with serve_in_thread(create_app(settings)) as url:
+        yield url
+
+
+def get(url: str, target: str, key: str | None) -> RawResponse:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    with connect(url) as sock:
+        sock.sendall(head("GET", target, headers))
+        return read_response(sock)
+
+
+METRICS_SPELLINGS = ["/metrics", "//metrics", "/metrics/", "/METRICS", "/%6detrics", "/metrics?x"]
+
+
+@pytest.mark.parametrize("target", METRICS_SPELLINGS)
+@pytest.mark.parametrize("key", [None, "wrong", CLIENT_KEY, ADMIN_KEY], ids=str)
+def test_auth_metrics_needs_its_own_token_in_every_spelling(
+    guarded_extras_url: str, target: str, key: str | None
+) -> None:
+    response = get(guarded_extras_url, target, key)
+    assert response.status in (401, 404)
+    assert b"gateway_requests" not in response.body
+
+
+def test_auth_metrics_token_scrapes(guarded_extras_url: str) -> None:
+    response = get(guarded_extras_url, "/metrics", METRICS_TOKEN)
+    assert response.status == 200 and b"gateway_requests_in_flight" in response.body
+    # The metrics token is not a client key.
+    assert get(guarded_extras_url, "/v1/models", METRICS_TOKEN).status == 401
+
+
+ADMIN_SPELLINGS = [
+    "/admin/keys",
+    "/admin/",
+    "//admin/keys",
+    "/admin//keys",
+    "/ADMIN/keys",
+    "/%61dmin/keys",
+    "/admin%2Fkeys",
+    "/v1/../admin/keys",
+    "/healthz/../admin/keys",
+]
+
+
+@pytest.mark.parametrize("target", ADMIN_SPELLINGS)
+@pytest.mark.parametrize("key", [None, "wrong", CLIENT_KEY, METRICS_TOKEN], ids=str)
+def test_auth_admin_paths_refuse_everything_but_an_admin_key(
+    guarded_extras_url: str, target: str, key: str | None
+) -> None:
+    # No spelling of an admin path reaches an admin route without an admin key: the request is
+    # refused (401) or lands on no route at all (404).
+    assert get(guarded_extras_url, target, key).status in (401, 404)
+
+
+def test_auth_admin_key_is_not_a_client_key(guarded_extras_url: str) -> None:
+    assert get(guarded_extras_url, "/v1/models", ADMIN_KEY).status == 401
+
+
+@pytest.mark.parametrize("target", ["/metrics/", "/v1/models/", "/v1/images/edits/", "/healthz/"])
+def test_auth_no_redirect_is_built_from_a_forged_host(gateway_url: str, target: str) -> None:
+    with connect(gateway_url) as sock:
+        headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        sock.sendall(head("GET", target, headers, host="evil.example"))
+        response = read_response(sock)
+    assert response.status in (401, 404, 405)
+    assert "location" not in response.headers

@@ -28,7 +28,15 @@ from tests.support.servers import free_port, serve_in_thread, wait_for_port
 
 SECOND_CLIENT_KEY = "igw-second-client-key-zyxwvu987654"
 WRONG_CLIENT_KEY = "igw-wrong-client-key-qwerty555555"
-SECRETS = (CLIENT_KEY, SECOND_CLIENT_KEY, *UPSTREAM_KEYS)
+ADMIN_KEY = "igw-admin-key-for-secrets-test-4242"
+METRICS_TOKEN = "igw-metrics-token-secrets-test-7777"
+SECRETS = (CLIENT_KEY, SECOND_CLIENT_KEY, ADMIN_KEY, METRICS_TOKEN, *UPSTREAM_KEYS)
+SECRET_ENV = {
+    "GATEWAY_CLIENT_KEYS": f"{CLIENT_KEY},{SECOND_CLIENT_KEY}",
+    "GATEWAY_ADMIN_KEYS": ADMIN_KEY,
+    "GATEWAY_METRICS_TOKEN": METRICS_TOKEN,
+    "GATEWAY_CACHE_ENABLED": "true",
+}
 UPSTREAM_TIMEOUT = 1.0
 
 
@@ -107,6 +115,12 @@ def run_scenario(base_url: str, upstream: FakeOpenAIUpstream) -> list[str]:
     with httpx.Client(base_url=base_url, timeout=30) as http:
         for path in ("/healthz", "/readyz", "/v1/models", "/metrics", "/nope", "/admin/keys"):
             record(http.get(path, headers=headers))
+        for key in (ADMIN_KEY, CLIENT_KEY):
+            for path in ("/admin/keys", "/admin/pool", "/admin/"):
+                record(http.get(path, headers={"Authorization": f"Bearer {key}"}))
+        scrape = http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert scrape.status_code == 200 and "gateway_requests_in_flight" in scrape.text
+        record(scrape)
         body = mp.encode([mp.file("image", images.png()), mp.text("prompt", "x")])
         bad = http.post(
             "/v1/images/edits",
@@ -184,8 +198,8 @@ def subprocess_gateway(
             **gateway_env(
                 fake_upstream.url,  # type: ignore[attr-defined]
                 GATEWAY_CONFIG=str(write_config(directory)),
-                GATEWAY_CLIENT_KEYS=f"{CLIENT_KEY},{SECOND_CLIENT_KEY}",
                 GATEWAY_REDIS_URL=redis_url,
+                **SECRET_ENV,
             ),
         }
         log_path = directory / "gateway.log"
@@ -221,9 +235,11 @@ def test_secrets_never_leave_a_gateway_process(
     seen = run_scenario(url, upstream)
     for item in seen:
         assert_clean("a response or client exception", item)
-    assert_clean("Redis", redis_dump(redis_url))
+    stored = redis_dump(redis_url)
+    assert "igw:" in stored  # the cache really wrote there
+    assert_clean("Redis", stored)
     log = log_path.read_text(encoding="utf-8", errors="replace")
-    assert "POST /v1/images/edits" in log  # the access log was captured
+    assert "/v1/images/edits" in log and "gateway.access" in log  # the access log was captured
     assert_clean("the gateway's output", log)
     assert "Traceback" not in log
 
@@ -237,7 +253,7 @@ def test_secrets_never_reach_any_logger_in_process(
     settings = gateway_settings(
         fake_upstream.url,  # type: ignore[attr-defined]
         GATEWAY_CONFIG=str(write_config(tmp_path)),
-        GATEWAY_CLIENT_KEYS=f"{CLIENT_KEY},{SECOND_CLIENT_KEY}",
+        **SECRET_ENV,
     )
     caplog.set_level(logging.DEBUG)
     with serve_in_thread(create_app(settings)) as url:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import socket
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from openai import OpenAI
 
 from app.main import create_app
 from tests.conftest import CLIENT_KEY
@@ -26,7 +28,7 @@ from tests.hardening.raw_http import (
     spool_fds,
     wait_until,
 )
-from tests.support import images
+from tests.support import images, prom
 from tests.support.servers import serve_in_thread
 
 IDLE_TIMEOUT = 0.5
@@ -42,12 +44,16 @@ def stall_gateway(fake_upstream: FakeOpenAIUpstream) -> Iterator[SmallGateway]:
             body_idle_timeout=IDLE_TIMEOUT,
             body_timeout=30,
         )
+        # The result cache on (in-process store): an abandoned paid call must still be kept.
+        settings = settings.model_copy(
+            update={"cache": settings.cache.model_copy(update={"enabled": True})}
+        )
         with serve_in_thread(create_app(settings)) as url:
             yield SmallGateway(url, Path(spool), settings)
 
 
-def edit_body(image: bytes) -> bytes:
-    return mp.encode([mp.file("image", image), mp.text("prompt", "slow")])
+def edit_body(image: bytes, prompt: str = "slow") -> bytes:
+    return mp.encode([mp.file("image", image), mp.text("prompt", prompt)])
 
 
 def edit_head(length: int) -> bytes:
@@ -64,6 +70,12 @@ def edit_head(length: int) -> bytes:
 
 def healthy(url: str) -> bool:
     return httpx.get(url + "/healthz", timeout=10).status_code == 200
+
+
+def in_flight(url: str) -> float:
+    scrape = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {CLIENT_KEY}"})
+    assert scrape.status_code == 200
+    return prom.total(scrape.text, "gateway_requests_in_flight")
 
 
 def test_slow_client_stalling_mid_body_gets_408_and_the_connection_closed(
@@ -84,6 +96,7 @@ def test_slow_client_stalling_mid_body_gets_408_and_the_connection_closed(
     assert live_uploads() == 0
     assert upstream.edits == []
     assert healthy(stall_gateway.url)
+    assert wait_until(lambda: in_flight(stall_gateway.url) == 0)
 
 
 def test_slow_client_sending_headers_only_gets_408(
@@ -111,13 +124,15 @@ def test_slow_client_disconnecting_mid_upload_leaves_nothing_behind(
     assert list(stall_gateway.spool_dir.iterdir()) == []
     assert upstream.edits == []
     assert healthy(stall_gateway.url)
+    assert wait_until(lambda: in_flight(stall_gateway.url) == 0)
 
 
 def test_slow_client_disconnecting_while_upstream_works_lets_the_call_complete(
     stall_gateway: SmallGateway, upstream: FakeOpenAIUpstream
 ) -> None:
-    image = images.noise_png(300, 300)
-    body = edit_body(image)
+    image = images.noise_png(300, 300, seed=7)
+    prompt = "abandoned " + uuid.uuid4().hex
+    body = edit_body(image, prompt)
     upstream.enqueue(Reply(delay=1.0))
     sock = connect(stall_gateway.url)
     sock.sendall(edit_head(len(body)) + body)
@@ -129,3 +144,12 @@ def test_slow_client_disconnecting_while_upstream_works_lets_the_call_complete(
     (sent,) = upstream.edits
     assert sent.files[0].sha256 == hashlib.sha256(image).hexdigest()
     assert healthy(stall_gateway.url)
+    assert wait_until(lambda: in_flight(stall_gateway.url) == 0)
+    # The paid answer was kept: the same edit again is served without a second upstream call.
+    client = OpenAI(base_url=stall_gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    again = client.images.with_raw_response.edit(
+        image=("again.png", image, "image/png"), prompt=prompt
+    )
+    assert again.headers["x-cache"] == "hit"
+    assert len(again.parse().data) == 1
+    assert len(upstream.edits) == 1
