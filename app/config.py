@@ -74,6 +74,9 @@ class Limits(_Strict):
     # many idle seconds (or this many in total) it gets 408 and the connection is closed.
     body_idle_timeout: float = Field(30.0, gt=0)
     body_timeout: float = Field(600.0, gt=0)
+    # Requests in flight per process (0: no limit); beyond it, 503 with retry-after.
+    max_in_flight: int = Field(256, ge=0)
+    overload_retry_after: int = Field(2, ge=1, le=60)
 
 
 class HttpClientConfig(_Strict):

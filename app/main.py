@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
+from app.admission import ConcurrencyLimitMiddleware
 from app.api import admin, files, health, images, models
 from app.api import metrics as metrics_api
 from app.auth import PUBLIC_PATHS, ClientAuthMiddleware
@@ -94,6 +95,12 @@ def create_app(
         gateway: Gateway = app.state.gateway
         return gateway.clients.directory
 
+    # Only authenticated requests count against the in-flight limit (auth runs first).
+    app.add_middleware(
+        ConcurrencyLimitMiddleware,
+        max_in_flight=settings.limits.max_in_flight,
+        retry_after_seconds=settings.limits.overload_retry_after,
+    )
     app.add_middleware(
         ClientAuthMiddleware,
         keys=settings.client_keys,
