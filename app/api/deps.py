@@ -10,7 +10,9 @@ from app.clients.directory import ClientPolicy
 from app.runtime import Gateway
 
 
-def get_gateway(request: Request) -> Gateway:
+# async on purpose: FastAPI runs a plain `def` dependency in a worker thread, and that hop cost
+# more than anything else the route does before reading the body.
+async def get_gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
 

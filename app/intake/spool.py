@@ -72,13 +72,14 @@ class SpooledUpload:
     def read_all(self) -> bytes:
         return self._read_range(0, self.size)
 
-    def iter_chunks(self) -> Iterator[Chunk]:
+    def iter_chunks(self, read_bytes: int = READ_CHUNK_BYTES) -> Iterator[Chunk]:
+        """The bytes in order: the chunks as received, or reads of `read_bytes` from disk."""
         if self._fd is None:
             yield from self._chunks
             return
         offset = 0
         while offset < self.size:
-            data = os.pread(self._fd, min(READ_CHUNK_BYTES, self.size - offset), offset)
+            data = os.pread(self._fd, min(read_bytes, self.size - offset), offset)
             if not data:
                 raise OSError("spool file shrank while it was being read")
             offset += len(data)

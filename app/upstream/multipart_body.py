@@ -7,11 +7,22 @@ any number of times, so a retry never re-reads the client. Content-Length is kno
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import cast
 
 from app.edit import EditRequest, ImageInput, ParamValue
 from app.intake.spool import SpooledUpload
+
+# Upload bytes are sent in writes of about this size (a few syscalls per MB, not dozens).
+WRITE_BYTES = 1024 * 1024
+
+
+def _joined(pieces: list[bytes | memoryview]) -> bytes:
+    # A lone piece goes out as it is (memoryviews too: h11 and the transport only take len()
+    # and write them); several are joined, one copy that saves a send per piece.
+    if len(pieces) == 1:
+        return cast(bytes, pieces[0])
+    return b"".join(pieces)
 
 
 def _quote(name: str) -> str:
@@ -65,12 +76,30 @@ class MultipartBody:
         return f"multipart/form-data; boundary={self.boundary}"
 
     async def stream(self) -> AsyncIterator[bytes]:
-        # Memoryviews go out as they are: httpx/h11 only take len() and write them, and
-        # converting would copy every upload once more.
+        # Each piece costs one pass through httpx, httpcore, h11 and anyio (cancel scopes,
+        # checkpoints) plus a send(): tens of microseconds, more than copying it. So pieces are
+        # gathered into writes of about WRITE_BYTES; a lone large piece goes out as it is.
+        pending: list[bytes | memoryview] = []
+        pending_bytes = 0
+        for piece in self._pieces():
+            if len(piece) >= WRITE_BYTES:
+                if pending:
+                    yield _joined(pending)
+                    pending, pending_bytes = [], 0
+                yield cast(bytes, piece)
+                continue
+            pending.append(piece)
+            pending_bytes += len(piece)
+            if pending_bytes >= WRITE_BYTES:
+                yield _joined(pending)
+                pending, pending_bytes = [], 0
+        if pending:
+            yield _joined(pending)
+
+    def _pieces(self) -> Iterator[bytes | memoryview]:
         for segment in self._segments:
             if isinstance(segment, SpooledUpload):
-                for chunk in segment.iter_chunks():
-                    yield cast(bytes, chunk)
+                yield from segment.iter_chunks(WRITE_BYTES)
             else:
                 yield segment
 
