@@ -15,6 +15,7 @@ from app.clients.services import ClientServices, open_client_services
 from app.config import Settings
 from app.edit import EditRequest
 from app.forwarding import Forwarder
+from app.intake.spool import SpoolWorker
 from app.keys import RoundRobinKeys
 from app.metrics import GatewayMetrics
 from app.redaction import Redactor
@@ -36,12 +37,15 @@ class Gateway:
     metrics: GatewayMetrics
     cache: EditCache
     clients: ClientServices
+    spool_worker: SpoolWorker | None = None
 
     async def aclose(self) -> None:
         # Paid upstream calls whose clients left get the drain budget to finish and be stored.
         await self.cache.aclose(grace=self.settings.shutdown.drain_timeout)
         await self.cache.store.aclose()
         await self.http.aclose()
+        if self.spool_worker is not None:
+            self.spool_worker.shutdown()
         if self.redis is not None:
             await self.redis.aclose()
 
@@ -122,4 +126,5 @@ def open_gateway(
         metrics=metrics,
         cache=open_edit_cache(settings, http=http, forward=forward, events=metrics),
         clients=open_client_services(settings, redis, metrics),
+        spool_worker=SpoolWorker(),
     )

@@ -42,6 +42,7 @@ async def _edit(request: Request, gateway: Gateway, metered: MeteredEdit) -> Res
             max_file_bytes=min(
                 int(settings.limits.max_file_bytes), settings.catalog.max_image_bytes()
             ),
+            worker=gateway.spool_worker,
         )
     except ClientDisconnect:
         # Nobody is left to answer; 499 is what the access log will show.

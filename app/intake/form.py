@@ -22,7 +22,7 @@ from app.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from app.intake.spool import SpooledUpload
+from app.intake.spool import SpooledUpload, SpoolWorker
 
 # RFC 2046: 1-70 characters from a restricted set (space allowed, but not last).
 _BOUNDARY = re.compile(rb"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
@@ -30,6 +30,8 @@ _BOUNDARY = re.compile(rb"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=
 # After a limit is crossed, the rest of the body is read and thrown away (never stored) for at
 # most this long, so that the client reads our 413 instead of a connection reset mid-upload.
 DRAIN_SECONDS = 5.0
+# Upload bytes the spool worker may have queued before intake waits for it.
+MAX_SPOOL_BACKLOG_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -78,8 +80,11 @@ def multipart_boundary(content_type: str | None) -> bytes:
 class _FormBuilder:
     """python-multipart callbacks that build an IntakeForm under the limits."""
 
-    def __init__(self, limits: Limits, max_file_bytes: int) -> None:
+    def __init__(
+        self, limits: Limits, max_file_bytes: int, worker: SpoolWorker | None = None
+    ) -> None:
         self.form = IntakeForm()
+        self._worker = worker
         self._limits = limits
         self._max_file_bytes = max_file_bytes
         self._parts = 0
@@ -141,6 +146,7 @@ class _FormBuilder:
                 filename,
                 threshold=int(self._limits.spool_threshold_bytes),
                 spool_dir=self._limits.spool_dir,
+                worker=self._worker,
             )
             self.form.files.append(self._upload)
         else:
@@ -210,8 +216,12 @@ async def read_form(
     content_length: str | None,
     limits: Limits,
     max_file_bytes: int,
+    worker: SpoolWorker | None = None,
 ) -> IntakeForm:
-    """Parse a multipart body from `chunks`, refusing it with 413 the moment a limit is crossed."""
+    """Parse a multipart body from `chunks`, refusing it with 413 the moment a limit is crossed.
+
+    With a `worker`, uploads are hashed and spooled on its thread; the form is returned only once
+    all of that is done, so its files are complete and their digests ready."""
     boundary = multipart_boundary(content_type)
     max_body = int(limits.max_body_bytes)
     if content_length is not None:
@@ -225,7 +235,7 @@ async def read_form(
                 code="body_too_large",
             )
 
-    builder = _FormBuilder(limits, max_file_bytes)
+    builder = _FormBuilder(limits, max_file_bytes, worker)
     parser = MultipartParser(
         boundary,
         builder.callbacks(),  # type: ignore[arg-type]
@@ -241,11 +251,16 @@ async def read_form(
                     f"The request body is larger than {max_body} bytes.", code="body_too_large"
                 )
             _feed(parser, chunk)
+            files = builder.form.files
+            if files and files[-1].backlog_bytes > MAX_SPOOL_BACKLOG_BYTES:
+                await files[-1].settled()
         _feed(parser, None)
         if not builder.finished:
             raise InvalidRequest(
                 "The multipart body ended before its closing boundary.", code="invalid_multipart"
             )
+        for upload in builder.form.files:
+            await upload.settled()
     except RequestTimeout:
         builder.form.close()
         raise

@@ -42,14 +42,22 @@ class EditBody:
         field_name = "image" if len(images) == 1 else "image[]"
         parts = [
             dash + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-image-1.5\r\n',
-            dash + b'\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n'
-            + prompt.encode() + b"\r\n",
+            dash
+            + b'\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n'
+            + prompt.encode()
+            + b"\r\n",
         ]
         for index, image in enumerate(images):
             parts.append(
-                dash + b'\r\nContent-Disposition: form-data; name="' + field_name.encode()
-                + b'"; filename="photo' + str(index).encode() + b'.png"\r\n'
-                + b"Content-Type: image/png\r\n\r\n" + image + b"\r\n"
+                dash
+                + b'\r\nContent-Disposition: form-data; name="'
+                + field_name.encode()
+                + b'"; filename="photo'
+                + str(index).encode()
+                + b'.png"\r\n'
+                + b"Content-Type: image/png\r\n\r\n"
+                + image
+                + b"\r\n"
             )
         parts.append(dash + b"--\r\n")
         body = b"".join(parts)
@@ -169,18 +177,26 @@ def run_python(
 ) -> LoadResult:
     """The asyncio load generator, in its own process so it never shares the bench's GIL."""
     command = [
-        sys.executable, "-m", "tests.bench.load", "--url", url, "--body-file", str(body.path),
-        "--content-type", body.content_type, "--connections", str(connections),
-        "--duration", str(duration),
+        sys.executable,
+        "-m",
+        "tests.bench.load",
+        "--url",
+        url,
+        "--body-file",
+        str(body.path),
+        "--content-type",
+        body.content_type,
+        "--connections",
+        str(connections),
+        "--duration",
+        str(duration),
     ]
     if requests_per_connection is not None:
         command += ["--requests-per-connection", str(requests_per_connection)]
     if honour_retry_after:
         command.append("--honour-retry-after")
     env = {**os.environ, "BENCH_CLIENT_KEY": client_key}
-    done = subprocess.run(
-        command, check=True, env=env, capture_output=True, timeout=duration + 600
-    )
+    done = subprocess.run(command, check=True, env=env, capture_output=True, timeout=duration + 600)
     raw = json.loads(done.stdout)
     return LoadResult(**raw)
 

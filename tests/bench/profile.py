@@ -25,7 +25,7 @@ from tests.bench.run import RESULTS, Bench
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.profile")
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--body", default="1x1MB", choices=["1x1MB", "4x5MB", "4x10MB"])
+    parser.add_argument("--body", default="1x1MB", choices=["1x12KB", "1x1MB", "4x5MB", "4x10MB"])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--gateway", default="fast", choices=["fast", "cache"])
     parser.add_argument("--top", type=int, default=40)
@@ -34,8 +34,9 @@ def main() -> int:
     if not Path(py_spy).exists():
         print("py-spy is not installed: .venv/bin/pip install py-spy", file=sys.stderr)
         return 2
-    bench_args = argparse.Namespace(python_load=False, asyncio_upstream=False, repeat=1,
-                                    duration=args.seconds)
+    bench_args = argparse.Namespace(
+        python_load=False, asyncio_upstream=False, repeat=1, duration=args.seconds
+    )
     workdir = Path(tempfile.mkdtemp(prefix="gw-profile-"))
     bench = Bench(bench_args, workdir)
     RESULTS.mkdir(exist_ok=True)
@@ -49,10 +50,25 @@ def main() -> int:
         )
         load.start()
         subprocess.run(
-            [py_spy, "record", "--pid", str(gateway.pid), "--duration", str(int(args.seconds)),
-             "--rate", "250", *(["--native"] if os.environ.get("PYSPY_NATIVE") else []), "--format", "raw", "--output", str(raw)]
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(gateway.pid),
+                "--duration",
+                str(int(args.seconds)),
+                "--rate",
+                "250",
+                *(["--native"] if os.environ.get("PYSPY_NATIVE") else []),
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+            ]
             + ([] if os.environ.get("PYSPY_NATIVE") else ["--nonblocking"]),
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         load.join()
     finally:

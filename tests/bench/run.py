@@ -83,6 +83,7 @@ class Bench:
         if name not in self._bodies:
             count, side = {
                 "1x1MB": (1, 577),  # an incompressible RGB PNG of ~1 MB
+                "1x12KB": (1, 64),
                 "4x5MB": (4, 1291),
                 "4x10MB": (4, 1826),
             }[name]
@@ -237,13 +238,19 @@ def _memory(bench: Bench) -> list[Row]:
     with PeakRss(gw.pid) as peak:
         before = cpu_seconds(gw.pid)
         load = run_python(
-            gw.url, body, connections=32, duration=60, client_key=CLIENT_KEY,
+            gw.url,
+            body,
+            connections=32,
+            duration=60,
+            client_key=CLIENT_KEY,
             requests_per_connection=bench.args.memory_rounds,
         )
         spent = cpu_seconds(gw.pid) - before
     left = gw.spooled_files_open()
     in_flight_gb = 32 * body.size / 1e9
-    m = Measured(load, spent * 1000 / load.requests if load.requests else None, peak.peak_bytes / 2**20)
+    m = Measured(
+        load, spent * 1000 / load.requests if load.requests else None, peak.peak_bytes / 2**20
+    )
     row = _row(name, "gateway", body, m, None)
     row.note = f"{in_flight_gb:.2f} GB in flight; spool files left after: {left}"
     return [row]
@@ -260,11 +267,17 @@ def _overload(bench: Bench) -> list[Row]:
     with PeakRss(gw.pid) as peak:
         before = cpu_seconds(gw.pid)
         load = run_python(
-            gw.url, body, connections=256, duration=bench.args.overload_seconds,
-            client_key=CLIENT_KEY, honour_retry_after=True,
+            gw.url,
+            body,
+            connections=256,
+            duration=bench.args.overload_seconds,
+            client_key=CLIENT_KEY,
+            honour_retry_after=True,
         )
         spent = cpu_seconds(gw.pid) - before
-    m = Measured(load, spent * 1000 / load.requests if load.requests else None, peak.peak_bytes / 2**20)
+    m = Measured(
+        load, spent * 1000 / load.requests if load.requests else None, peak.peak_bytes / 2**20
+    )
     row = _row(name, "gateway", body, m, None)
     row.note = f"p50/p99 of admitted; upstream takes {SLOW_UPSTREAM_SECONDS:g} s"
     return [row]
@@ -287,33 +300,69 @@ def targets(rows: list[Row]) -> list[dict[str, Any]]:
         ("1MB c=16 req/s", "1x1MB c=16", "gateway", lambda r: r.rps, 300, False),
         ("4x5MB c=16 MB/s", "4x5MB c=16", "gateway", lambda r: r.mb_s, 250, False),
         ("1MB cache hit c=16 req/s", "1MB cache hit c=16", "gateway", lambda r: r.rps, 400, False),
-        ("memory peak RSS (MB)", "memory 32x(4x10MB)", "gateway", lambda r: r.peak_rss_mb, 400, True),
+        (
+            "memory peak RSS (MB)",
+            "memory 32x(4x10MB)",
+            "gateway",
+            lambda r: r.peak_rss_mb,
+            400,
+            True,
+        ),
     ]
     out = []
     for label, scenario, via, get, limit, at_most in checks:
         row = _find(rows, scenario, via)
         value = get(row) if row is not None else None
         met = None if value is None else (value <= limit if at_most else value >= limit)
-        out.append({"target": label, "limit": f"{'<=' if at_most else '>='} {limit:g}",
-                    "value": value, "met": met})
+        out.append(
+            {
+                "target": label,
+                "limit": f"{'<=' if at_most else '>='} {limit:g}",
+                "value": value,
+                "met": met,
+            }
+        )
     overload = next((r for r in rows if r.scenario.startswith("overload")), None)
     if overload is not None:
-        out.append({"target": "overload: failures other than 503", "limit": "== 0",
-                    "value": overload.errors, "met": overload.errors == 0})
+        out.append(
+            {
+                "target": "overload: failures other than 503",
+                "limit": "== 0",
+                "value": overload.errors,
+                "met": overload.errors == 0,
+            }
+        )
         p99 = overload.p99_ms
-        out.append({"target": "overload: admitted p99 (ms)",
-                    "limit": f"<= {SLOW_UPSTREAM_SECONDS * 1100:g}", "value": p99,
-                    "met": None if p99 is None else p99 <= SLOW_UPSTREAM_SECONDS * 1100})
+        out.append(
+            {
+                "target": "overload: admitted p99 (ms)",
+                "limit": f"<= {SLOW_UPSTREAM_SECONDS * 1100:g}",
+                "value": p99,
+                "met": None if p99 is None else p99 <= SLOW_UPSTREAM_SECONDS * 1100,
+            }
+        )
     memory = _find(rows, "memory 32x(4x10MB)")
     if memory is not None:
         left = int(memory.note.rsplit(":", 1)[1]) if "left after" in memory.note else None
-        out.append({"target": "memory: spool files left after", "limit": "== 0", "value": left,
-                    "met": left == 0})
+        out.append(
+            {
+                "target": "memory: spool files left after",
+                "limit": "== 0",
+                "value": left,
+                "met": left == 0,
+            }
+        )
     fast = [r for r in rows if r.scenario == "1x1MB c=16"]
     if len(fast) == 2 and fast[0].rps and fast[1].rps:
         ratio = fast[0].rps / fast[1].rps
-        out.append({"target": "upstream headroom (direct/gateway req/s, 1MB c=16)",
-                    "limit": ">= 5", "value": ratio, "met": ratio >= 5})
+        out.append(
+            {
+                "target": "upstream headroom (direct/gateway req/s, 1MB c=16)",
+                "limit": ">= 5",
+                "value": ratio,
+                "met": ratio >= 5,
+            }
+        )
     return out
 
 
@@ -326,19 +375,43 @@ def _fmt(value: float | int | None, digits: int = 1) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    header = ("scenario", "via", "c", "req/s", "MB/s", "p50 ms", "p99 ms", "+p50 ms", "+p99 ms",
-              "errors", "503s", "peak RSS MB", "CPU ms/req")
+    header = (
+        "scenario",
+        "via",
+        "c",
+        "req/s",
+        "MB/s",
+        "p50 ms",
+        "p99 ms",
+        "+p50 ms",
+        "+p99 ms",
+        "errors",
+        "503s",
+        "peak RSS MB",
+        "CPU ms/req",
+    )
     lines = [header]
     for r in rows:
         if r.note.startswith("n/a"):
             lines.append((r.scenario, r.via, str(r.connections), r.note, *[""] * 9))
             continue
-        lines.append((
-            r.scenario, r.via, str(r.connections), _fmt(r.rps), _fmt(r.mb_s), _fmt(r.p50_ms, 2),
-            _fmt(r.p99_ms, 2), _fmt(r.added_p50_ms, 2), _fmt(r.added_p99_ms, 2), _fmt(r.errors),
-            _fmt(r.refused_503), _fmt(r.peak_rss_mb, 0) if r.via == "gateway" else "-",
-            _fmt(r.cpu_ms_per_request, 2),
-        ))
+        lines.append(
+            (
+                r.scenario,
+                r.via,
+                str(r.connections),
+                _fmt(r.rps),
+                _fmt(r.mb_s),
+                _fmt(r.p50_ms, 2),
+                _fmt(r.p99_ms, 2),
+                _fmt(r.added_p50_ms, 2),
+                _fmt(r.added_p99_ms, 2),
+                _fmt(r.errors),
+                _fmt(r.refused_503),
+                _fmt(r.peak_rss_mb, 0) if r.via == "gateway" else "-",
+                _fmt(r.cpu_ms_per_request, 2),
+            )
+        )
     out = ["| " + " | ".join(line) + " |" for line in lines]
     out.insert(1, "|" + "|".join("---" for _ in header) + "|")
     notes = [f"- {r.scenario}: {r.note}" for r in rows if r.note and not r.note.startswith("n/a")]
@@ -350,7 +423,9 @@ def targets_table(checks: list[dict[str, Any]]) -> str:
     for c in checks:
         met = {True: "yes", False: "NO", None: "n/a"}[c["met"]]
         value = c["value"]
-        shown = "-" if value is None else (f"{value:.2f}" if isinstance(value, float) else str(value))
+        shown = (
+            "-" if value is None else (f"{value:.2f}" if isinstance(value, float) else str(value))
+        )
         out.append(f"| {c['target']} | {c['limit']} | {shown} | {met} |")
     return "\n".join(out)
 
