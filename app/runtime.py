@@ -23,6 +23,7 @@ from app.upstream.base import Upstream, UpstreamAnswer
 from app.upstream.bfl import BflUpstream
 from app.upstream.demo import DemoUpstream
 from app.upstream.openai import OpenAIUpstream
+from app.upstream.transport import ShardedTransport
 
 log = logging.getLogger("gateway")
 
@@ -72,14 +73,16 @@ def open_gateway(
             models=settings.catalog.models,
             clients=client_names(settings.clients, len(settings.client_keys)),
         )
-    limits = httpx.Limits(
-        max_connections=settings.http.max_connections,
-        max_keepalive_connections=settings.http.max_keepalive_connections,
-        keepalive_expiry=settings.http.keepalive_expiry,
-    )
+    if transport is None:
+        transport = ShardedTransport(
+            max_connections=settings.http.max_connections,
+            max_keepalive_connections=settings.http.max_keepalive_connections,
+            keepalive_expiry=settings.http.keepalive_expiry,
+        )
     # Per-request timeouts are set by each upstream; this default only guards stray calls.
+    # trust_env=False: proxies come from config, never from whatever the environment holds.
     http = httpx.AsyncClient(
-        limits=limits, timeout=httpx.Timeout(300.0, connect=5.0), transport=transport
+        timeout=httpx.Timeout(300.0, connect=5.0), transport=transport, trust_env=False
     )
     redactor = Redactor(secrets_of(settings))
     # httpcore's DEBUG trace logs upstream response headers verbatim, and upstreams may echo key
