@@ -31,7 +31,7 @@ _BOUNDARY = re.compile(rb"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=
 # most this long, so that the client reads our 413 instead of a connection reset mid-upload.
 DRAIN_SECONDS = 5.0
 # Upload bytes the spool worker may have queued before intake waits for it.
-MAX_SPOOL_BACKLOG_BYTES = 8 * 1024 * 1024
+MAX_SPOOL_BACKLOG_BYTES = 1024 * 1024
 
 
 @dataclass

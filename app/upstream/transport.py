@@ -34,6 +34,11 @@ class ShardedTransport(httpx.AsyncBaseTransport):
         self._shards = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(count)]
         self._in_flight = [0] * count
 
+    @property
+    def in_flight(self) -> tuple[int, ...]:
+        """Requests in flight per pool, their bodies not yet closed."""
+        return tuple(self._in_flight)
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         # Ties go to the lowest index, so light traffic reuses a few warm connections.
         index = min(range(len(self._shards)), key=self._in_flight.__getitem__)
