@@ -139,8 +139,20 @@ def run_wrk(
         }
         threads = min(2, connections)
         subprocess.run(
-            [wrk, "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s"]
-            + ["--timeout", "30s", "-s", str(script), url + EDIT_PATH],
+            [
+                wrk,
+                "-t",
+                str(threads),
+                "-c",
+                str(connections),
+                "-d",
+                f"{duration:g}s",
+                "--timeout",
+                "30s",
+                "-s",
+                str(script),
+                url + EDIT_PATH,
+            ],
             check=True,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -245,7 +257,7 @@ class _Connection(asyncio.Protocol):
 def _percentile(sorted_values: list[float], fraction: float) -> float | None:
     if not sorted_values:
         return None
-    index = min(len(sorted_values) - 1, int(round(fraction * (len(sorted_values) - 1))))
+    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
     return sorted_values[index]
 
 

@@ -1,4 +1,4 @@
-"""Profile the gateway under load: `python -m tests.bench.profile [--connections 16] [--body 1x1MB]`.
+"""Profile the gateway under load: `python -m tests.bench.profile [--connections N] [--body B]`.
 
 Starts the same fake upstream and gateway as the benchmark, drives load, and samples the gateway
 with py-spy (`pip install py-spy` into the venv; it is not a project dependency). Prints the
@@ -18,7 +18,6 @@ import tempfile
 import threading
 from pathlib import Path
 
-from tests.bench.gateway import CLIENT_KEY
 from tests.bench.run import RESULTS, Bench
 
 

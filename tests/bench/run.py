@@ -13,13 +13,12 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -415,7 +414,7 @@ def table(rows: list[Row]) -> str:
     out = ["| " + " | ".join(line) + " |" for line in lines]
     out.insert(1, "|" + "|".join("---" for _ in header) + "|")
     notes = [f"- {r.scenario}: {r.note}" for r in rows if r.note and not r.note.startswith("n/a")]
-    return "\n".join(out + ([""] + notes if notes else []))
+    return "\n".join(out + (["", *notes] if notes else []))
 
 
 def targets_table(checks: list[dict[str, Any]]) -> str:

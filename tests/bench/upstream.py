@@ -163,8 +163,15 @@ class AsyncioUpstream(Upstream):
 
     def start(self) -> AsyncioUpstream:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.bench.upstream", "--port", str(self.port)]
-            + ["--delay", str(self.delay)],
+            [
+                sys.executable,
+                "-m",
+                "tests.bench.upstream",
+                "--port",
+                str(self.port),
+                "--delay",
+                str(self.delay),
+            ],
             stdout=subprocess.DEVNULL,
         )
         wait_for_port(self.port)
