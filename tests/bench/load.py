@@ -79,6 +79,7 @@ class LoadResult:
     p99_ms: float | None = None
     max_ms: float | None = None
     headers_seen: dict[str, str] = field(default_factory=dict)
+    steady_p99_ms: float | None = None  # python generator: p99 after the warm-up
 
     @property
     def rps(self) -> float:
@@ -186,6 +187,7 @@ def run_python(
     client_key: str,
     requests_per_connection: int | None = None,
     honour_retry_after: bool = False,
+    warmup: float = 0.0,
 ) -> LoadResult:
     """The asyncio load generator, in its own process so it never shares the bench's GIL."""
     command = [
@@ -207,6 +209,7 @@ def run_python(
         command += ["--requests-per-connection", str(requests_per_connection)]
     if honour_retry_after:
         command.append("--honour-retry-after")
+    command += ["--warmup", str(warmup)]
     env = {**os.environ, "BENCH_CLIENT_KEY": client_key}
     done = subprocess.run(command, check=True, env=env, capture_output=True, timeout=duration + 600)
     raw = json.loads(done.stdout)
@@ -274,6 +277,7 @@ async def _drive(args: argparse.Namespace) -> LoadResult:
     del body
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
+    steady: list[float] = []  # of requests started after --warmup seconds
     failures: dict[str, int] = {}
     counts = {"requests": 0, "ok": 0, "refused": 0}
     seen: dict[str, str] = {}
@@ -316,6 +320,8 @@ async def _drive(args: argparse.Namespace) -> LoadResult:
             if 200 <= status < 300:
                 counts["ok"] += 1
                 latencies.append(elapsed)
+                if began - start >= args.warmup:
+                    steady.append(elapsed)
             elif status == 503 and "retry-after" in headers:
                 counts["refused"] += 1
                 if args.honour_retry_after:
@@ -331,6 +337,7 @@ async def _drive(args: argparse.Namespace) -> LoadResult:
     await asyncio.gather(*(client() for _ in range(args.connections)))
     elapsed = time.perf_counter() - start
     latencies.sort()
+    steady.sort()
 
     def ms(value: float | None) -> float | None:
         return None if value is None else value * 1000
@@ -346,6 +353,7 @@ async def _drive(args: argparse.Namespace) -> LoadResult:
         p50_ms=ms(_percentile(latencies, 0.50)),
         p99_ms=ms(_percentile(latencies, 0.99)),
         max_ms=ms(latencies[-1] if latencies else None),
+        steady_p99_ms=ms(_percentile(steady, 0.99)),
         headers_seen=seen,
     )
 
@@ -359,6 +367,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--requests-per-connection", type=int, default=None)
     parser.add_argument("--honour-retry-after", action="store_true")
+    parser.add_argument("--warmup", type=float, default=0.0, help="seconds before steady state")
     args = parser.parse_args()
     import uvloop
 

@@ -37,6 +37,9 @@ MB = 1_000_000
 # cap below its 256 clients; every other scenario stays under it.
 BENCH_LIMITS = {"max_in_flight": 128}
 SLOW_UPSTREAM_SECONDS = 2.0
+# The overload run starts 256 uploads in the same instant; requests started in this first stretch
+# queue behind that herd, so the steady-state p99 is reported apart from the all-requests one.
+OVERLOAD_WARMUP_SECONDS = 3.0
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Row:
     refused_503: int | None = None
     peak_rss_mb: float | None = None
     cpu_ms_per_request: float | None = None
+    steady_p99_ms: float | None = None
     note: str = ""
 
 
@@ -272,13 +276,18 @@ def _overload(bench: Bench) -> list[Row]:
             duration=bench.args.overload_seconds,
             client_key=CLIENT_KEY,
             honour_retry_after=True,
+            warmup=OVERLOAD_WARMUP_SECONDS,
         )
         spent = cpu_seconds(gw.pid) - before
     m = Measured(
         load, spent * 1000 / load.requests if load.requests else None, peak.peak_bytes / 2**20
     )
     row = _row(name, "gateway", body, m, None)
-    row.note = f"p50/p99 of admitted; upstream takes {SLOW_UPSTREAM_SECONDS:g} s"
+    row.steady_p99_ms = load.steady_p99_ms
+    row.note = (
+        f"p50/p99 of admitted requests; upstream takes {SLOW_UPSTREAM_SECONDS:g} s; p99 of those "
+        f"started after the first {OVERLOAD_WARMUP_SECONDS:g} s: {_fmt(load.steady_p99_ms, 0)} ms"
+    )
     return [row]
 
 
@@ -331,15 +340,22 @@ def targets(rows: list[Row]) -> list[dict[str, Any]]:
                 "met": overload.errors == 0,
             }
         )
-        p99 = overload.p99_ms
-        out.append(
-            {
-                "target": "overload: admitted p99 (ms)",
-                "limit": f"<= {SLOW_UPSTREAM_SECONDS * 1100:g}",
-                "value": p99,
-                "met": None if p99 is None else p99 <= SLOW_UPSTREAM_SECONDS * 1100,
-            }
-        )
+        limit = SLOW_UPSTREAM_SECONDS * 1100
+        for label, p99 in (
+            ("overload: admitted p99, all (ms)", overload.p99_ms),
+            (
+                f"overload: admitted p99, after first {OVERLOAD_WARMUP_SECONDS:g} s (ms)",
+                overload.steady_p99_ms,
+            ),
+        ):
+            out.append(
+                {
+                    "target": label,
+                    "limit": f"<= {limit:g}",
+                    "value": p99,
+                    "met": None if p99 is None else p99 <= limit,
+                }
+            )
     memory = _find(rows, "memory 32x(4x10MB)")
     if memory is not None:
         left = int(memory.note.rsplit(":", 1)[1]) if "left after" in memory.note else None
