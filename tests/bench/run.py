@@ -105,8 +105,11 @@ class Bench:
 
     def gateway(self, name: str) -> GatewayProcess:
         if name not in self._gateways:
-            env: dict[str, str] = {}
+            # Forwarding scenarios replay one identical request: with the result cache on, all
+            # but the first would be hits, so only the cache scenario's gateway has it.
+            env: dict[str, str] = {"GATEWAY_CACHE_ENABLED": "false"}
             if name == "cache":
+                env["GATEWAY_CACHE_ENABLED"] = "true"
                 if self._redis is None:
                     self._redis = PrivateRedis()
                     self._redis.start()
