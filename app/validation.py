@@ -191,15 +191,18 @@ def _sniff(
     if upload.size == 0:
         raise InvalidRequest(f"{param} is an empty file.", param=param, code="invalid_image")
     tail = upload.tail(TAIL_BYTES)
+    # Most headers fit in a few KiB; copying HEAD_BYTES of every upload cost more than the rest
+    # of validation, so the long read is only for what the short one could not settle: a JPEG
+    # frame header behind large EXIF blocks, or a mask's tRNS chunk behind large metadata.
+    info: ImageInfo | None
     try:
-        # Most headers fit in a few KiB; copying HEAD_BYTES of every upload cost more than the
-        # rest of validation, so the long read is only for what the short one could not settle.
         info = sniff_image(upload.head(QUICK_HEAD_BYTES), tail, upload.size)
-        if full_head and info.kind == "png" and not info.has_alpha:
-            raise SniffError("a tRNS chunk may lie further in")
     except SniffError as exc:
         if upload.size <= QUICK_HEAD_BYTES:
             raise InvalidRequest(f"{param}: {exc}.", param=param, code="invalid_image") from None
+        info = None
+    unsettled_alpha = full_head and info is not None and info.kind == "png" and not info.has_alpha
+    if info is None or (unsettled_alpha and upload.size > QUICK_HEAD_BYTES):
         try:
             info = sniff_image(upload.head(HEAD_BYTES), tail, upload.size)
         except SniffError as exc:

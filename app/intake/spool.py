@@ -47,8 +47,13 @@ class SpoolWorker:
         self._queue.put(job)
 
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
             job()
+            # Idle with no reference left: the last job must not keep its upload alive.
+            del job
 
     def shutdown(self) -> None:
         if self._thread is not None:
