@@ -45,6 +45,8 @@ def exported_series() -> dict[str, set[str]]:
     metrics.record_cache_join("m")
     metrics.record_redis_error("cache")
     metrics.set_redis_up(True)
+    metrics.record_client_edit("team-a", "m", outcome="ok", images=1, cost_usd=0.04)
+    metrics.record_client_refusal("team-a", "images_per_day")
     asyncio.run(metrics.refresh_keys())
     metrics.record_client_edit("team", "m", outcome="ok", images=1, cost_usd=0.5)
     metrics.record_client_refusal("team", "requests_per_minute")
