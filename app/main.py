@@ -19,6 +19,7 @@ from app.config import Settings, load_settings
 from app.drain import Drain, DrainMiddleware
 from app.errors import install_error_handlers
 from app.logs import install_redaction
+from app.memory import malloc_trim, trim_heap_periodically
 from app.metrics import GatewayMetrics
 from app.observe import ObservabilityMiddleware
 from app.redaction import Redactor
@@ -54,9 +55,13 @@ def create_app(
             if gateway.redis is not None
             else None
         )
+        trimmer = asyncio.create_task(trim_heap_periodically(malloc_trim()))
         try:
             yield
         finally:
+            trimmer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await trimmer
             if watcher is not None:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
