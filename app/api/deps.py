@@ -10,8 +10,8 @@ from app.clients.directory import ClientPolicy
 from app.runtime import Gateway
 
 
-# async on purpose: FastAPI runs a plain `def` dependency in a worker thread, and that hop cost
-# more than anything else the route does before reading the body.
+# Dependencies are async on purpose: FastAPI runs a plain `def` dependency in a worker thread,
+# and that hop cost more than anything else the route does before reading the body.
 async def get_gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
@@ -20,7 +20,7 @@ async def get_gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-def get_client(request: Request, gateway: GatewayDep) -> ClientPolicy:
+async def get_client(request: Request, gateway: GatewayDep) -> ClientPolicy:
     """The calling client's policy (auth put its name in the request state)."""
     name: str = getattr(request.state, "client_id", None) or "anonymous"
     return gateway.clients.directory.policy(name)
