@@ -66,3 +66,13 @@ def test_palette_mask_with_transparency_behind_large_chunk_is_accepted(
         ("image", sha(source)),
         ("mask", sha(mask)),
     ]
+
+
+def test_request_ids_are_unique_and_opaque(gateway_url: str) -> None:
+    import re
+
+    import httpx
+
+    ids = [httpx.get(gateway_url + "/healthz").headers["x-request-id"] for _ in range(50)]
+    assert len(set(ids)) == 50
+    assert all(re.fullmatch(r"req_[0-9a-f]{24}", request_id) for request_id in ids)
