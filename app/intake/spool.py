@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import queue
 import tempfile
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 
 Chunk = bytes | memoryview
+log = logging.getLogger("gateway.spool")
 
 # Reads from the spool file happen on the event loop: they hit the page cache (the file was just
 # written) and a 256 KiB pread costs tens of microseconds, far less than a thread hop.
@@ -40,7 +42,7 @@ class SpoolWorker:
         self._thread: threading.Thread | None = None
 
     def submit(self, job: Callable[[], object]) -> None:
-        """Run `job` after every job submitted before it. Jobs must not raise."""
+        """Run `job` after every job submitted before it."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="spool", daemon=True)
             self._thread.start()
@@ -51,7 +53,12 @@ class SpoolWorker:
             job = self._queue.get()
             if job is None:
                 return
-            job()
+            try:
+                job()
+            except Exception as exc:
+                # Upload jobs record their own errors; anything else (a close that failed, a
+                # loop already closed at shutdown) must not end the thread every upload needs.
+                log.error("spool worker job failed (%s)", type(exc).__name__)
             # Idle with no reference left: the last job must not keep its upload alive.
             del job
 

@@ -117,3 +117,21 @@ def test_spool_worker_refused_upload_leaves_no_descriptor() -> None:
     finally:
         worker.shutdown()
     assert _open_fds() == fds_before
+
+
+def test_spool_worker_survives_a_failing_job() -> None:
+    worker = SpoolWorker()
+    ran: list[str] = []
+
+    def fails() -> None:
+        raise OSError("bad descriptor")
+
+    try:
+        worker.submit(fails)
+        form = _read(_body([("image", images.noise_png(300, 300, seed=6))]), worker)
+        worker.submit(lambda: ran.append("after"))
+        assert form.files[0].read_all().startswith(b"\x89PNG")
+        form.close()
+    finally:
+        worker.shutdown()
+    assert ran == ["after"]
