@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openai import OpenAI
+from openai import InternalServerError, OpenAI
 
 from app.main import create_app
 from tests.conftest import CLIENT_KEY
@@ -152,4 +152,37 @@ def test_slow_client_disconnecting_while_upstream_works_lets_the_call_complete(
     )
     assert again.headers["x-cache"] == "hit"
     assert len(again.parse().data) == 1
+    assert len(upstream.edits) == 1
+
+
+@pytest.fixture(scope="module")
+def one_slot_gateway(fake_upstream: FakeOpenAIUpstream) -> Iterator[SmallGateway]:
+    """A gateway admitting one request at a time: a stalled client holds its only slot."""
+    with tempfile.TemporaryDirectory(prefix="gw-spool-") as spool:
+        settings = small_settings(
+            fake_upstream.url,  # type: ignore[attr-defined]
+            Path(spool),
+            body_idle_timeout=IDLE_TIMEOUT,
+            max_in_flight=1,
+        )
+        with serve_in_thread(create_app(settings)) as url:
+            yield SmallGateway(url, Path(spool), settings)
+
+
+def test_slow_client_stalled_body_frees_its_slot_at_the_idle_timeout(
+    one_slot_gateway: SmallGateway, upstream: FakeOpenAIUpstream
+) -> None:
+    url = one_slot_gateway.url
+    client = OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+    image = ("a.png", images.png(64, 64), "image/png")
+    with connect(url) as sock:
+        body = edit_body(images.png(64, 64))
+        sock.sendall(edit_head(len(body)) + body[:100])
+        assert wait_until(lambda: in_flight(url) == 1)
+        with pytest.raises(InternalServerError) as busy:
+            client.images.edit(image=image, prompt="while the slot is held")
+        assert busy.value.status_code == 503
+        assert read_response(sock).status == 408
+    result = client.images.edit(image=image, prompt="after the stalled client was cut off")
+    assert len(result.data) == 1
     assert len(upstream.edits) == 1
