@@ -124,6 +124,16 @@ class FetchConfig(_Strict):
     max_redirects: int = Field(3, ge=0)
 
 
+class ImageUrlConfig(FetchConfig):
+    """https image URLs in JSON edits (`images: [{"image_url": "https://..."}]`), fetched by the
+    gateway through the same SSRF guard; off unless enabled. `*` allows any public host."""
+
+    enabled: bool = False
+    allowed_hosts: tuple[str, ...] = ("*",)
+    max_bytes: ByteSize = ByteSize(25 * 1024 * 1024)
+    timeout: float = Field(15.0, gt=0)
+
+
 class CacheConfig(_Strict):
     enabled: bool = True
     # shared: identical edits from any client share one entry; client: per client key.
@@ -162,6 +172,7 @@ class FileConfig(_Strict):
     public_base_url: str | None = None
     cache: CacheConfig = CacheConfig()
     clients: ClientsConfig = ClientsConfig()
+    image_urls: ImageUrlConfig = ImageUrlConfig()
 
 
 class Settings(_Strict):
@@ -187,6 +198,7 @@ class Settings(_Strict):
     cache: CacheConfig = CacheConfig()
     # Named clients with their keys read from the environment (see app/clients/config.py).
     clients: ClientsConfig = ClientsConfig()
+    image_urls: ImageUrlConfig = ImageUrlConfig()
 
 
 def _env_list(value: str | None) -> tuple[SecretStr, ...]:
@@ -249,6 +261,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
         enabled = _env_bool("GATEWAY_CACHE_ENABLED", env["GATEWAY_CACHE_ENABLED"])
         cache = cache.model_copy(update={"enabled": enabled})
     public_base_url = env.get("GATEWAY_PUBLIC_BASE_URL") or file_config.public_base_url
+    image_urls = file_config.image_urls
+    if env.get("GATEWAY_IMAGE_URLS_ENABLED"):
+        enabled = _env_bool("GATEWAY_IMAGE_URLS_ENABLED", env["GATEWAY_IMAGE_URLS_ENABLED"])
+        image_urls = image_urls.model_copy(update={"enabled": enabled})
     settings = Settings(
         config_path=config_path,
         demo=demo,
@@ -269,6 +285,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
         public_base_url=public_base_url.rstrip("/") if public_base_url else None,
         cache=cache,
         clients=_with_client_keys(file_config.clients, env),
+        image_urls=image_urls,
     )
     _check(settings)
     return settings

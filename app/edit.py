@@ -1,14 +1,19 @@
-"""A validated, normalized image edit: what flows from validation on to the router and upstream."""
+"""A validated, normalized images request (an edit, or a generation from the prompt alone): what
+flows from validation on to the cache, the router and the upstream dialect."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from app.catalog import ModelRule, ResponseFormat
 from app.intake.sniff import ImageInfo
 from app.intake.spool import SpooledUpload
 
 ParamValue = str | int | bool
+# One request type for both: the two share every step but the upstream endpoint, and a
+# generation is simply a request without images.
+Operation = Literal["edit", "generation"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,3 +40,13 @@ class EditRequest:
     # What the client asked for; None means the model's own default.
     response_format: ResponseFormat | None
     n: int
+    operation: Operation = "edit"
+    # Streaming shapes the answer, not the image: kept out of params (and the cache key). The
+    # OpenAI dialect streams from upstreams whose model declares `stream`; others are emulated.
+    stream: bool = False
+    partial_images: int = 0
+
+    @property
+    def event_prefix(self) -> str:
+        """What SSE event types start with: `image_edit` or `image_generation`."""
+        return "image_edit" if self.operation == "edit" else "image_generation"

@@ -10,7 +10,7 @@ import re
 from typing import cast
 
 from app.catalog import KNOWN_PARAMS, Catalog, CustomSize, ModelRule, ParamRule, ResponseFormat
-from app.edit import EditRequest, ImageInput, ParamValue
+from app.edit import EditRequest, ImageInput, Operation, ParamValue
 from app.errors import InvalidRequest, ModelNotFound, PayloadTooLarge
 from app.intake.form import IntakeForm
 from app.intake.sniff import HEAD_BYTES, TAIL_BYTES, ImageInfo, SniffError, sniff_image
@@ -24,6 +24,8 @@ _SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 _TRUE = ("true", "1")
 _FALSE = ("false", "0")
 QUICK_HEAD_BYTES = 16 * 1024
+_STREAM_RULE = ParamRule(kind="bool", default=False)
+_PARTIAL_IMAGES_RULE = ParamRule(kind="int", min=0, max=3, default=0)
 
 
 def validate_edit(
@@ -35,7 +37,33 @@ def validate_edit(
     images = _images(form.files, model, max_pixels)
     mask = _mask(form.files, model, images[0], max_pixels)
     _reject_unexpected_files(form.files)
+    return _request(fields, model, prompt, images, mask, "edit")
 
+
+def validate_generation(form: IntakeForm, catalog: Catalog, *, default_model: str) -> EditRequest:
+    """The same rules as an edit's, for a request made of text fields alone."""
+    for name in ("image", "images", "mask"):
+        if any(text.name == name for text in form.fields) or form.files:
+            raise InvalidRequest(
+                f"A generation takes no {name}; send images to /v1/images/edits.",
+                param=name,
+                code="unsupported_parameter",
+            )
+    fields = _single_valued(form)
+    model = _model(fields.pop("model", None), catalog, default_model)
+    prompt = _prompt(fields.pop("prompt", None), model)
+    return _request(fields, model, prompt, (), None, "generation")
+
+
+def _request(
+    fields: dict[str, str],
+    model: ModelRule,
+    prompt: str,
+    images: tuple[ImageInput, ...],
+    mask: ImageInput | None,
+    operation: Operation,
+) -> EditRequest:
+    stream, partial_images = _streaming(fields, model)
     known = {name: value for name, value in fields.items() if _is_known(name, model)}
     extra = tuple((name, value) for name, value in fields.items() if not _is_known(name, model))
     params = {name: _param(name, value, model) for name, value in known.items()}
@@ -61,7 +89,31 @@ def validate_edit(
         extra_fields=extra,
         response_format=response_format,
         n=n,
+        operation=operation,
+        stream=stream,
+        partial_images=partial_images,
     )
+
+
+def _streaming(fields: dict[str, str], model: ModelRule) -> tuple[bool, int]:
+    """`stream` and `partial_images`, taken out of the fields: every model can stream (the
+    gateway emulates it for upstreams that cannot), so they are checked here, not per model."""
+    raw_stream = fields.pop("stream", None)
+    raw_partials = fields.pop("partial_images", None)
+    stream = False
+    if raw_stream is not None:
+        stream = bool(_param("stream", raw_stream, model, _STREAM_RULE))
+    partials = 0
+    if raw_partials is not None:
+        if not stream:
+            raise InvalidRequest(
+                "partial_images applies only to streaming requests (stream=true).",
+                param="partial_images",
+                code="invalid_value",
+            )
+        rule = model.params.get("partial_images", _PARTIAL_IMAGES_RULE)
+        partials = int(_param("partial_images", raw_partials, model, rule))
+    return stream, partials
 
 
 def _is_known(name: str, model: ModelRule) -> bool:
@@ -270,8 +322,8 @@ def _reject_unexpected_files(files: list[SpooledUpload]) -> None:
             )
 
 
-def _param(name: str, raw: str, model: ModelRule) -> ParamValue:
-    rule = model.params.get(name)
+def _param(name: str, raw: str, model: ModelRule, rule: ParamRule | None = None) -> ParamValue:
+    rule = rule or model.params.get(name)
     if rule is None:
         raise InvalidRequest(
             f"{name} is not supported by {model.name}.", param=name, code="unsupported_parameter"
@@ -359,18 +411,6 @@ def _check_combinations(params: dict[str, ParamValue], model: ModelRule) -> None
         raise InvalidRequest(
             "output_compression applies only to output_format 'jpeg' or 'webp'.",
             param="output_compression",
-            code="invalid_value",
-        )
-    if params.get("stream") is True:
-        raise InvalidRequest(
-            "Streaming (stream=true) is not available on this gateway yet; omit it.",
-            param="stream",
-            code="unsupported_parameter",
-        )
-    if "partial_images" in params and params.get("stream") is not True:
-        raise InvalidRequest(
-            "partial_images applies only to streaming requests (stream=true).",
-            param="partial_images",
             code="invalid_value",
         )
     for source, translation in model.translate.items():

@@ -14,7 +14,7 @@ import orjson
 from app.edit import EditRequest, ParamValue
 
 # Bump when the canonical form or the entry format changes: old entries then simply miss.
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 # Fields that shape the response, not the images, or that the gateway never forwards.
 _NOT_IN_FINGERPRINT = frozenset({"response_format", "stream", "partial_images"})
 
@@ -39,6 +39,8 @@ def fingerprint(edit: EditRequest, *, scope: str | None = None) -> str:
     """Hex sha256 of the edit's canonical form; `scope` keeps clients apart (per-client cache)."""
     canonical = {
         "v": FINGERPRINT_VERSION,
+        # A generation and an edit never share an entry, even if nothing else told them apart.
+        "op": edit.operation,
         "scope": scope,
         "model": edit.model.name,
         "prompt": edit.prompt,

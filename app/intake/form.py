@@ -242,7 +242,7 @@ async def read_form(
         max_header_size=int(limits.max_part_header_bytes),
     )
     received = 0
-    paced = _paced(chunks, idle=limits.body_idle_timeout, total=limits.body_timeout)
+    paced = paced_body(chunks, idle=limits.body_idle_timeout, total=limits.body_timeout)
     try:
         async for chunk in paced:
             received += len(chunk)
@@ -279,7 +279,7 @@ async def read_form(
     return builder.form
 
 
-async def _paced(
+async def paced_body(
     chunks: AsyncIterator[bytes], *, idle: float, total: float
 ) -> AsyncGenerator[bytes, None]:
     """`chunks`, or 408 when the client pauses longer than `idle` or takes longer than `total`."""

@@ -36,8 +36,12 @@ class ImageFetcher:
         *,
         extra_hosts: Iterable[str] = (),
         guard: UrlGuard | None = None,
+        subject: str = "The upstream's image",
     ) -> None:
         self._client = client
+        # How messages name what is fetched: the same download serves client-sent image URLs.
+        self._subject = subject
+        self._lower_subject = subject[:1].lower() + subject[1:]
         self._config = config
         self._guard = guard or UrlGuard(
             (*config.allowed_hosts, *extra_hosts),
@@ -51,11 +55,11 @@ class ImageFetcher:
                 return await self._fetch(url)
         except TimeoutError:
             raise _refused(
-                f"Downloading the upstream's image took longer than {self._config.timeout:g} s."
+                f"Downloading {self._lower_subject} took longer than {self._config.timeout:g} s."
             ) from None
         except httpx.HTTPError as exc:
             raise _refused(
-                f"Downloading the upstream's image failed ({type(exc).__name__})."
+                f"Downloading {self._lower_subject} failed ({type(exc).__name__})."
             ) from None
 
     async def _fetch(self, url: str) -> bytes:
@@ -67,19 +71,17 @@ class ImageFetcher:
                     url = urljoin(url, response.headers["location"])
                     continue
                 if response.status_code != 200:
-                    raise _refused(
-                        f"The upstream's image URL answered HTTP {response.status_code}."
-                    )
+                    raise _refused(f"{self._subject} URL answered HTTP {response.status_code}.")
                 return await self._read_capped(response)
             finally:
                 await response.aclose()
-        raise _refused("The upstream's image URL redirected too many times.")
+        raise _refused(f"{self._subject} URL redirected too many times.")
 
     async def _request(self, url: str) -> httpx.Request:
         try:
             pinned = await self._guard.check(url)
         except RefusedUrl as exc:
-            raise _refused(f"The upstream's image URL was refused: {exc}.") from None
+            raise _refused(f"{self._subject} URL was refused: {exc}.") from None
         return self._client.build_request(
             "GET",
             pinned.url,
@@ -91,10 +93,10 @@ class ImageFetcher:
         limit = int(self._config.max_bytes)
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _refused(f"The upstream's image is larger than {limit} bytes.")
+            raise _refused(f"{self._subject} is larger than {limit} bytes.")
         body = bytearray()
         async for chunk in response.aiter_bytes():
             body += chunk
             if len(body) > limit:
-                raise _refused(f"The upstream's image is larger than {limit} bytes.")
+                raise _refused(f"{self._subject} is larger than {limit} bytes.")
         return bytes(body)

@@ -1,4 +1,7 @@
-"""The OpenAI-compatible dialect (OpenAI itself and resellers): multipart POST {base}/images/edits.
+"""The OpenAI-compatible dialect (OpenAI itself and resellers): multipart POST {base}/images/edits,
+JSON POST {base}/images/generations; with `stream`, the upstream's SSE is read as it arrives and
+its partial images relayed at once (app/upstream/progress.py), the completed event kept as the
+answer.
 
 Transport failures and upstream statuses are translated into gateway errors here, once.
 """
@@ -6,6 +9,9 @@ Transport failures and upstream statuses are translated into gateway errors here
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -25,6 +31,7 @@ from app.errors import (
 from app.redaction import Redactor
 from app.upstream.base import UpstreamAnswer, UpstreamKey
 from app.upstream.multipart_body import openai_edit_body
+from app.upstream.progress import relay_partial
 
 # Upstream headers a client may act on; everything else from the upstream stays here.
 _RATE_LIMIT_HEADERS = ("retry-after", "retry-after-ms")
@@ -35,6 +42,8 @@ _POOL_HEADERS = (
     "x-ratelimit-reset-requests",
     "x-ratelimit-remaining-requests",
 )
+# One SSE event (a partial or final image as base64) may not grow past this.
+MAX_EVENT_BYTES = 96 * 1024 * 1024
 
 
 class OpenAIUpstream:
@@ -46,23 +55,19 @@ class OpenAIUpstream:
         self._client = client
         self._redact = redactor
         self._edits_url = config.base_url.rstrip("/") + "/images/edits"
+        self._generations_url = config.base_url.rstrip("/") + "/images/generations"
 
     async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer:
-        body = openai_edit_body(edit)
-        headers = {
-            "content-type": body.content_type,
-            "content-length": str(body.length),
-            "accept": "application/json",
-        }
-        if key is not None:
-            headers["authorization"] = f"Bearer {key.secret.get_secret_value()}"
+        """An edit or a generation (by `edit.operation`), streamed when the client streams and
+        the model's upstream can."""
+        streaming = edit.stream and "stream" in edit.model.params
         total = edit.model.timeout or self._config.timeouts.total
-        timeout = httpx.Timeout(total, connect=self._config.timeouts.connect)
+        request = self._request(edit, key, streaming, total)
         try:
             async with asyncio.timeout(total):
-                response = await self._client.post(
-                    self._edits_url, content=body.stream(), headers=headers, timeout=timeout
-                )
+                if streaming:
+                    return await self._streamed(request)
+                response = await self._client.send(request)
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, httpx.ConnectTimeout):
                 raise self._unreachable("timed out connecting") from None
@@ -82,6 +87,81 @@ class OpenAIUpstream:
                 "dropped",
             ) from None
         return self._interpret(response)
+
+    def _request(
+        self, edit: EditRequest, key: UpstreamKey | None, streaming: bool, total: float
+    ) -> httpx.Request:
+        if streaming:
+            edit = replace(
+                edit,
+                params={**edit.params, "stream": True, "partial_images": edit.partial_images},
+            )
+        headers = {"accept": "text/event-stream" if streaming else "application/json"}
+        if key is not None:
+            headers["authorization"] = f"Bearer {key.secret.get_secret_value()}"
+        timeout = httpx.Timeout(total, connect=self._config.timeouts.connect)
+        if edit.operation == "generation":
+            payload: dict[str, Any] = {"model": edit.model.upstream_model, "prompt": edit.prompt}
+            payload.update(edit.params)
+            payload.update(dict(edit.extra_fields))
+            return self._client.build_request(
+                "POST",
+                self._generations_url,
+                content=orjson.dumps(payload),
+                headers={**headers, "content-type": "application/json"},
+                timeout=timeout,
+            )
+        body = openai_edit_body(edit)
+        headers["content-type"] = body.content_type
+        headers["content-length"] = str(body.length)
+        return self._client.build_request(
+            "POST", self._edits_url, content=body.stream(), headers=headers, timeout=timeout
+        )
+
+    async def _streamed(self, request: httpx.Request) -> UpstreamAnswer:
+        response = await self._client.send(request, stream=True)
+        try:
+            content_type = response.headers.get("content-type", "")
+            if response.status_code != 200 or "text/event-stream" not in content_type:
+                # An error, or an upstream that ignored `stream`: one JSON body either way.
+                await response.aread()
+                return self._interpret(response)
+            return await self._read_events(response)
+        finally:
+            await response.aclose()
+
+    async def _read_events(self, response: httpx.Response) -> UpstreamAnswer:
+        request_id = response.headers.get("x-request-id")
+        completed: list[dict[str, Any]] = []
+        relayed = 0
+        async for event in _sse_events(response):
+            error = event.get("error")
+            if error is not None:
+                detail = error if isinstance(error, dict) else {"message": str(error)}
+                message = self._redact(str(detail.get("message") or "stream error")[:500])
+                # After a partial image the client has seen progress: never resent silently.
+                raise _failed(
+                    UpstreamFailed(
+                        f"The upstream failed mid-stream: {message}",
+                        code="upstream_stream_error",
+                    ),
+                    "dropped" if relayed else "server",
+                )
+            kind = str(event.get("type", ""))
+            if kind.endswith(".partial_image"):
+                relay_partial(event)
+                relayed += 1
+            elif kind.endswith(".completed"):
+                completed.append(event)
+        if not completed:
+            raise _failed(
+                UpstreamFailed(
+                    "The upstream's stream ended before its completed event.",
+                    code="upstream_connection_lost",
+                ),
+                "dropped",
+            )
+        return UpstreamAnswer(body=_images_response(completed), request_id=request_id)
 
     def _unreachable(self, what: str) -> GatewayError:
         return _failed(UpstreamUnreachable(f"The upstream {self.name!r} {what}."), "connect")
@@ -154,6 +234,55 @@ class OpenAIUpstream:
         return _failed(
             UpstreamFailed(f"The upstream failed with HTTP {status}: {message}"), "server"
         )
+
+
+async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """Each event's JSON data, as the lines arrive (comments and [DONE] skipped)."""
+    data: list[str] = []
+    size = 0
+    async for line in response.aiter_lines():
+        if line.startswith("data:"):
+            piece = line[5:].removeprefix(" ")
+            size += len(piece)
+            if size > MAX_EVENT_BYTES:
+                raise _failed(
+                    UpstreamFailed(
+                        "The upstream sent a stream event larger than the gateway accepts.",
+                        code="upstream_bad_response",
+                    ),
+                    "bad_response",
+                )
+            data.append(piece)
+        elif line == "" and data:
+            text = "\n".join(data)
+            data, size = [], 0
+            if text.strip() == "[DONE]":
+                continue
+            event = _json_object(text.encode())
+            if event is None:
+                raise _failed(
+                    UpstreamFailed(
+                        "The upstream sent a stream event that is not a JSON object.",
+                        code="upstream_bad_response",
+                    ),
+                    "bad_response",
+                )
+            yield event
+
+
+def _images_response(completed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The completed events as the ImagesResponse a non-streaming call would have answered."""
+    first = completed[0]
+    body: dict[str, Any] = {
+        "created": first.get("created_at")
+        if isinstance(first.get("created_at"), int)
+        else int(time.time()),
+        "data": [{"b64_json": event.get("b64_json", "")} for event in completed],
+    }
+    for name in ("background", "output_format", "quality", "size", "usage"):
+        if name in first:
+            body[name] = first[name]
+    return body
 
 
 def _failed(error: GatewayError, kind: FailureKind) -> GatewayError:

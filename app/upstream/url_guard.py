@@ -41,10 +41,13 @@ async def system_resolver(host: str, port: int) -> list[str]:
 
 
 def host_allowed(host: str, patterns: tuple[str, ...]) -> bool:
-    """`*.example.com` matches any subdomain of example.com (not itself); others match exactly."""
+    """`*.example.com` matches any subdomain of example.com (not itself); `*` matches any host
+    (the address checks still apply); others match exactly."""
     host = host.lower().rstrip(".")
     for pattern in patterns:
         pattern = pattern.lower().rstrip(".")
+        if pattern == "*":
+            return True
         if pattern.startswith("*."):
             if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
                 return True
