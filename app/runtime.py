@@ -22,6 +22,7 @@ from app.redaction import Redactor
 from app.upstream.base import Upstream, UpstreamAnswer
 from app.upstream.bfl import BflUpstream
 from app.upstream.demo import DemoUpstream
+from app.upstream.fetch import ImageFetcher
 from app.upstream.openai import OpenAIUpstream
 from app.upstream.transport import ShardedTransport
 
@@ -39,6 +40,8 @@ class Gateway:
     cache: EditCache
     clients: ClientServices
     spool_worker: SpoolWorker | None = None
+    # Fetches https image URLs of JSON edits; None unless image_urls.enabled.
+    image_urls: ImageFetcher | None = None
 
     async def aclose(self) -> None:
         # Paid upstream calls whose clients left get the drain budget to finish and be stored.
@@ -130,4 +133,9 @@ def open_gateway(
         cache=open_edit_cache(settings, http=http, forward=forward, events=metrics),
         clients=open_client_services(settings, redis, metrics),
         spool_worker=SpoolWorker(),
+        image_urls=(
+            ImageFetcher(http, settings.image_urls, subject="The image")
+            if settings.image_urls.enabled
+            else None
+        ),
     )

@@ -1,53 +1,125 @@
-"""POST /v1/images/edits: client limits -> intake -> validation -> cache (-> forwarding) ->
-ImagesResponse."""
+"""POST /v1/images/edits and /v1/images/generations: client limits -> intake (multipart or
+JSON) -> validation -> cache (-> forwarding) -> ImagesResponse, or server-sent events when the
+client streams."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from functools import partial
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from app.api.deps import ClientDep, GatewayDep
 from app.api.files import file_url
-from app.cache.service import policy_from_header, response_format_of
+from app.cache.service import EditOutcome, policy_from_header, response_format_of
 from app.catalog import Catalog
+from app.clients.directory import ClientPolicy
 from app.clients.gate import MeteredEdit
+from app.edit import EditRequest
 from app.errors import GatewayError
 from app.intake.form import IntakeForm, read_form
+from app.intake.json_body import JsonEditReader, is_json, read_json_object, text_fields
 from app.request_record import current_record
 from app.runtime import Gateway
-from app.validation import validate_edit
+from app.streaming import event_stream
+from app.validation import validate_edit, validate_generation
 
 router = APIRouter()
 
 
 @router.post("/v1/images/edits")
 async def create_image_edit(request: Request, gateway: GatewayDep, client: ClientDep) -> Response:
-    # The client's requests/min and concurrency are checked before the upload is read.
-    async with gateway.clients.gate.enter(client, request.state.request_id) as metered:
-        return await _edit(request, gateway, metered)
+    return await _serve(request, gateway, client, _read_edit)
 
 
-async def _edit(request: Request, gateway: Gateway, metered: MeteredEdit) -> Response:
-    settings = gateway.settings
+@router.post("/v1/images/generations")
+async def create_image_generation(
+    request: Request, gateway: GatewayDep, client: ClientDep
+) -> Response:
+    return await _serve(request, gateway, client, _read_generation)
+
+
+# Reads and validates one request: the form (it owns the uploads) and what it asks for.
+Reader = Callable[[Request, Gateway], Awaitable[tuple[IntakeForm, EditRequest]]]
+
+
+async def _serve(
+    request: Request, gateway: Gateway, client: ClientPolicy, read: Reader
+) -> Response:
+    # The client's requests/min and concurrency are checked before the body is read; a
+    # streamed answer holds its slot until its last event.
+    held = AsyncExitStack()
+    metered = await held.enter_async_context(
+        gateway.clients.gate.enter(client, request.state.request_id)
+    )
     try:
-        form = await read_form(
-            request.stream(),
-            content_type=request.headers.get("content-type"),
-            content_length=request.headers.get("content-length"),
-            limits=settings.limits,
-            max_file_bytes=min(
-                int(settings.limits.max_file_bytes), settings.catalog.max_image_bytes()
-            ),
+        try:
+            form, edit = await read(request, gateway)
+        except ClientDisconnect:
+            # Nobody is left to answer; 499 is what the access log will show.
+            return Response(status_code=499)
+        try:
+            # 403 for a model this client may not use; then images/min and quotas are charged
+            # (given back below for a cache hit, or when the upstream makes nothing).
+            await metered.charge(edit)
+        except BaseException:
+            form.close()
+            raise
+        if edit.stream:
+            produce = partial(_answer, request, gateway, metered, form, edit, "b64_json")
+            owned = held.pop_all()  # the stream releases the slot once it ends
+            stream = event_stream(
+                edit, lambda: _body_of(produce()), redact=gateway.redactor, finish=owned.aclose
+            )
+            return StreamingResponse(
+                stream,
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache", **metered.headers},
+                # Also here: a stream the server never starts never runs its own cleanup.
+                background=BackgroundTask(owned.aclose),
+            )
+        outcome, body = await _answer(
+            request, gateway, metered, form, edit, response_format_of(edit)
+        )
+        headers = {"x-cache": outcome.x_cache, "age": str(outcome.age), **metered.headers}
+        if outcome.upstream_request_id:
+            headers["x-request-id"] = outcome.upstream_request_id
+        return Response(orjson.dumps(body), media_type="application/json", headers=headers)
+    finally:
+        await held.aclose()
+
+
+async def _read_edit(request: Request, gateway: Gateway) -> tuple[IntakeForm, EditRequest]:
+    settings = gateway.settings
+    max_file_bytes = min(int(settings.limits.max_file_bytes), settings.catalog.max_image_bytes())
+    content_type = request.headers.get("content-type")
+    if is_json(content_type):
+        body = await read_json_object(
+            request.stream(), content_type=content_type, limits=settings.limits
+        )
+        reader = JsonEditReader(
+            settings.limits,
+            max_file_bytes=max_file_bytes,
+            fetch_url=gateway.image_urls,
             worker=gateway.spool_worker,
         )
-    except ClientDisconnect:
-        # Nobody is left to answer; 499 is what the access log will show.
-        return Response(status_code=499)
-    record = current_record()
+        form = await reader.form(body)
+    else:
+        form = await read_form(
+            request.stream(),
+            content_type=content_type,
+            content_length=request.headers.get("content-length"),
+            limits=settings.limits,
+            max_file_bytes=max_file_bytes,
+            worker=gateway.spool_worker,
+        )
     _note_form(form, settings.catalog, settings.default_model)
     try:
         edit = validate_edit(
@@ -56,16 +128,45 @@ async def _edit(request: Request, gateway: Gateway, metered: MeteredEdit) -> Res
             default_model=settings.default_model,
             max_pixels=settings.limits.max_pixels,
         )
-        record.model = edit.model.name
-        record.images_in = len(edit.images)
-        if settings.logging.log_prompts:
-            record.prompt = edit.prompt
-        # 403 for a model this client may not use; then images/min and quotas are charged
-        # (given back below for a cache hit, or when the upstream makes nothing).
-        await metered.charge(edit)
     except BaseException:
         form.close()
         raise
+    _note_request(edit, settings.logging.log_prompts)
+    return form, edit
+
+
+async def _read_generation(request: Request, gateway: Gateway) -> tuple[IntakeForm, EditRequest]:
+    settings = gateway.settings
+    body = await read_json_object(
+        request.stream(),
+        content_type=request.headers.get("content-type"),
+        limits=settings.limits,
+    )
+    form = IntakeForm(fields=text_fields(body))
+    _note_form(form, settings.catalog, settings.default_model)
+    edit = validate_generation(form, settings.catalog, default_model=settings.default_model)
+    _note_request(edit, settings.logging.log_prompts)
+    return form, edit
+
+
+def _note_request(edit: EditRequest, log_prompts: bool) -> None:
+    record = current_record()
+    record.model = edit.model.name
+    record.images_in = len(edit.images)
+    if log_prompts:
+        record.prompt = edit.prompt
+
+
+async def _answer(
+    request: Request,
+    gateway: Gateway,
+    metered: MeteredEdit,
+    form: IntakeForm,
+    edit: EditRequest,
+    response_format: str,
+) -> tuple[EditOutcome, dict[str, Any]]:
+    """Cache (-> forwarding), usage, and the ImagesResponse in the format asked for."""
+    settings = gateway.settings
     # From here the cache owns the uploads: a paid upstream call may outlive this request.
     try:
         outcome = await gateway.cache.run(
@@ -83,18 +184,21 @@ async def _edit(request: Request, gateway: Gateway, metered: MeteredEdit) -> Res
         images=len(outcome.result.images),
         cache_hit=outcome.x_cache == "hit",
     )
+    record = current_record()
     record.cache = outcome.x_cache
     record.images_out = len(outcome.result.images)
     # Without public_base_url the URL follows the request's own Host header; it is built per
     # response (never stored), so a forged Host only ever reaches the client that forged it.
     base_url = settings.public_base_url or str(request.base_url).rstrip("/")
     body = outcome.result.render(
-        response_format_of(edit), lambda file_id, ext: file_url(base_url, file_id, ext)
+        response_format, lambda file_id, ext: file_url(base_url, file_id, ext)
     )
-    headers = {"x-cache": outcome.x_cache, "age": str(outcome.age), **metered.headers}
-    if outcome.upstream_request_id:
-        headers["x-request-id"] = outcome.upstream_request_id
-    return Response(orjson.dumps(body), media_type="application/json", headers=headers)
+    return outcome, body
+
+
+async def _body_of(answer: Awaitable[tuple[EditOutcome, dict[str, Any]]]) -> dict[str, Any]:
+    _outcome, body = await answer
+    return body
 
 
 def _client_scope(request: Request) -> str:

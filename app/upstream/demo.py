@@ -1,7 +1,8 @@
 """The built-in demo upstream (`--demo`): a real, cheap, deterministic edit done locally.
 
 It tints the first image towards a colour derived from the prompt (only inside the mask's
-transparent area when a mask is given), so a newcomer sees the whole path work offline.
+transparent area when a mask is given), so a newcomer sees the whole path work offline. A
+generation paints a gradient in the prompt's colours: the same prompt, the same image.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from app.upstream.base import UpstreamAnswer, UpstreamKey
 
 # Demo output is capped so a large upload cannot make the demo slow.
 MAX_EDGE = 1024
+GENERATED_EDGE = 256
 
 
 class DemoUpstream:
@@ -27,7 +29,8 @@ class DemoUpstream:
         self.name = name
 
     async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer:
-        images = await asyncio.to_thread(_render_all, edit)
+        render = _render_all if edit.operation == "edit" else _generate_all
+        images = await asyncio.to_thread(render, edit)
         if edit.response_format == "url":
             data = [{"url": "data:image/png;base64," + image} for image in images]
         else:
@@ -49,6 +52,32 @@ class DemoUpstream:
 def _prompt_colour(prompt: str) -> tuple[int, int, int]:
     digest = hashlib.sha256(prompt.encode()).digest()
     return digest[0], digest[1], digest[2]
+
+
+def _generated_size(edit: EditRequest) -> tuple[int, int]:
+    size = str(edit.params.get("size", ""))
+    width, _, height = size.partition("x")
+    if width.isdigit() and height.isdigit():
+        scale = min(1.0, MAX_EDGE / max(int(width), int(height), 1))
+        return max(1, int(int(width) * scale)), max(1, int(int(height) * scale))
+    return GENERATED_EDGE, GENERATED_EDGE
+
+
+def _generate_all(edit: EditRequest) -> list[str]:
+    width, height = _generated_size(edit)
+    start = _prompt_colour(edit.prompt)
+    end = _prompt_colour(edit.prompt[::-1] + "|end")
+    results = []
+    for variant in range(edit.n):
+        # A horizontal gradient, shifted per variant so n images differ from each other.
+        ramp = Image.linear_gradient("L").rotate(90 * variant).resize((width, height))
+        image = Image.composite(
+            Image.new("RGB", (width, height), end), Image.new("RGB", (width, height), start), ramp
+        )
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        results.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return results
 
 
 def _render_all(edit: EditRequest) -> list[str]:

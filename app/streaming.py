@@ -1,0 +1,116 @@
+"""The server-sent events answer of a streaming request (`stream=true`).
+
+Partial images are written the moment the upstream dialect relays them (app/upstream/progress);
+while nothing arrives a keep-alive comment holds the connection (upstreams that cannot stream,
+BFL and the demo, only ever produce these); the final image goes out as `completed` events, built
+from the same result the cache stores. A failure, before or after the first event, becomes one
+`data: {"error": {...}}` event, which the OpenAI SDK raises as an APIError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import orjson
+
+from app.edit import EditRequest
+from app.errors import GatewayError
+from app.upstream.progress import relay_partials_to
+
+log = logging.getLogger("gateway.streaming")
+
+KEEPALIVE_SECONDS = 10.0
+_KEEPALIVE = b": keep-alive\n\n"
+
+
+def sse(data: dict[str, Any], event: str | None = None) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def completed_events(edit: EditRequest, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """One `<prefix>.completed` event per image of a b64_json ImagesResponse."""
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        usage = {
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "total_tokens": 0,
+            "input_tokens_details": {"text_tokens": 0, "image_tokens": 0},
+        }
+    shared: dict[str, Any] = {
+        "type": f"{edit.event_prefix}.completed",
+        "created_at": body.get("created", 0),
+        "background": body.get("background") or edit.params.get("background") or "auto",
+        "output_format": body.get("output_format") or edit.params.get("output_format") or "png",
+        "quality": body.get("quality") or edit.params.get("quality") or "auto",
+        "size": body.get("size") or edit.params.get("size") or "auto",
+        "usage": usage,
+    }
+    return [{**shared, "b64_json": item.get("b64_json", "")} for item in body.get("data", [])]
+
+
+async def event_stream(
+    edit: EditRequest,
+    produce: Callable[[], Coroutine[Any, Any, dict[str, Any]]],
+    *,
+    redact: Callable[[str], str],
+    finish: Callable[[], Awaitable[None]],
+    keepalive_seconds: float = KEEPALIVE_SECONDS,
+) -> AsyncIterator[bytes]:
+    """The SSE body. `produce` answers the request (cache, upstream) with a b64_json
+    ImagesResponse; `finish` runs once the stream ends, however it ends."""
+    partials: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    # The sink rides in the context the upstream call copies (it runs in a task of its own).
+    context = contextvars.copy_context()
+    context.run(relay_partials_to, partials.put_nowait)
+    work = asyncio.create_task(produce(), name="streamed-answer", context=context)
+    waiting: asyncio.Task[dict[str, Any]] | None = None
+    try:
+        while not work.done():
+            if waiting is None:
+                waiting = asyncio.create_task(partials.get())
+            done, _ = await asyncio.wait(
+                {waiting, work}, timeout=keepalive_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+            if waiting in done:
+                yield _partial(edit, waiting.result())
+                waiting = None
+            elif not done:
+                yield _KEEPALIVE
+        while not partials.empty():
+            yield _partial(edit, partials.get_nowait())
+        try:
+            body = work.result()
+        except Exception as exc:
+            if not isinstance(exc, GatewayError):
+                # Headers are long gone: the error event is the only answer left to give.
+                log.exception("streamed answer failed")
+                exc = GatewayError("The gateway failed while answering; retry the request.")
+            envelope = exc.envelope()
+            envelope["error"] = {
+                name: redact(value) if isinstance(value, str) else value
+                for name, value in envelope["error"].items()
+            }
+            yield sse(envelope, "error")
+            return
+        for event in completed_events(edit, body):
+            yield sse(event, event["type"])
+    finally:
+        if waiting is not None:
+            waiting.cancel()
+        if not work.done():
+            # The client left: the wait ends here; a paid upstream call runs on (app/cache).
+            work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        await finish()
+
+
+def _partial(edit: EditRequest, event: dict[str, Any]) -> bytes:
+    # The upstream's own event, under the type this endpoint's clients parse.
+    kind = f"{edit.event_prefix}.partial_image"
+    return sse({**event, "type": kind}, kind)
