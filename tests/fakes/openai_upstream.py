@@ -9,16 +9,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.support import images
@@ -45,6 +47,7 @@ class RecordedRequest:
     headers: dict[str, str]
     fields: list[tuple[str, str]] = field(default_factory=list)
     files: list[RecordedFile] = field(default_factory=list)
+    json: Any = None  # a JSON request's body (generations)
 
     def field_map(self) -> dict[str, str]:
         return dict(self.fields)
@@ -62,6 +65,13 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     drop_connection: bool = False
+    # For stream=true: event i (i >= 1) waits for stream_gates[i-1] (tests release them one by
+    # one, so "before the upstream finished" needs no timing); bounded by gate_timeout.
+    stream_gates: list[threading.Event] = field(default_factory=list)
+    gate_timeout: float = 10.0
+    # After this many events: an error event (stream_error) or a dropped connection.
+    stream_fail_after: int | None = None
+    stream_drop: bool = False
 
 
 def images_response(n: int, *, with_usage_details: bool = False) -> dict[str, Any]:
@@ -81,14 +91,18 @@ class FakeOpenAIUpstream:
         self.replies: deque[Reply] = deque()
         # Called for each edit when no scripted reply is queued; returns the reply to send.
         self.responder: Callable[[RecordedRequest], Reply] | None = None
+        # Streams whose last event went out (tests check a partial arrived before that).
+        self.streams_finished = 0
         self.app = Starlette(
             routes=[
                 Route("/v1/images/edits", self._edit, methods=["POST"]),
+                Route("/v1/images/generations", self._generation, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
             ]
         )
 
     def reset(self) -> None:
+        self.streams_finished = 0
         self.requests.clear()
         self.replies.clear()
         self.responder = None
@@ -99,6 +113,22 @@ class FakeOpenAIUpstream:
     @property
     def edits(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.endswith("/images/edits")]
+
+    @property
+    def generations(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path.endswith("/images/generations")]
+
+    async def _generation(self, request: Request) -> Response:
+        record = RecordedRequest(
+            method=request.method,
+            path=request.url.path,
+            headers={k.lower(): v for k, v in request.headers.items()},
+        )
+        payload = json.loads(await request.body())
+        # Kept as JSON values under `json`, and as text in fields for field_map() users.
+        record.json = payload
+        record.fields = [(name, str(value)) for name, value in payload.items()]
+        return await self._reply(record, "image_generation", payload.get("stream") is True)
 
     async def _edit(self, request: Request) -> Response:
         record = RecordedRequest(
@@ -114,6 +144,10 @@ class FakeOpenAIUpstream:
                 )
             else:
                 record.fields.append((name, value))
+        fields = record.field_map()
+        return await self._reply(record, "image_edit", fields.get("stream") == "true")
+
+    async def _reply(self, record: RecordedRequest, prefix: str, stream: bool) -> Response:
         self.requests.append(record)
         if self.replies:
             reply = self.replies.popleft()
@@ -125,6 +159,11 @@ class FakeOpenAIUpstream:
             await asyncio.sleep(reply.delay)
         if reply.drop_connection:
             raise ConnectionAbortedError("fake upstream drops the connection")
+        if stream and reply.status == 200 and reply.body is None:
+            partials = int(record.field_map().get("partial_images", "0"))
+            return StreamingResponse(
+                self._events(reply, prefix, partials), media_type="text/event-stream"
+            )
         if reply.body is None:
             body: Any = images_response(int(record.field_map().get("n", "1")))
         else:
@@ -132,6 +171,36 @@ class FakeOpenAIUpstream:
         if isinstance(body, bytes):
             return Response(body, status_code=reply.status, headers=reply.headers)
         return JSONResponse(body, status_code=reply.status, headers=reply.headers)
+
+    async def _events(self, reply: Reply, prefix: str, partials: int) -> AsyncIterator[bytes]:
+        image = base64.b64encode(RESULT_PNG).decode()
+        shared = {
+            "b64_json": image,
+            "background": "opaque",
+            "created_at": int(time.time()),
+            "output_format": "png",
+            "quality": "low",
+            "size": "1024x1024",
+        }
+        events: list[dict[str, Any]] = [
+            {**shared, "type": f"{prefix}.partial_image", "partial_image_index": index}
+            for index in range(partials)
+        ]
+        usage = {"input_tokens": 5, "output_tokens": 7, "total_tokens": 12}
+        events.append({**shared, "type": f"{prefix}.completed", "usage": usage})
+        for index, event in enumerate(events):
+            if reply.stream_fail_after is not None and index == reply.stream_fail_after:
+                if reply.stream_drop:
+                    raise ConnectionAbortedError("fake upstream drops the connection mid-stream")
+                error = {"message": "The fake upstream failed mid-stream.", "type": "server_error"}
+                yield b"event: error\ndata: " + json.dumps({"error": error}).encode() + b"\n\n"
+                self.streams_finished += 1
+                return
+            if index >= 1 and index - 1 < len(reply.stream_gates):
+                await asyncio.to_thread(reply.stream_gates[index - 1].wait, reply.gate_timeout)
+            head = f"event: {event['type']}\ndata: ".encode()
+            yield head + json.dumps(event).encode() + b"\n\n"
+        self.streams_finished += 1
 
     async def _models(self, request: Request) -> Response:
         self.requests.append(
