@@ -243,11 +243,18 @@ SDK_CASES: list[tuple[str, dict[str, Any], type[openai.APIStatusError], int, str
         "response_format",
     ),
     (
-        "stream",
-        {"extra_body": {"stream": "true"}},
+        "stream not a boolean",
+        {"extra_body": {"stream": "sometimes"}},
         openai.BadRequestError,
         400,
         "stream",
+    ),
+    (
+        "partial_images above 3",
+        {"extra_body": {"stream": "true", "partial_images": "4"}},
+        openai.BadRequestError,
+        400,
+        "partial_images",
     ),
 ]
 
@@ -347,7 +354,7 @@ def test_rejection_unexpected_file_field(gateway_url: str, upstream: FakeOpenAIU
 @pytest.mark.parametrize(
     ("content_type", "body"),
     [
-        ("application/json", b'{"prompt": "x", "image": "a"}'),
+        # application/json is a JSON edit now (tests/e2e/test_json_edits.py).
         ("application/x-www-form-urlencoded", b"prompt=x&image=a"),
         ("text/plain", b"hello"),
     ],

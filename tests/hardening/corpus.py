@@ -560,12 +560,13 @@ def _structure() -> Iterator[Case]:
         "UTF-8",
         edit(mp.Part(b"caf\xe9", b"x")),
     )
+    # A JSON edit (issue 10) must still carry images.
     yield _bad(
-        "application-json",
-        415,
-        "unsupported_media_type",
-        None,
-        "multipart/form-data",
+        "application-json-without-images",
+        400,
+        "missing_required_parameter",
+        "image",
+        "image",
         b'{"prompt": "a hat", "model": "gpt-image-1.5"}',
         content_type="application/json",
     )
