@@ -105,14 +105,14 @@ def _streaming(fields: dict[str, str], model: ModelRule) -> tuple[bool, int]:
         stream = bool(_param("stream", raw_stream, model, _STREAM_RULE))
     partials = 0
     if raw_partials is not None:
+        rule = model.params.get("partial_images", _PARTIAL_IMAGES_RULE)
+        partials = int(_param("partial_images", raw_partials, model, rule))
         if not stream:
             raise InvalidRequest(
                 "partial_images applies only to streaming requests (stream=true).",
                 param="partial_images",
                 code="invalid_value",
             )
-        rule = model.params.get("partial_images", _PARTIAL_IMAGES_RULE)
-        partials = int(_param("partial_images", raw_partials, model, rule))
     return stream, partials
 
 

@@ -398,13 +398,14 @@ def _fields(catalog: Catalog) -> Iterator[Case]:
         "UTF-8",
         mp.encode([mp.file("image", _png()), mp.text("prompt", b"caf\xe9 \xff\xfe")]),
     )
+    # stream=true is served since issue 10 (tests/e2e/test_streaming_sdk.py).
     yield _bad(
-        "stream-true",
+        "stream-not-bool",
         400,
-        "unsupported_parameter",
+        "invalid_value",
         "stream",
-        "stream",
-        edit(mp.text("stream", "true")),
+        "true or false",
+        edit(mp.text("stream", "maybe")),
     )
     yield _bad(
         "unsupported-param-for-model",
@@ -562,7 +563,7 @@ def _structure() -> Iterator[Case]:
     )
     # A JSON edit (issue 10) must still carry images.
     yield _bad(
-        "application-json-without-images",
+        "application-json",
         400,
         "missing_required_parameter",
         "image",
