@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -61,15 +61,18 @@ async def event_stream(
     redact: Callable[[str], str],
     finish: Callable[[], Awaitable[None]],
     keepalive_seconds: float = KEEPALIVE_SECONDS,
-) -> AsyncIterator[bytes]:
+    raise_before_events: bool = False,
+) -> AsyncGenerator[bytes, None]:
     """The SSE body. `produce` answers the request (cache, upstream) with a b64_json
-    ImagesResponse; `finish` runs once the stream ends, however it ends."""
+    ImagesResponse; `finish` runs once the stream ends, however it ends. With
+    `raise_before_events`, a GatewayError that comes before any event is raised, not sent."""
     partials: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     # The sink rides in the context the upstream call copies (it runs in a task of its own).
     context = contextvars.copy_context()
     context.run(relay_partials_to, partials.put_nowait)
     work = asyncio.create_task(produce(), name="streamed-answer", context=context)
     waiting: asyncio.Task[dict[str, Any]] | None = None
+    started = False
     try:
         while not work.done():
             if waiting is None:
@@ -78,15 +81,21 @@ async def event_stream(
                 {waiting, work}, timeout=keepalive_seconds, return_when=asyncio.FIRST_COMPLETED
             )
             if waiting in done:
+                started = True
                 yield _partial(edit, waiting.result())
                 waiting = None
             elif not done:
+                started = True
                 yield _KEEPALIVE
         while not partials.empty():
+            started = True
             yield _partial(edit, partials.get_nowait())
         try:
             body = work.result()
         except Exception as exc:
+            if isinstance(exc, GatewayError) and not started and raise_before_events:
+                # Nothing was sent yet: a real status (429 with retry-after...) says more.
+                raise
             if not isinstance(exc, GatewayError):
                 # Headers are long gone: the error event is the only answer left to give.
                 log.exception("streamed answer failed")
@@ -108,6 +117,16 @@ async def event_stream(
             work.cancel()
         await asyncio.gather(work, return_exceptions=True)
         await finish()
+
+
+async def prepend(first: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        # A client that leaves closes this wrapper; the stream's own cleanup must run now.
+        await rest.aclose()
 
 
 def _partial(edit: EditRequest, event: dict[str, Any]) -> bytes:

@@ -28,7 +28,7 @@ from app.intake.form import IntakeForm, read_form
 from app.intake.json_body import JsonEditReader, is_json, read_json_object, text_fields
 from app.request_record import current_record
 from app.runtime import Gateway
-from app.streaming import event_stream
+from app.streaming import event_stream, prepend
 from app.validation import validate_edit, validate_generation
 
 router = APIRouter()
@@ -76,10 +76,17 @@ async def _serve(
             produce = partial(_answer, request, gateway, metered, form, edit, "b64_json")
             owned = held.pop_all()  # the stream releases the slot once it ends
             stream = event_stream(
-                edit, lambda: _body_of(produce()), redact=gateway.redactor, finish=owned.aclose
+                edit,
+                lambda: _body_of(produce()),
+                redact=gateway.redactor,
+                finish=owned.aclose,
+                raise_before_events=True,
             )
+            # The first event (or keep-alive) decides the status: a failure before it is an
+            # ordinary error response, with its status and retry headers.
+            first = await anext(stream)
             return StreamingResponse(
-                stream,
+                prepend(first, stream),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", **metered.headers},
                 # Also here: a stream the server never starts never runs its own cleanup.

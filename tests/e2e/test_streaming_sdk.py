@@ -8,9 +8,10 @@ import base64
 import threading
 
 import pytest
-from openai import APIError, OpenAI
+from openai import APIError, OpenAI, RateLimitError
 
-from tests.fakes.openai_upstream import RESULT_PNG, FakeOpenAIUpstream, Reply
+from tests.e2e.test_cache_sdk import cached_settings, gateway, sdk, unique_prompt
+from tests.fakes.openai_upstream import RESULT_PNG, FakeOpenAIUpstream, Reply, images_response
 from tests.support import images
 
 PNG = images.png(32, 32)
@@ -61,3 +62,49 @@ def test_streaming_edit_failure_after_first_event_raises_api_error(
     assert seen == ["image_edit.partial_image"]
     assert "mid-stream" in caught.value.message or "connection" in caught.value.message
     assert len(upstream.edits) == 1  # a stream that showed progress is never resent
+
+
+def test_streaming_edit_refused_before_any_event_keeps_its_http_status(
+    client: OpenAI, upstream: FakeOpenAIUpstream
+) -> None:
+    upstream.enqueue(
+        Reply(status=429, body={"error": {"message": "slow down"}}, headers={"retry-after": "7"})
+    )
+    with pytest.raises(RateLimitError) as caught:
+        list(client.images.edit(image=("a.png", PNG, "image/png"), prompt="x", stream=True))
+    assert caught.value.status_code == 429
+    assert caught.value.response.headers["retry-after"] == "7"
+
+
+def test_streaming_edit_from_an_upstream_that_ignores_stream_still_completes(
+    client: OpenAI, upstream: FakeOpenAIUpstream
+) -> None:
+    upstream.enqueue(Reply(body=images_response(1)))  # JSON, not SSE
+    events = list(client.images.edit(image=("a.png", PNG, "image/png"), prompt="x", stream=True))
+    assert [event.type for event in events] == ["image_edit.completed"]
+    assert base64.b64decode(events[0].b64_json) == RESULT_PNG
+
+
+def test_streamed_result_is_cached_as_the_final_image(
+    fake_upstream: FakeOpenAIUpstream, upstream: FakeOpenAIUpstream, redis_url: str
+) -> None:
+    prompt = unique_prompt()
+    with gateway(cached_settings(fake_upstream, redis_url)) as url:
+        cached = sdk(url)
+        streamed = list(
+            cached.images.edit(
+                image=("a.png", PNG, "image/png"), prompt=prompt, stream=True, partial_images=1
+            )
+        )
+        assert [event.type for event in streamed] == [
+            "image_edit.partial_image",
+            "image_edit.completed",
+        ]
+        raw = cached.images.with_raw_response.edit(image=("a.png", PNG, "image/png"), prompt=prompt)
+        again = list(
+            cached.images.edit(image=("a.png", PNG, "image/png"), prompt=prompt, stream=True)
+        )
+    assert raw.headers["x-cache"] == "hit"
+    assert base64.b64decode(raw.parse().data[0].b64_json or "") == RESULT_PNG
+    assert [event.type for event in again] == ["image_edit.completed"]
+    assert len(upstream.edits) == 1
