@@ -42,11 +42,13 @@ def validate_edit(
 
 def validate_generation(form: IntakeForm, catalog: Catalog, *, default_model: str) -> EditRequest:
     """The same rules as an edit's, for a request made of text fields alone."""
-    for name in ("image", "images", "mask"):
-        if any(text.name == name for text in form.fields) or form.files:
+    sent = [text.name for text in form.fields] + [upload.field for upload in form.files]
+    for name in sent:
+        base = name.split("[", 1)[0]
+        if base in ("image", "images", "mask"):
             raise InvalidRequest(
-                f"A generation takes no {name}; send images to /v1/images/edits.",
-                param=name,
+                f"A generation takes no {base}; send images to /v1/images/edits.",
+                param=base,
                 code="unsupported_parameter",
             )
     fields = _single_valued(form)
