@@ -12,7 +12,10 @@ from openai import OpenAI
 from app.config import Settings, load_settings
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
-from tests.support.log_watch import no_traceback_from_client_input  # noqa: F401 (autouse)
+from tests.support.log_watch import (  # noqa: F401 (an autouse fixture and a summary hook)
+    no_traceback_from_client_input,
+    pytest_terminal_summary,
+)
 from tests.support.redis_server import test_redis_url
 from tests.support.servers import serve_in_thread
 

@@ -29,10 +29,14 @@ class TracebackCollector(logging.Handler, logging.Filter):
         # Formatted text only: a kept record would keep its traceback's frames (and every
         # upload they reference) alive for the rest of the run.
         self.records: list[str] = []
+        self.scanned = 0
+        # Tracebacks logged during tests marked `server_error_expected` (on purpose).
+        self.expected = 0
         self._formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
         self._lock_records = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
+        self.scanned += 1
         if record.exc_info or "Traceback (most recent call last)" in record.getMessage():
             text = self._formatter.format(record)
             if any(marker in text for marker in DELIBERATE):
@@ -67,8 +71,19 @@ def no_traceback_from_client_input(request: pytest.FixtureRequest) -> Iterator[N
     start = len(COLLECTOR.records)
     yield
     logged = COLLECTOR.records[start:]
-    if logged and request.node.get_closest_marker("server_error_expected") is None:
+    if logged and request.node.get_closest_marker("server_error_expected") is not None:
+        COLLECTOR.expected += len(logged)
+    elif logged:
         pytest.fail(
             f"{len(logged)} traceback(s) logged during this test:\n{COLLECTOR.describe(logged)}",
             pytrace=False,
         )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    unexpected = len(COLLECTOR.records) - COLLECTOR.expected
+    terminalreporter.write_line(
+        f"log watch: {COLLECTOR.scanned} log records scanned, {unexpected} traceback(s) from "
+        f"client input or unexpected failures, {COLLECTOR.expected} from tests that break the "
+        "gateway on purpose"
+    )
