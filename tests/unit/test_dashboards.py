@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 import promql_parser
 import yaml
 
+from app.api import admin, files, health, images, models
+from app.api import metrics as metrics_api
 from app.metrics import GatewayMetrics, KeySnapshot
 from tests.support.prom import samples
 
@@ -82,20 +85,36 @@ def all_expressions() -> list[tuple[str, str]]:
     ]
 
 
-def selectors(expr: str) -> list[tuple[str, set[str]]]:
-    """(metric name, label names matched) for every series selector in the expression."""
+def matchers(expr: str) -> list[tuple[str, Any]]:
+    """(metric name, label matcher) for every label matcher in the expression."""
     for variable, value in GRAFANA_VARIABLES.items():
         expr = expr.replace(variable, value)
-    found: list[tuple[str, set[str]]] = []
+    found: list[tuple[str, Any]] = []
 
     def visit(node: object) -> bool:
         if isinstance(node, promql_parser.VectorSelector):
-            labels = {matcher.name for matcher in node.matchers.matchers}
-            found.append((node.name or "", labels - {"__name__"}))
+            found.append((node.name or "", None))
+            found.extend((node.name or "", matcher) for matcher in node.matchers.matchers)
         return True
 
     promql_parser.walk(promql_parser.parse(expr), visit)
     return found
+
+
+def selectors(expr: str) -> list[tuple[str, set[str]]]:
+    """(metric name, label names matched) for every series selector in the expression."""
+    found: list[tuple[str, set[str]]] = []
+    for name, matcher in matchers(expr):
+        if matcher is None:
+            found.append((name, set()))
+        elif matcher.name != "__name__":
+            found[-1][1].add(matcher.name)
+    return found
+
+
+def app_routes() -> set[str]:
+    routers = (images.router, models.router, health.router, files.router, admin.router)
+    return {route.path for router in (*routers, metrics_api.router) for route in router.routes}  # type: ignore[attr-defined]
 
 
 def test_dashboards_and_alerts_exist() -> None:
@@ -132,6 +151,23 @@ def test_every_exported_metric_is_on_the_dashboard_or_in_an_alert() -> None:
         if not any(name == family or name.startswith(family + "_") for name in used)
     }
     assert not unused, f"exported but shown nowhere: {sorted(unused)}"
+
+
+def test_every_route_matcher_matches_a_real_route() -> None:
+    routes = app_routes()
+    assert "/v1/images/edits" in routes
+    problems = []
+    for where, expr in all_expressions():
+        for _, matcher in matchers(expr):
+            if matcher is None or matcher.name != "route":
+                continue
+            if str(matcher.op) == "MatchOp.Equal":
+                matched = {matcher.value} & routes
+            else:
+                matched = {route for route in routes if re.fullmatch(matcher.value, route)}
+            if not matched:
+                problems.append(f"{where}: route matcher {matcher.value!r} matches no route")
+    assert not problems, "\n".join(problems)
 
 
 def test_selector_check_catches_a_dead_panel() -> None:
