@@ -159,6 +159,19 @@ def test_bfl_edit_flux_fields_from_the_request(flux: OpenAI, bfl: FakeBflUpstrea
     }
 
 
+def test_bfl_generation_is_a_kontext_task_without_input_image(
+    flux: OpenAI, bfl: FakeBflUpstream
+) -> None:
+    result = flux.images.generate(
+        model="flux-kontext-pro", prompt="a lighthouse at dusk", extra_body={"aspect_ratio": "16:9"}
+    )
+    (task,) = bfl.submits
+    assert task.body["prompt"] == "a lighthouse at dusk"
+    assert task.body["aspect_ratio"] == "16:9"
+    assert not any(name.startswith("input_image") for name in task.body)
+    assert decoded(result) == [task.result]
+
+
 # Acceptance 2: n tasks for n images.
 
 
