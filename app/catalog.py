@@ -116,6 +116,9 @@ class ModelRule(_Strict):
     timeout: float | None = Field(None, gt=0)
     # For usage cost estimates only; a model without a price costs 0.
     price: ModelPrice = ModelPrice()
+    # Resend after a read timeout or a connection lost mid-request. Off by default: the edit may
+    # be running, and billed, upstream.
+    resend_after_timeout: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelRule:

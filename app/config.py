@@ -51,6 +51,31 @@ class BflSettings(_Strict):
     max_parallel_tasks: int = Field(4, ge=1, le=24)
 
 
+class KeyLimits(_Strict):
+    """Per-key caps; a key at a cap is skipped, never queued behind."""
+
+    # Requests in flight on this key, per gateway replica.
+    max_concurrency: int | None = Field(None, gt=0)
+    # Requests started per minute on this key, counted across replicas (Redis).
+    rpm: int | None = Field(None, gt=0)
+
+
+class NamedKey(KeyLimits):
+    """A key with its own name (shown in /admin/keys) and its own environment variable."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    env: str
+
+
+class KeySpec(_Strict):
+    """A resolved upstream key: its public id, its secret, and its caps."""
+
+    id: str  # "<upstream>#<n>" or a NamedKey's name; never derived from the secret
+    secret: SecretStr
+    max_concurrency: int | None = None
+    rpm: int | None = None
+
+
 class UpstreamConfig(_Strict):
     type: Literal["openai", "demo", "bfl"] = "openai"
     base_url: str = ""
@@ -58,6 +83,44 @@ class UpstreamConfig(_Strict):
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
     keys: tuple[SecretStr, ...] = ()
     bfl: BflSettings = BflSettings()
+    # Routing: the lowest priority number is tried first; weight splits traffic within a tier.
+    priority: int = Field(0, ge=0)
+    weight: int = Field(1, ge=1)
+    # Requests in flight to this upstream, per gateway replica; None means no cap.
+    max_concurrency: int | None = Field(None, gt=0)
+    key_limits: KeyLimits = KeyLimits()
+    named_keys: tuple[NamedKey, ...] = ()
+    # Filled at load time from keys_env and named_keys (with ids and caps); `keys` holds the same
+    # secrets, in the same order.
+    key_specs: tuple[KeySpec, ...] = ()
+
+
+class PoolConfig(_Strict):
+    """Key health: cooldowns after 429, ejection after repeated failures, probes of dead keys."""
+
+    # Redis key prefix; replicas sharing it share key health.
+    namespace: str = Field("igw", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    # A 429 without a usable hint cools the key this long, doubling per repeat up to the max.
+    cooldown_initial: float = Field(1.0, gt=0)
+    cooldown_max: float = Field(60.0, gt=0)
+    # The longest cooldown an upstream's own retry-after may impose.
+    cooldown_hint_max: float = Field(3600.0, gt=0)
+    # Consecutive 5xx/connection failures that eject a key, for eject_base x times ejected.
+    eject_after: int = Field(5, ge=1)
+    eject_base: float = Field(30.0, gt=0)
+    eject_max: float = Field(300.0, gt=0)
+    # How often a disabled key (401/403/402/insufficient_quota) is re-checked by a free probe.
+    probe_interval: float = Field(60.0, gt=0)
+
+
+class RetryConfig(_Strict):
+    """How many times one client request may be tried upstream (see app/forwarding.py)."""
+
+    max_attempts: int = Field(4, ge=1)
+    # Retries of an upstream 5xx, each on another key.
+    server_error_retries: int = Field(1, ge=0)
+    # Covers every attempt of one request, in seconds.
+    deadline: float = Field(900.0, gt=0)
 
 
 class Limits(_Strict):
@@ -173,6 +236,8 @@ class FileConfig(_Strict):
     cache: CacheConfig = CacheConfig()
     clients: ClientsConfig = ClientsConfig()
     image_urls: ImageUrlConfig = ImageUrlConfig()
+    pool: PoolConfig = PoolConfig()
+    retry: RetryConfig = RetryConfig()
 
 
 class Settings(_Strict):
@@ -199,6 +264,8 @@ class Settings(_Strict):
     # Named clients with their keys read from the environment (see app/clients/config.py).
     clients: ClientsConfig = ClientsConfig()
     image_urls: ImageUrlConfig = ImageUrlConfig()
+    pool: PoolConfig = PoolConfig()
+    retry: RetryConfig = RetryConfig()
 
 
 def _env_list(value: str | None) -> tuple[SecretStr, ...]:
@@ -216,6 +283,40 @@ def _env_bool(name: str, value: str | None) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"environment: {name}: expected true or false, got {value!r}")
+
+
+def _key_specs(
+    upstream_name: str, upstream: UpstreamConfig, env: Mapping[str, str], keys_env: str | None
+) -> tuple[KeySpec, ...]:
+    limits = upstream.key_limits
+    specs = [
+        KeySpec(
+            id=f"{upstream_name}#{index}",
+            secret=secret,
+            max_concurrency=limits.max_concurrency,
+            rpm=limits.rpm,
+        )
+        for index, secret in enumerate(_env_list(env.get(keys_env) if keys_env else None), 1)
+    ]
+    for named in upstream.named_keys:
+        value = (env.get(named.env) or "").strip()
+        if not value:
+            raise ConfigError(
+                f"environment: {named.env}: upstream {upstream_name!r} key {named.name!r} "
+                "is not set"
+            )
+        specs.append(
+            KeySpec(
+                id=named.name,
+                secret=SecretStr(value),
+                max_concurrency=named.max_concurrency,
+                rpm=named.rpm,
+            )
+        )
+    ids = [spec.id for spec in specs]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"upstreams.{upstream_name}.named_keys: key names must be unique")
+    return tuple(specs)
 
 
 def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = None) -> Settings:
@@ -239,8 +340,14 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
         keys_env = upstream.keys_env or (
             "GATEWAY_UPSTREAM_KEYS" if name == DEFAULT_UPSTREAM else None
         )
-        keys = _env_list(env.get(keys_env)) if keys_env else ()
-        resolved[name] = upstream.model_copy(update={"keys": keys, "keys_env": keys_env})
+        specs = _key_specs(name, upstream, env, keys_env)
+        resolved[name] = upstream.model_copy(
+            update={
+                "keys": tuple(spec.secret for spec in specs),
+                "keys_env": keys_env,
+                "key_specs": specs,
+            }
+        )
 
     catalog_path = config_path.parent / file_config.catalog
     catalog = load_catalog(catalog_path, known_upstreams=set(resolved))
@@ -286,6 +393,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
         cache=cache,
         clients=_with_client_keys(file_config.clients, env),
         image_urls=image_urls,
+        pool=file_config.pool,
+        retry=file_config.retry,
     )
     _check(settings)
     return settings

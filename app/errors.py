@@ -16,7 +16,8 @@ GatewayError
  ├── UpstreamUnreachable       502 connection failed before the request was delivered
  ├── UpstreamTimeout           504 the upstream did not answer within the model's timeout
  ├── Overloaded                503 the gateway is at its concurrency limit
- └── StoreUnavailable          503 shared state (Redis) is needed and cannot be reached
+ ├── StoreUnavailable          503 shared state (Redis) is needed and cannot be reached
+ └── NoUsableKey               503 every upstream key is disabled, ejected or busy
 """
 
 from __future__ import annotations
@@ -177,6 +178,12 @@ class StoreUnavailable(GatewayError):
     status_code = 503
     error_type = "server_error"
     default_code = "store_unavailable"
+
+
+class NoUsableKey(GatewayError):
+    status_code = 503
+    error_type = "server_error"
+    default_code = "no_upstream_key_available"
 
 
 def error_envelope(

@@ -1,47 +1,136 @@
-"""Send a validated edit to the upstream that serves its model, with a key from that upstream."""
+"""Routing and retries: which upstream and key serve each attempt, and whether to try again.
+
+Routing: a model's upstreams are grouped by their priority (lowest number first); within a tier
+an upstream is drawn by weight, and the pool lends its best key; a tier with no usable key hands
+over to the next tier.
+
+Retry policy, decided here and nowhere else (a key's own health is the pool's business):
+  failure         another attempt?                         why
+  rate_limited    yes, on another key                      that key cools; the others may not
+  auth, quota     yes, on another key                      that key is disabled; the request is fine
+  connect         yes, on another key                      never delivered, so never run or billed
+  server,         at most retry.server_error_retries       may be transient; default once
+  bad_response      times, on another key
+  timeout,        only if the model sets                   the edit may be running, and billed
+  dropped           resend_after_timeout
+  rejected        never                                    the upstream's 4xx goes back as it is
+Every request is bounded by retry.max_attempts, and retry.deadline covers all of its attempts.
+When no key is left to try: 429 with retry-after if what is left is only cooling, otherwise 503.
+An error after a failover, or after an attempt that may have been billed, carries
+`x-should-retry: false`, so the SDK does not multiply upstream attempts.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from itertools import groupby
 
+from app.config import RetryConfig
 from app.edit import EditRequest
-from app.errors import GatewayError, Overloaded
-from app.keys import RoundRobinKeys
+from app.errors import FailureKind, GatewayError, NoUsableKey, RateLimited, UpstreamTimeout
+from app.keys.pool import KeyPool, Lease, Shortage
 from app.metrics import GatewayMetrics
 from app.request_record import current_record
-from app.upstream.base import Upstream, UpstreamAnswer, UpstreamKey
+from app.upstream.base import Upstream, UpstreamAnswer
+
+_ANOTHER_KEY: frozenset[FailureKind] = frozenset({"rate_limited", "auth", "quota", "connect"})
+_SERVER: frozenset[FailureKind] = frozenset({"server", "bad_response"})
+_MAYBE_BILLED: frozenset[FailureKind] = frozenset({"timeout", "dropped"})
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    priority: int = 0
+    weight: int = 1
 
 
 class Forwarder:
     def __init__(
         self,
-        upstreams: dict[str, Upstream],
-        keys: dict[str, RoundRobinKeys],
+        upstreams: Mapping[str, Upstream],
+        pool: KeyPool,
         *,
+        routes: Mapping[str, Route] | None = None,
+        retry: RetryConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self._upstreams = upstreams
-        self._keys = keys
+        self._pool = pool
+        self._routes = routes or {}
+        self._retry = retry or RetryConfig()
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._rng = rng
         self._metrics = metrics if metrics is not None else GatewayMetrics(models=())
+
+    @property
+    def pool(self) -> KeyPool:
+        return self._pool
 
     async def edit(self, edit: EditRequest) -> tuple[UpstreamAnswer, str]:
         """The upstream's answer and the name of the upstream that gave it."""
-        for name in edit.model.upstreams:
-            upstream = self._upstreams.get(name)
-            if upstream is not None:
-                return await self._attempt(upstream, edit, self._keys[name].next()), name
-        raise Overloaded(f"No upstream is configured to serve {edit.model.name}.")
+        deadline = self._clock() + self._retry.deadline
+        tried: dict[str, set[str]] = {}
+        attempts = 0
+        server_retries = 0
+        last_error: GatewayError | None = None
+        previous: tuple[str, FailureKind] | None = None  # the last failed attempt's upstream
+        while attempts < self._retry.max_attempts:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                break
+            found = await self._lease(edit, tried)
+            if isinstance(found, Shortage):
+                raise self._no_key_left(edit, found, last_error, attempts)
+            lease = found
+            if previous is not None:
+                self._metrics.record_retry(lease.upstream, previous[1])
+                if previous[0] != lease.upstream:
+                    self._metrics.record_failover(previous[0], lease.upstream)
+            attempts += 1
+            if lease.key is not None:
+                tried.setdefault(lease.upstream, set()).add(lease.key.id)
+            try:
+                answer = await self._attempt(edit, lease, remaining)
+            except GatewayError as error:
+                if error.failure is None:
+                    raise
+                await self._pool.report_failure(lease, error.failure, error.upstream_headers)
+                last_error = error
+                previous = (lease.upstream, error.failure)
+                if not self._may_retry(edit, error.failure, server_retries):
+                    raise self._final(edit, error, attempts) from None
+                if error.failure in _SERVER:
+                    server_retries += 1
+                continue
+            finally:
+                lease.release()
+            await self._pool.report_success(lease)
+            return answer, lease.upstream
+        if last_error is None:
+            last_error = _deadline_error(self._retry.deadline)
+        raise self._final(edit, last_error, attempts)
 
-    async def _attempt(
-        self, upstream: Upstream, edit: EditRequest, key: UpstreamKey | None
-    ) -> UpstreamAnswer:
+    async def _attempt(self, edit: EditRequest, lease: Lease, remaining: float) -> UpstreamAnswer:
         """One call to one upstream with one key, timed and counted whatever its outcome."""
-        current_record().note_attempt(upstream.name, key.id if key is not None else None)
+        upstream = self._upstreams[lease.upstream]
+        current_record().note_attempt(upstream.name, lease.key.id if lease.key else None)
         start = time.perf_counter()
         outcome = "ok"
         try:
-            return await upstream.edit(edit, key)
+            async with asyncio.timeout(remaining):
+                return await upstream.edit(edit, lease.key)
+        except TimeoutError:
+            outcome = "timeout"
+            raise _deadline_error(self._retry.deadline) from None
         except GatewayError as exc:
             outcome = exc.failure or "bad_response"
             raise
@@ -52,3 +141,83 @@ class Forwarder:
             self._metrics.record_upstream(
                 upstream.name, edit.model.name, outcome, time.perf_counter() - start
             )
+
+    def _may_retry(self, edit: EditRequest, failure: FailureKind, server_retries: int) -> bool:
+        if failure in _ANOTHER_KEY:
+            return True
+        if failure in _SERVER:
+            return server_retries < self._retry.server_error_retries
+        if failure in _MAYBE_BILLED:
+            return edit.model.resend_after_timeout
+        return False
+
+    def _final(self, edit: EditRequest, error: GatewayError, attempts: int) -> GatewayError:
+        maybe_billed = error.failure in _MAYBE_BILLED and not edit.model.resend_after_timeout
+        if attempts >= 2 or maybe_billed:
+            error.headers = {**error.headers, "x-should-retry": "false"}
+        return error
+
+    async def _lease(self, edit: EditRequest, tried: Mapping[str, set[str]]) -> Lease | Shortage:
+        shortage = Shortage()
+        known = [name for name in edit.model.upstreams if name in self._upstreams]
+        by_priority = sorted(known, key=lambda name: self._route(name).priority)
+        for _, tier in groupby(by_priority, key=lambda name: self._route(name).priority):
+            for name in self._weighted_order(list(tier)):
+                found = await self._pool.acquire(name, tried.get(name, ()))
+                if isinstance(found, Lease):
+                    return found
+                shortage.add(found)
+        return shortage
+
+    def _route(self, upstream: str) -> Route:
+        return self._routes.get(upstream, Route())
+
+    def _weighted_order(self, names: list[str]) -> list[str]:
+        # Weighted sampling without replacement (Efraimidis-Spirakis): the first upstream is
+        # drawn by weight, the next ones follow in case it has no key to lend.
+        if len(names) < 2:
+            return names
+        return sorted(names, key=lambda name: -(self._rng() ** (1.0 / self._route(name).weight)))
+
+    def _no_key_left(
+        self,
+        edit: EditRequest,
+        shortage: Shortage,
+        last_error: GatewayError | None,
+        attempts: int,
+    ) -> GatewayError:
+        now = self._wall_clock()
+        model = edit.model.name
+        error: GatewayError
+        if shortage.rate_limited_until is not None and not shortage.tried and not shortage.busy:
+            wait = max(shortage.rate_limited_until - now, 0.001)
+            error = RateLimited(
+                f"Every upstream key serving {model} is rate limited; retry in "
+                f"{math.ceil(wait)} s.",
+                headers={
+                    "retry-after": str(math.ceil(wait)),
+                    "retry-after-ms": str(math.ceil(wait * 1000)),
+                },
+            )
+        elif shortage.busy:
+            error = NoUsableKey(
+                f"Every upstream key serving {model} is at its concurrency limit.",
+                headers={"retry-after": "1"},
+            )
+        elif not shortage.tried or last_error is None:
+            headers = {}
+            if shortage.recovers_at is not None:
+                headers["retry-after"] = str(math.ceil(max(shortage.recovers_at - now, 1.0)))
+            error = NoUsableKey(
+                f"No upstream key is usable for {model} right now; operators have been told.",
+                headers=headers,
+            )
+        else:
+            error = last_error
+        return self._final(edit, error, attempts)
+
+
+def _deadline_error(deadline: float) -> GatewayError:
+    error = UpstreamTimeout(f"The upstream did not answer within the {deadline:g} s deadline.")
+    error.failure = "timeout"
+    return error

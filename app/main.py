@@ -56,6 +56,7 @@ def create_app(
             else None
         )
         trimmer = asyncio.create_task(trim_heap_periodically(malloc_trim()))
+        gateway.start()
         try:
             yield
         finally:

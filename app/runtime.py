@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import httpx
 import redis.asyncio as aioredis
@@ -12,11 +13,14 @@ from app.cache.service import EditCache
 from app.cache.setup import open_edit_cache
 from app.clients.directory import client_names
 from app.clients.services import ClientServices, open_client_services
-from app.config import Settings
+from app.config import PoolConfig, Settings
 from app.edit import EditRequest
-from app.forwarding import Forwarder
+from app.forwarding import Forwarder, Route
 from app.intake.spool import SpoolWorker
-from app.keys import RoundRobinKeys
+from app.keys.health import HealthPolicy
+from app.keys.pool import KeyPool, PoolUpstream
+from app.keys.prober import Prober
+from app.keys.store import FailoverStore, MemoryStore, RedisStore, StateStore
 from app.metrics import GatewayMetrics
 from app.redaction import Redactor
 from app.upstream.base import Upstream, UpstreamAnswer
@@ -42,8 +46,16 @@ class Gateway:
     spool_worker: SpoolWorker | None = None
     # Fetches https image URLs of JSON edits; None unless image_urls.enabled.
     image_urls: ImageFetcher | None = None
+    prober: Prober | None = field(default=None)
+
+    def start(self) -> None:
+        """Start background work; called from the lifespan, inside the event loop."""
+        if self.prober is not None:
+            self.prober.start()
 
     async def aclose(self) -> None:
+        if self.prober is not None:
+            await self.prober.aclose()
         # Paid upstream calls whose clients left get the drain budget to finish and be stored.
         await self.cache.aclose(grace=self.settings.shutdown.drain_timeout)
         await self.cache.store.aclose()
@@ -94,20 +106,20 @@ def open_gateway(
     if transport_log.getEffectiveLevel() < logging.INFO:
         transport_log.setLevel(logging.INFO)
     upstreams: dict[str, Upstream] = {}
-    keys: dict[str, RoundRobinKeys] = {}
+    pooled: list[PoolUpstream] = []
+    routes: dict[str, Route] = {}
     for name in sorted(settings.catalog.upstreams_in_use()):
         config = settings.upstreams[name]
+        routes[name] = Route(priority=config.priority, weight=config.weight)
         if settings.demo or config.type == "demo":
             upstreams[name] = DemoUpstream(name)
-            keys[name] = RoundRobinKeys(name, ())
+            pooled.append(PoolUpstream(name, (), config.max_concurrency))
         elif config.type == "bfl":
             upstreams[name] = BflUpstream(name, config, http, redactor)
-            keys[name] = RoundRobinKeys(name, config.keys)
+            pooled.append(PoolUpstream(name, config.key_specs, config.max_concurrency))
         else:
             upstreams[name] = OpenAIUpstream(name, config, http, redactor)
-            keys[name] = RoundRobinKeys(name, config.keys)
-    for pool in keys.values():
-        metrics.watch_keys(pool.snapshots)
+            pooled.append(PoolUpstream(name, config.key_specs, config.max_concurrency))
     if settings.demo:
         log.warning("demo mode: every model is served by the built-in demo upstream")
     redis = (
@@ -117,7 +129,9 @@ def open_gateway(
         if settings.redis_url is not None
         else None
     )
-    forwarder = Forwarder(upstreams, keys, metrics=metrics)
+    pool = KeyPool(pooled, _key_store(settings.pool, redis), policy=health_policy(settings.pool))
+    metrics.watch_keys(pool.snapshots)
+    forwarder = Forwarder(upstreams, pool, routes=routes, retry=settings.retry, metrics=metrics)
 
     async def forward(edit: EditRequest) -> UpstreamAnswer:
         answer, _upstream = await forwarder.edit(edit)
@@ -138,4 +152,23 @@ def open_gateway(
             if settings.image_urls.enabled
             else None
         ),
+        prober=Prober(pool, upstreams, tick=min(1.0, settings.pool.probe_interval)),
     )
+
+
+def health_policy(config: PoolConfig) -> HealthPolicy:
+    return HealthPolicy(
+        cooldown_initial=config.cooldown_initial,
+        cooldown_max=config.cooldown_max,
+        cooldown_hint_max=config.cooldown_hint_max,
+        eject_after=config.eject_after,
+        eject_base=config.eject_base,
+        eject_max=config.eject_max,
+        probe_interval=config.probe_interval,
+    )
+
+
+def _key_store(config: PoolConfig, redis: aioredis.Redis | None) -> StateStore:
+    if redis is None:
+        return MemoryStore()
+    return FailoverStore(RedisStore(redis, config.namespace), MemoryStore(), clock=time.monotonic)

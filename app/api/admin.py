@@ -1,4 +1,5 @@
-"""Admin routes (admin keys only, see app/auth.py): client keys at run time, clients, usage."""
+"""Admin routes (admin keys only, see app/auth.py): client keys at run time, clients, usage,
+and the upstream key pool's health."""
 
 from __future__ import annotations
 
@@ -166,3 +167,10 @@ def _date(value: str, param: str) -> date:
         raise InvalidRequest(
             f"`{param}` must be a date as YYYY-MM-DD (UTC).", param=param, code="invalid_date"
         ) from None
+
+
+@router.get("/keys")
+async def list_upstream_keys(gateway: GatewayDep) -> Response:
+    """Every upstream key by id (never the secret) with its health, as the key pool sees it."""
+    pool = gateway.forwarder.pool
+    return _json({"object": "list", "store": pool.store.describe(), "data": await pool.snapshot()})

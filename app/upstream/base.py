@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import SecretStr
 
@@ -26,3 +26,13 @@ class Upstream(Protocol):
     name: str
 
     async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer: ...
+
+
+@runtime_checkable
+class Probeable(Protocol):
+    """A dialect that can check a key for free (no paid call), for the recovery prober."""
+
+    async def probe(self, key: UpstreamKey) -> bool:
+        """True when the upstream accepts the key again; False when it still refuses it or the
+        answer is inconclusive (the key stays disabled until the next probe)."""
+        ...

@@ -35,6 +35,7 @@ from app.upstream.progress import relay_partial
 
 # Upstream headers a client may act on; everything else from the upstream stays here.
 _RATE_LIMIT_HEADERS = ("retry-after", "retry-after-ms")
+_PROBE_TIMEOUT = 10.0
 # What the key pool reads to time a cooldown.
 _POOL_HEADERS = (
     "retry-after",
@@ -56,6 +57,21 @@ class OpenAIUpstream:
         self._redact = redactor
         self._edits_url = config.base_url.rstrip("/") + "/images/edits"
         self._generations_url = config.base_url.rstrip("/") + "/images/generations"
+        self._models_url = config.base_url.rstrip("/") + "/models"
+
+    async def probe(self, key: UpstreamKey) -> bool:
+        """`GET {base}/models`: free, and it fails with 401/403 for a key that is still bad."""
+        headers = {
+            "authorization": f"Bearer {key.secret.get_secret_value()}",
+            "accept": "application/json",
+        }
+        timeout = httpx.Timeout(_PROBE_TIMEOUT, connect=self._config.timeouts.connect)
+        try:
+            response = await self._client.get(self._models_url, headers=headers, timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        # 429 means the key authenticated; its rate limit is the pool's business, not the probe's.
+        return response.status_code in (200, 429)
 
     async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer:
         """An edit or a generation (by `edit.operation`), streamed when the client streams and

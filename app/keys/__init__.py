@@ -1,0 +1,1 @@
+"""The upstream key pool: health state machine, shared state store, selection, probes."""
