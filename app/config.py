@@ -285,6 +285,19 @@ def _env_bool(name: str, value: str | None) -> bool:
     raise ConfigError(f"environment: {name}: expected true or false, got {value!r}")
 
 
+def _refuse_secrets_in_file(source: str, raw: dict[str, object]) -> None:
+    upstreams = raw.get("upstreams")
+    if not isinstance(upstreams, dict):
+        return
+    for name, body in upstreams.items():
+        for field in ("keys", "key_specs"):
+            if isinstance(body, dict) and field in body:
+                raise ConfigError(
+                    f"{source}: upstreams.{name}.{field}: keys never go in this file; name the "
+                    "environment variable holding them with keys_env or named_keys"
+                )
+
+
 def _key_specs(
     upstream_name: str, upstream: UpstreamConfig, env: Mapping[str, str], keys_env: str | None
 ) -> tuple[KeySpec, ...]:
@@ -324,6 +337,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
     env = os.environ if env is None else env
     config_path = Path(env.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH)
     raw = read_yaml(config_path)
+    _refuse_secrets_in_file(str(config_path), raw)
     try:
         file_config = FileConfig.model_validate(raw)
     except ValidationError as exc:
