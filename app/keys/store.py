@@ -10,6 +10,7 @@ what it learnt back into Redis when Redis returns.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -28,7 +29,8 @@ Change = Callable[[KeyHealth], KeyHealth]
 # probe, so only keys nobody has touched for a week fall back to healthy.
 STATE_TTL_SECONDS = 7 * 24 * 3600
 RPM_WINDOW_SECONDS = 60
-_UPDATE_ATTEMPTS = 20
+# Updates of one key are serialised within a replica, so only replicas race each other.
+_UPDATE_ATTEMPTS = 50
 
 # Compare-and-set: write ARGV[2] only if the record still holds ARGV[1] ("" = absent).
 _CAS = """
@@ -112,6 +114,7 @@ class RedisStore:
         self._namespace = namespace
         self._cas = redis.register_script(_CAS)
         self._take_rpm = redis.register_script(_TAKE_RPM)
+        self._locks: dict[str, asyncio.Lock] = {}
 
     def state_key(self, upstream: str, key_id: str) -> str:
         return f"{self._namespace}:{{pool:{upstream}}}:key:{key_id}"
@@ -129,18 +132,22 @@ class RedisStore:
         self, upstream: str, key_id: str, change: Change
     ) -> tuple[KeyHealth, KeyHealth]:
         name = self.state_key(upstream, key_id)
-        for _ in range(_UPDATE_ATTEMPTS):
-            raw = await self._redis.get(name)
-            before = KeyHealth.from_json(raw)
-            after = change(before)
-            if after == before:
-                return before, after
-            written = await self._cas(
-                keys=[name], args=[raw or b"", after.to_json(), STATE_TTL_SECONDS]
-            )
-            if written:
-                return before, after
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            before = KeyHealth()
+            for _ in range(_UPDATE_ATTEMPTS):
+                raw = await self._redis.get(name)
+                before = KeyHealth.from_json(raw)
+                after = change(before)
+                if after == before:
+                    return before, after
+                written = await self._cas(
+                    keys=[name], args=[raw or b"", after.to_json(), STATE_TTL_SECONDS]
+                )
+                if written:
+                    return before, after
         # Only sustained contention on one key gets here; losing one health note is harmless.
+        log.warning("key health update of %s lost to contention", key_id)
         return before, before
 
     async def take_rpm(self, upstream: str, key_id: str, cap: int, now: float) -> bool:
