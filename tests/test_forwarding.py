@@ -1,0 +1,158 @@
+"""The routing and retry policy, with in-process upstreams that fail as scripted."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+from pydantic import SecretStr
+
+from app.catalog import ModelRule
+from app.config import KeySpec, RetryConfig
+from app.edit import EditRequest
+from app.errors import FailureKind, GatewayError, RateLimited, UpstreamFailed, UpstreamTimeout
+from app.forwarding import Forwarder, Route
+from app.keys.pool import KeyPool, PoolUpstream
+from app.keys.store import MemoryStore
+from app.upstream.base import UpstreamAnswer, UpstreamKey
+
+ANSWER = UpstreamAnswer(body={"created": 1, "data": []}, request_id=None)
+
+
+def failure(kind: FailureKind) -> GatewayError:
+    error: GatewayError
+    if kind == "rate_limited":
+        error = RateLimited("limited")
+    elif kind == "timeout":
+        error = UpstreamTimeout("slow")
+    else:
+        error = UpstreamFailed(kind)
+    error.failure = kind
+    return error
+
+
+class ScriptedUpstream:
+    """Answers per key: a failure kind raises it, None answers, a float sleeps first."""
+
+    def __init__(self, name: str, script: Callable[[str], FailureKind | float | None]) -> None:
+        self.name = name
+        self.script = script
+        self.calls: list[str] = []
+
+    async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer:
+        key_id = key.id if key else "-"
+        self.calls.append(key_id)
+        outcome = self.script(key_id)
+        if isinstance(outcome, float):
+            await asyncio.sleep(outcome)
+            outcome = "connect"
+        if outcome is not None:
+            raise failure(outcome)
+        return ANSWER
+
+
+def specs(upstream: str, count: int) -> tuple[KeySpec, ...]:
+    return tuple(
+        KeySpec(id=f"{upstream}#{n}", secret=SecretStr(f"sk-{upstream}-{n}-secret"))
+        for n in range(1, count + 1)
+    )
+
+
+def make_edit(upstreams: tuple[str, ...], **rules: object) -> EditRequest:
+    model = ModelRule(name="m", upstream_model="m", upstreams=upstreams, **rules)  # type: ignore[arg-type]
+    return EditRequest(
+        model=model,
+        prompt="x",
+        images=(),
+        mask=None,
+        params={},
+        extra_fields=(),
+        response_format=None,
+        n=1,
+    )
+
+
+def forwarder(
+    upstreams: list[ScriptedUpstream],
+    keys: int = 3,
+    routes: dict[str, Route] | None = None,
+    retry: RetryConfig | None = None,
+    seed: int = 1,
+) -> Forwarder:
+    pool = KeyPool([PoolUpstream(u.name, specs(u.name, keys)) for u in upstreams], MemoryStore())
+    return Forwarder(
+        {u.name: u for u in upstreams},
+        pool,
+        routes=routes,
+        retry=retry,
+        rng=random.Random(seed).random,
+    )
+
+
+def test_forwarder_splits_a_tier_by_weight() -> None:
+    heavy, light = (
+        ScriptedUpstream("heavy", lambda _: None),
+        ScriptedUpstream("light", lambda _: None),
+    )
+    routes = {"heavy": Route(weight=3), "light": Route(weight=1)}
+    forward = forwarder([heavy, light], routes=routes)
+    edit = make_edit(("heavy", "light"))
+
+    async def run() -> Counter[str]:
+        return Counter([(await forward.edit(edit))[1] for _ in range(400)])
+
+    served = asyncio.run(run())
+    assert 250 < served["heavy"] < 350 and served["heavy"] + served["light"] == 400
+
+
+def test_forwarder_attempts_are_bounded() -> None:
+    limited = ScriptedUpstream("up", lambda _: "rate_limited")
+    forward = forwarder([limited], keys=6, retry=RetryConfig(max_attempts=4))
+    with pytest.raises(RateLimited) as caught:
+        asyncio.run(forward.edit(make_edit(("up",))))
+    assert len(limited.calls) == 4
+    assert caught.value.headers["x-should-retry"] == "false"
+
+
+def test_forwarder_timeout_is_resent_only_when_the_model_allows_it() -> None:
+    def script(key: str) -> FailureKind | None:
+        return "timeout" if key == "up#1" else None
+
+    strict = ScriptedUpstream("up", script)
+    with pytest.raises(UpstreamTimeout) as caught:
+        asyncio.run(forwarder([strict]).edit(make_edit(("up",))))
+    assert strict.calls == ["up#1"]
+    assert caught.value.headers["x-should-retry"] == "false"
+
+    lenient = ScriptedUpstream("up", script)
+    answer, _ = asyncio.run(
+        forwarder([lenient]).edit(make_edit(("up",), resend_after_timeout=True))
+    )
+    assert answer is ANSWER and lenient.calls == ["up#1", "up#2"]
+
+
+def test_forwarder_connect_failure_moves_to_another_key_and_succeeds() -> None:
+    flaky = ScriptedUpstream("up", lambda key: "connect" if key == "up#1" else None)
+    asyncio.run(forwarder([flaky]).edit(make_edit(("up",))))
+    assert flaky.calls == ["up#1", "up#2"]
+
+
+def test_forwarder_deadline_covers_all_attempts() -> None:
+    slow = ScriptedUpstream("up", lambda _: 0.2)  # each attempt: 0.2 s, then a connect error
+    forward = forwarder([slow], keys=10, retry=RetryConfig(max_attempts=10, deadline=0.5))
+    with pytest.raises(UpstreamTimeout):
+        asyncio.run(forward.edit(make_edit(("up",))))
+    assert len(slow.calls) == 3  # the third attempt is cut by the deadline
+
+
+def test_forwarder_non_upstream_errors_are_not_retried() -> None:
+    def script(key: str) -> FailureKind | None:
+        raise GatewayError("a bug, not an upstream failure")
+
+    broken = ScriptedUpstream("up", script)
+    with pytest.raises(GatewayError):
+        asyncio.run(forwarder([broken]).edit(make_edit(("up",))))
+    assert broken.calls == ["up#1"]
