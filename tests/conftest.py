@@ -12,6 +12,7 @@ from openai import OpenAI
 from app.config import Settings, load_settings
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
+from tests.support.configs import write_gateway_config
 from tests.support.log_watch import (  # noqa: F401 (an autouse fixture and a summary hook)
     no_traceback_from_client_input,
     pytest_terminal_summary,
@@ -58,9 +59,13 @@ def upstream(fake_upstream: FakeOpenAIUpstream) -> Iterator[FakeOpenAIUpstream]:
     fake_upstream.reset()
 
 
-@pytest.fixture(scope="session")
-def gateway_url(fake_upstream: FakeOpenAIUpstream) -> Iterator[str]:
-    settings = gateway_settings(fake_upstream.url)  # type: ignore[attr-defined]
+@pytest.fixture
+def gateway_url(fake_upstream: FakeOpenAIUpstream, tmp_path: Path) -> Iterator[str]:
+    # A fresh gateway per test, so key health (cooldowns, disabled keys) never leaks from one
+    # test to the next. One attempt per request, so each scripted reply is exactly what the
+    # client sees; failover and retries have their own tests (tests/e2e/test_key_pool.py).
+    config = write_gateway_config(tmp_path, retry={"max_attempts": 1})
+    settings = gateway_settings(fake_upstream.url, GATEWAY_CONFIG=str(config))  # type: ignore[attr-defined]
     with serve_in_thread(create_app(settings)) as url:
         yield url
 
