@@ -15,7 +15,8 @@ Retry policy, decided here and nowhere else (a key's own health is the pool's bu
   dropped           resend_after_timeout
   rejected        never                                    the upstream's 4xx goes back as it is
 Every request is bounded by retry.max_attempts, and retry.deadline covers all of its attempts.
-When no key is left to try: 429 with retry-after if what is left is only cooling, otherwise 503.
+When no key is left to try: 429 with retry-after if what is left is only cooling; else the last
+attempt's error if this request made one; else (nothing usable at all) 503.
 An error after a failover, or after an attempt that may have been billed, carries
 `x-should-retry: false`, so the SDK does not multiply upstream attempts.
 """
@@ -204,7 +205,10 @@ class Forwarder:
                 f"Every upstream key serving {model} is at its concurrency limit.",
                 headers={"retry-after": "1"},
             )
-        elif not shortage.tried or last_error is None:
+        elif last_error is not None:
+            # This request's own attempts used the keys up: what happened says more than a 503.
+            error = last_error
+        else:
             headers = {}
             if shortage.recovers_at is not None:
                 headers["retry-after"] = str(math.ceil(max(shortage.recovers_at - now, 1.0)))
@@ -212,8 +216,6 @@ class Forwarder:
                 f"No upstream key is usable for {model} right now; operators have been told.",
                 headers=headers,
             )
-        else:
-            error = last_error
         return self._final(edit, error, attempts)
 
 

@@ -264,10 +264,16 @@ def test_pool_all_keys_disabled_gives_503(harness: Harness) -> None:
     fake.refused_keys.add(KEYS[1])
     url = harness.gateway({"default": upstream_config(fake, KEYS[:2], "POOL_KEYS")})
     client = sdk(url)
+    with pytest.raises(openai.InternalServerError) as first:
+        edit(client)  # both keys fail in this request: its last failure is reported
+    assert first.value.status_code == 502
+    assert first.value.body["code"] == "upstream_auth_failed"  # type: ignore[index]
+    assert first.value.response.headers["x-should-retry"] == "false"
     with pytest.raises(openai.InternalServerError) as caught:
         edit(client)
     assert caught.value.status_code == 503
     assert caught.value.body["code"] == "no_upstream_key_available"  # type: ignore[index]
+    assert len(fake.edits) == 2  # nothing usable: nothing sent
     states = admin_keys(url)
     assert (states["default#1"]["reason"], states["default#2"]["reason"]) == ("quota", "auth")
 
