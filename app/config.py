@@ -285,6 +285,17 @@ def _env_bool(name: str, value: str | None) -> bool:
     raise ConfigError(f"environment: {name}: expected true or false, got {value!r}")
 
 
+def _pool_config(pool: PoolConfig, namespace: str | None) -> PoolConfig:
+    if not namespace:
+        return pool
+    try:
+        return PoolConfig.model_validate({**pool.model_dump(), "namespace": namespace})
+    except ValidationError as exc:
+        raise ConfigError(
+            format_validation_error("environment: GATEWAY_POOL_NAMESPACE", exc)
+        ) from None
+
+
 def _refuse_secrets_in_file(source: str, raw: dict[str, object]) -> None:
     upstreams = raw.get("upstreams")
     if not isinstance(upstreams, dict):
@@ -407,7 +418,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
         cache=cache,
         clients=_with_client_keys(file_config.clients, env),
         image_urls=image_urls,
-        pool=file_config.pool,
+        pool=_pool_config(file_config.pool, env.get("GATEWAY_POOL_NAMESPACE")),
         retry=file_config.retry,
     )
     _check(settings)

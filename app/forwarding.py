@@ -93,7 +93,7 @@ class Forwarder:
                 raise self._no_key_left(edit, found, last_error, attempts)
             lease = found
             if previous is not None:
-                self._metrics.record_retry(lease.upstream, previous[1])
+                self._metrics.record_retry(previous[0], previous[1])
                 if previous[0] != lease.upstream:
                     self._metrics.record_failover(previous[0], lease.upstream)
             attempts += 1

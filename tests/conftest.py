@@ -3,6 +3,7 @@ as the client, and a private Redis server."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,6 @@ from openai import OpenAI
 from app.config import Settings, load_settings
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
-from tests.support.configs import write_gateway_config
 from tests.support.log_watch import (  # noqa: F401 (an autouse fixture and a summary hook)
     no_traceback_from_client_input,
     pytest_terminal_summary,
@@ -22,19 +22,22 @@ from tests.support.servers import serve_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config" / "gateway.yaml"
+SINGLE_ATTEMPT_CONFIG = REPO / "tests" / "support" / "single_attempt.yaml"
 CLIENT_KEY = "igw-test-client-key-0123456789abcdef"
 UPSTREAM_KEYS = ("sk-test-upstream-AAAA1111aaaa", "sk-test-upstream-BBBB2222bbbb")
 
 
 def gateway_env(upstream_url: str, **overrides: str) -> dict[str, str]:
     env = {
-        "GATEWAY_CONFIG": str(CONFIG),
+        "GATEWAY_CONFIG": str(SINGLE_ATTEMPT_CONFIG),
         "GATEWAY_UPSTREAM_URL": upstream_url,
         "GATEWAY_UPSTREAM_KEYS": ",".join(UPSTREAM_KEYS),
         "GATEWAY_CLIENT_KEYS": CLIENT_KEY,
         # Off for the shared gateway, so tests that repeat an edit see every upstream call;
         # cache tests build their own gateways with it on.
         "GATEWAY_CACHE_ENABLED": "false",
+        # Key health of its own: gateways sharing the test Redis must not share cooldowns.
+        "GATEWAY_POOL_NAMESPACE": "t-" + uuid.uuid4().hex[:12],
     }
     env.update(overrides)
     return env
@@ -60,12 +63,10 @@ def upstream(fake_upstream: FakeOpenAIUpstream) -> Iterator[FakeOpenAIUpstream]:
 
 
 @pytest.fixture
-def gateway_url(fake_upstream: FakeOpenAIUpstream, tmp_path: Path) -> Iterator[str]:
+def gateway_url(fake_upstream: FakeOpenAIUpstream) -> Iterator[str]:
     # A fresh gateway per test, so key health (cooldowns, disabled keys) never leaks from one
-    # test to the next. One attempt per request, so each scripted reply is exactly what the
-    # client sees; failover and retries have their own tests (tests/e2e/test_key_pool.py).
-    config = write_gateway_config(tmp_path, retry={"max_attempts": 1})
-    settings = gateway_settings(fake_upstream.url, GATEWAY_CONFIG=str(config))  # type: ignore[attr-defined]
+    # test to the next.
+    settings = gateway_settings(fake_upstream.url)  # type: ignore[attr-defined]
     with serve_in_thread(create_app(settings)) as url:
         yield url
 

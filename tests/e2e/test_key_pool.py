@@ -20,6 +20,7 @@ from tests.fakes.faulty_upstream import FaultyUpstream, error_reply
 from tests.fakes.openai_upstream import Reply
 from tests.support import images
 from tests.support.gateway_config import MODEL, write_gateway_config
+from tests.support.prom import total
 from tests.support.servers import free_port, serve_in_thread
 
 CLIENT_KEY = "igw-test-client-key-pool-0123456789"
@@ -195,6 +196,10 @@ def test_pool_priority_falls_back_to_secondary_when_primary_keys_are_disabled(
     assert len(secondary.edits) == 5
     states = admin_keys(url)
     assert states["primary#1"]["state"] == states["primary#2"]["state"] == "disabled"
+    metrics = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {CLIENT_KEY}"}).text
+    # Only the first request failed over; the next ones went straight to the secondary.
+    assert total(metrics, "gateway_upstream_failovers_total", to_upstream="secondary") == 1
+    assert total(metrics, "gateway_upstream_retries_total", upstream="primary", reason="auth") == 2
 
 
 def test_pool_prefers_primary_tier_while_it_is_healthy(harness: Harness) -> None:

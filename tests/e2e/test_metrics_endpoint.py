@@ -20,6 +20,7 @@ from tests.support.servers import free_port, serve_in_thread
 
 EDITS = "/v1/images/edits"
 PROMPT = "paint the fence in zebra stripes, secret-prompt-marker-7f3a"
+THIRD_KEY = "sk-test-upstream-CCCC3333cccc"
 
 
 @pytest.fixture
@@ -41,10 +42,12 @@ def scrape(url: str, key: str = CLIENT_KEY) -> str:
 
 
 def test_metrics_after_real_traffic(upstream: FakeOpenAIUpstream, redis_url: str) -> None:
+    # Three keys: one that answered 429 cools, one that answered 401 is disabled, one serves.
     settings = gateway_settings(
         upstream.url,  # type: ignore[attr-defined]
         GATEWAY_CACHE_ENABLED="true",
         GATEWAY_REDIS_URL=redis_url,
+        GATEWAY_UPSTREAM_KEYS=",".join((*UPSTREAM_KEYS, THIRD_KEY)),
     )
     # Prompts unique to this run, so the shared test Redis holds no entry for them yet.
     run = uuid.uuid4().hex
@@ -122,10 +125,21 @@ def test_metrics_after_real_traffic(upstream: FakeOpenAIUpstream, redis_url: str
     assert total(text, "gateway_request_bytes_total", route=EDITS) > uploads  # plus the framing
     assert total(text, "gateway_response_bytes_total", route=EDITS) > 0
 
-    assert label_values(text, "gateway_upstream_key_state", "key") == {"default#1", "default#2"}
-    assert total(text, "gateway_upstream_key_state", state="healthy") == 2
+    keys = {"default#1", "default#2", "default#3"}
+    assert label_values(text, "gateway_upstream_key_state", "key") == keys
+    # Least recently used first: #1 and #2 served, #3 got the 429, #1 the 401, #2 the 500.
+    assert total(text, "gateway_upstream_key_state", key="default#3", state="cooling") == 1
+    assert total(text, "gateway_upstream_key_state", key="default#1", state="disabled") == 1
+    assert total(text, "gateway_upstream_key_state", key="default#2", state="healthy") == 1
 
-    for secret in (*UPSTREAM_KEYS, CLIENT_KEY, "secret-prompt-marker", "no-such-model", run):
+    for secret in (
+        *UPSTREAM_KEYS,
+        THIRD_KEY,
+        CLIENT_KEY,
+        "secret-prompt-marker",
+        "no-such-model",
+        run,
+    ):
         assert secret not in text
 
 
