@@ -37,6 +37,8 @@ def write_gateway_config(
         # Quick probes and no waiting on gateway internals keep the tests short.
         "pool": {"probe_interval": 0.2, **(pool or {})},
         "retry": retry or {},
+        # Repeated identical edits must reach the upstream: these tests count upstream calls.
+        "cache": {"enabled": False},
     }
     path = directory / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
