@@ -96,7 +96,13 @@ def replicas(
         },
     }
     config = write_gateway_config(
-        tmp_path_factory.mktemp("replicas"), clients=clients, redis_url=clients_redis_url
+        tmp_path_factory.mktemp("replicas"),
+        clients=clients,
+        redis_url=clients_redis_url,
+        # One upstream attempt per request, so a scripted failure is what the client sees; and
+        # key health of these replicas' own.
+        retry={"max_attempts": 1},
+        pool={"namespace": clients["namespace"]},
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
