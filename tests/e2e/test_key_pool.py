@@ -36,8 +36,7 @@ class Harness:
 
     def upstream(self) -> FaultyUpstream:
         fake = FaultyUpstream()
-        # A hanging reply must not hold the test run at shutdown.
-        url = self._stack.enter_context(serve_in_thread(fake.app, timeout_graceful_shutdown=1))
+        url = self._stack.enter_context(serve_in_thread(fake.app))
         fake.url = url + "/v1"  # type: ignore[attr-defined]
         return fake
 
@@ -163,7 +162,8 @@ def test_pool_hanging_upstream_gives_504_by_the_model_timeout_with_one_post(
 ) -> None:
     fake = harness.upstream()
     for key in KEYS:
-        fake.by_key[key] = Reply(delay=30)
+        # Long past the model's timeout + 1 s, short enough to end by itself before teardown.
+        fake.by_key[key] = Reply(delay=3)
     url = harness.gateway(
         {"default": upstream_config(fake, KEYS, "POOL_KEYS")}, model={"timeout": 1}
     )
