@@ -90,6 +90,22 @@ def test_generation_upstream_rate_limit_is_answered_as_for_edits(
     assert sent.key in UPSTREAM_KEYS
 
 
+def test_generation_key_pool_moves_past_a_rate_limited_key(
+    fake_upstream: FakeOpenAIUpstream, upstream: FakeOpenAIUpstream
+) -> None:
+    # Two attempts allowed: a 429 on one key is retried on the other, as for edits.
+    settings = cached_settings(fake_upstream, None, enabled=False)
+    settings = settings.model_copy(
+        update={"retry": settings.retry.model_copy(update={"max_attempts": 2})}
+    )
+    upstream.enqueue(Reply(status=429, body={"error": {"message": "slow down"}}))
+    with gateway(settings) as url:
+        result = sdk(url).images.generate(prompt="a kite", model="gpt-image-1.5")
+    assert base64.b64decode(result.data[0].b64_json or "") == RESULT_PNG
+    first, second = upstream.generations
+    assert {first.key, second.key} == set(UPSTREAM_KEYS)
+
+
 def test_generation_cache_hits_and_never_shares_an_entry_with_an_edit(
     fake_upstream: FakeOpenAIUpstream, upstream: FakeOpenAIUpstream, redis_url: str
 ) -> None:
