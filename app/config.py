@@ -16,6 +16,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, Validati
 from app.catalog import Catalog, load_catalog
 from app.clients.config import ClientsConfig
 from app.config_file import ConfigError, format_validation_error, read_yaml
+from app.redis_client import RedisTarget, RedisUrlError
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 DEFAULT_UPSTREAM = "default"
@@ -383,6 +384,11 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
     # The demo runs without keys so a newcomer needs nothing; configured keys still apply.
     allow_anonymous = allow_anonymous or (demo and not client_keys)
     redis_url = env.get("GATEWAY_REDIS_URL") or file_config.redis_url
+    if redis_url:
+        try:
+            RedisTarget.parse(redis_url)
+        except RedisUrlError as exc:
+            raise ConfigError(f"GATEWAY_REDIS_URL: {exc}") from None
     metrics = file_config.metrics
     if env.get("GATEWAY_METRICS_PUBLIC"):
         public = _env_bool("GATEWAY_METRICS_PUBLIC", env.get("GATEWAY_METRICS_PUBLIC"))

@@ -23,6 +23,7 @@ from app.keys.prober import Prober
 from app.keys.store import FailoverStore, MemoryStore, RedisStore, StateStore
 from app.metrics import GatewayMetrics
 from app.redaction import Redactor
+from app.redis_client import open_redis
 from app.upstream.base import Upstream, UpstreamAnswer
 from app.upstream.bfl import BflUpstream
 from app.upstream.demo import DemoUpstream
@@ -123,9 +124,7 @@ def open_gateway(
     if settings.demo:
         log.warning("demo mode: every model is served by the built-in demo upstream")
     redis = (
-        aioredis.from_url(
-            settings.redis_url.get_secret_value(), socket_timeout=1.0, socket_connect_timeout=1.0
-        )
+        open_redis(settings.redis_url.get_secret_value(), timeout=1.0)
         if settings.redis_url is not None
         else None
     )

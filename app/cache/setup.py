@@ -6,12 +6,12 @@ import logging
 from urllib.parse import urlsplit
 
 import httpx
-import redis.asyncio as aioredis
 
 from app.cache.service import CacheEvents, EditCache, Forward
 from app.cache.store import CacheStore, MemoryStore, RedisStore
 from app.config import Settings
 from app.edit import EditRequest
+from app.redis_client import open_redis
 from app.upstream.fetch import ImageFetcher
 
 log = logging.getLogger("gateway.cache")
@@ -28,11 +28,7 @@ def open_edit_cache(
     store: CacheStore
     if settings.redis_url is not None:
         timeout = config.redis_timeout_seconds
-        client = aioredis.from_url(
-            settings.redis_url.get_secret_value(),
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-        )
+        client = open_redis(settings.redis_url.get_secret_value(), timeout=timeout)
         store = RedisStore(client, timeout=timeout, retry_after=config.redis_retry_after_seconds)
     else:
         store = MemoryStore(max_bytes=int(config.embedded_max_bytes))

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-import redis.asyncio as aioredis
-
 from app.cache.store import MemoryStore, RedisStore, entry_key, file_key, lock_key
+from app.redis_client import open_redis
 
 
 class Clock:
@@ -52,7 +51,7 @@ def test_memory_store_expires_entries_and_leases() -> None:
 
 def test_redis_store_lookup_leads_once_and_release_needs_the_token(redis_url: str) -> None:
     async def scenario() -> None:
-        client = aioredis.from_url(redis_url)
+        client = open_redis(redis_url, timeout=1.0)
         store = RedisStore(client, timeout=1.0, retry_after=0.0)
         fingerprint = "0" * 63 + "1"
         await client.delete(entry_key(fingerprint), lock_key(fingerprint))

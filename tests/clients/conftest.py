@@ -4,7 +4,6 @@ test, policies, and validated edits built from real images."""
 from __future__ import annotations
 
 import secrets
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,8 +15,10 @@ from app.config import load_settings
 from app.edit import EditRequest, ImageInput
 from app.intake.sniff import HEAD_BYTES, TAIL_BYTES, sniff_image
 from app.intake.spool import SpooledUpload
+from app.redis_client import open_redis
 from tests.conftest import CONFIG
 from tests.support import images
+from tests.support.redis_topologies import with_db
 
 # A database of its own on the shared test Redis: other suites scan theirs and must not see ours.
 CLIENTS_DB = 3
@@ -25,8 +26,7 @@ CLIENTS_DB = 3
 
 @pytest.fixture(scope="session")
 def clients_redis_url(redis_url: str) -> str:
-    parts = urlsplit(redis_url)
-    return urlunsplit(parts._replace(path=f"/{CLIENTS_DB}"))
+    return with_db(redis_url, CLIENTS_DB)
 
 
 def fresh_namespace() -> str:
@@ -34,7 +34,7 @@ def fresh_namespace() -> str:
 
 
 def redis_client(url: str) -> aioredis.Redis:
-    return aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    return open_redis(url, timeout=1.0)
 
 
 def policy(name: str = "team", models: set[str] | None = None, **limits: int) -> ClientPolicy:

@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 from openai import OpenAI
 from PIL import Image
 from starlette.applications import Starlette
@@ -31,6 +30,7 @@ from tests.conftest import CLIENT_KEY, REPO, UPSTREAM_KEYS, gateway_env, gateway
 from tests.fakes.openai_upstream import RESULT_PNG, FakeOpenAIUpstream, Reply
 from tests.support import images
 from tests.support.redis_server import PrivateRedis
+from tests.support.redis_topologies import sync_redis
 from tests.support.servers import free_port, serve_in_thread, wait_for_port
 
 
@@ -226,7 +226,7 @@ def test_cache_client_giving_up_and_retrying_pays_for_one_upstream_call(
 def test_cache_client_disconnect_before_answer_still_stores_the_paid_result(
     cached_url: str, cached: OpenAI, upstream: FakeOpenAIUpstream, redis_url: str
 ) -> None:
-    store = redis.Redis.from_url(redis_url)
+    store = sync_redis(redis_url)
     entries_before = len(list(store.scan_iter(match="igw:c1:*:entry", count=1000)))
     prompt = unique_prompt()
     upstream.enqueue(Reply(delay=1.5))
@@ -420,7 +420,7 @@ def test_cache_redis_keys_hold_no_secrets_or_filenames(
     edit_raw(
         cached, prompt=unique_prompt(), image=("secret-holiday.png", images.png(), "image/png")
     )
-    keys = [key.decode() for key in redis.Redis.from_url(redis_url).scan_iter(count=1000)]
+    keys = [key.decode() for key in sync_redis(redis_url).scan_iter(count=1000)]
     # Cache entries and files, and the per-client usage the gateway keeps beside them. The key
     # pool's health records (`<ns>:{pool:...}:...`) share this test Redis too.
     prefixes = ("igw:c1:{", "igw:f1:{", "igw:{client:")

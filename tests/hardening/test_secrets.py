@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from openai import APIStatusError, OpenAI
 
 from app.main import create_app
@@ -24,6 +23,7 @@ from tests.fakes.openai_upstream import FakeOpenAIUpstream, RecordedRequest, Rep
 from tests.hardening import multipart as mp
 from tests.hardening.raw_http import connect, head, read_response
 from tests.support import images
+from tests.support.redis_topologies import sync_redis
 from tests.support.servers import free_port, serve_in_thread, wait_for_port
 
 SECOND_CLIENT_KEY = "igw-second-client-key-zyxwvu987654"
@@ -162,7 +162,7 @@ def write_config(directory: Path) -> Path:
 
 
 def redis_dump(url: str) -> str:
-    db = redis.Redis.from_url(url)
+    db = sync_redis(url)
     out = []
     for key in db.scan_iter(count=1000):
         kind = db.type(key)

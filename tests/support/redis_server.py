@@ -30,6 +30,43 @@ def redis_binary() -> str:
     raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
 
 
+def spawn_redis(port: int, directory: str, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            directory,
+            "--daemonize",
+            "no",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_for_redis(port: int) -> None:
+    import redis
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis(port=port, socket_timeout=0.5).ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class PrivateRedis:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -40,37 +77,9 @@ class PrivateRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
-        self._process = subprocess.Popen(
-            [
-                redis_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self._dir,
-                "--daemonize",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis(port=self.port, socket_timeout=0.5).ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+    def start(self, *extra: str) -> None:
+        self._process = spawn_redis(self.port, self._dir, *extra)
+        wait_for_redis(self.port)
 
     def stop(self) -> None:
         if self._process is not None:
@@ -81,10 +90,21 @@ class PrivateRedis:
 
 @contextmanager
 def test_redis_url() -> Iterator[tuple[str, PrivateRedis | None]]:
-    """The Redis URL tests use, and the server object when it is our own private one."""
+    """The Redis URL tests use, and the server object when it is our own private one.
+
+    GATEWAY_TEST_REDIS_TOPOLOGY=cluster|sentinel runs the same tests against a 3-primary Redis
+    Cluster or a Sentinel-watched primary + replica, started here (see redis_topologies.py).
+    """
     configured = os.environ.get("GATEWAY_TEST_REDIS_URL")
     if configured:
         yield configured, None
+        return
+    topology = os.environ.get("GATEWAY_TEST_REDIS_TOPOLOGY", "single")
+    if topology != "single":
+        from tests.support.redis_topologies import running_topology
+
+        with running_topology(topology) as deployment:
+            yield deployment.url, None
         return
     server = PrivateRedis()
     server.start()

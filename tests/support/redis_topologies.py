@@ -1,0 +1,243 @@
+"""Real Redis deployments on loopback for the scale-out tests: a 3-primary Redis Cluster, and a
+primary + replica watched by 3 Sentinels (fast failover timings). Every process is stopped and
+its directory removed on exit. Also synchronous clients for any URL the gateway accepts."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.cluster
+import redis.sentinel
+
+from app.redis_client import RedisTarget
+from tests.support.redis_server import redis_binary, spawn_redis, wait_for_redis
+from tests.support.servers import free_port
+
+SERVICE = "igw-primary"
+# Sentinel declares the primary down after this long without an answer.
+DOWN_AFTER_MS = 1000
+FAILOVER_TIMEOUT_MS = 3000
+
+
+def _wait(what: str, ready: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if ready():
+                return
+        except redis.RedisError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"redis topology: {what} not ready after {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+class Deployment:
+    url: str
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="gw-redis-topology-")
+        self._processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    def _spawn(self, port: int, *extra: str) -> None:
+        directory = Path(self._dir) / str(port)
+        directory.mkdir()
+        self._processes[port] = spawn_redis(port, str(directory), *extra)
+
+    def kill(self, port: int) -> None:
+        process = self._processes.pop(port)
+        process.kill()
+        process.wait(timeout=10)
+
+    def stop(self) -> None:
+        for process in self._processes.values():
+            process.terminate()
+        for process in self._processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        self._processes.clear()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class ClusterDeployment(Deployment):
+    """Three primaries, no replicas: every slot served, keys spread over three processes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports = [free_port() for _ in range(3)]
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def start(self) -> None:
+        for port in self.ports:
+            self._spawn(
+                port,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{port}.conf",
+                "--cluster-node-timeout",
+                "2000",
+            )
+        for port in self.ports:
+            wait_for_redis(port)
+        cli = shutil.which("redis-cli") or str(Path(redis_binary()).with_name("redis-cli"))
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{port}" for port in self.ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+
+        def all_ok() -> bool:
+            for port in self.ports:
+                info = redis.Redis(port=port, socket_timeout=1).cluster("info")
+                if info.get("cluster_state") != "ok":
+                    return False
+            return True
+
+        _wait("cluster", all_ok)
+
+
+class SentinelDeployment(Deployment):
+    """A primary, one replica and three Sentinels with quorum 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.primary_port = free_port()
+        self.replica_port = free_port()
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        self.url = f"redis+sentinel://{hosts}/{SERVICE}/0"
+
+    def start(self) -> None:
+        # Diskless, immediate sync: a replica is in sync in milliseconds, not after 5 s.
+        sync = ("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
+        self._spawn(self.primary_port, *sync)
+        wait_for_redis(self.primary_port)
+        self._spawn(self.replica_port, *sync, "--replicaof", "127.0.0.1", str(self.primary_port))
+        wait_for_redis(self.replica_port)
+        _wait(
+            "replica sync",
+            lambda: (
+                redis.Redis(port=self.replica_port).info("replication")["master_link_status"]
+                == "up"
+            ),
+        )
+        for port in self.sentinel_ports:
+            directory = Path(self._dir) / str(port)
+            directory.mkdir()
+            conf = directory / "sentinel.conf"
+            conf.write_text(
+                f"port {port}\n"
+                "bind 127.0.0.1\n"
+                f"dir {directory}\n"
+                f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} 2\n"
+                f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
+                f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
+                f"sentinel parallel-syncs {SERVICE} 1\n"
+            )
+            self._processes[port] = subprocess.Popen(
+                [redis_binary(), str(conf), "--sentinel"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        for port in self.sentinel_ports:
+            wait_for_redis(port)
+
+        def sentinels_agree() -> bool:
+            for port in self.sentinel_ports:
+                sentinel = redis.Redis(port=port, socket_timeout=1)
+                if len(sentinel.sentinel_sentinels(SERVICE)) < 2:
+                    return False
+                if not sentinel.sentinel_slaves(SERVICE):
+                    return False
+            return True
+
+        # A failover needs every Sentinel to know the others (quorum) and the replica.
+        _wait("sentinels", sentinels_agree)
+
+    def primary(self) -> tuple[str, int]:
+        sentinel = redis.Redis(port=self.sentinel_ports[0], socket_timeout=1)
+        host, port = sentinel.sentinel_get_master_addr_by_name(SERVICE)
+        return str(host), int(port)
+
+    def kill_primary(self) -> int:
+        _host, port = self.primary()
+        self.kill(port)
+        return port
+
+    def wait_for_new_primary(self, old_port: int, timeout: float = 30.0) -> int:
+        def promoted() -> bool:
+            port = self.primary()[1]
+            if port == old_port:
+                return False
+            role = redis.Redis(port=port, socket_timeout=1).info("replication")["role"]
+            return bool(role == "master")
+
+        _wait("failover", promoted, timeout)
+        return self.primary()[1]
+
+
+TOPOLOGIES: dict[str, type[ClusterDeployment] | type[SentinelDeployment]] = {
+    "cluster": ClusterDeployment,
+    "sentinel": SentinelDeployment,
+}
+
+
+@contextmanager
+def running_topology(name: str) -> Iterator[ClusterDeployment | SentinelDeployment]:
+    if name not in TOPOLOGIES:
+        raise ValueError(f"GATEWAY_TEST_REDIS_TOPOLOGY: unknown topology {name!r}")
+    deployment = TOPOLOGIES[name]()
+    try:
+        deployment.start()
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+def sync_redis(url: str, **options: Any) -> Any:
+    """A synchronous client for any URL the gateway accepts (tests inspect Redis with it)."""
+    target = RedisTarget.parse(url)
+    if target.mode == "single":
+        return redis.Redis.from_url(url, **options)
+    if target.mode == "cluster":
+        nodes = [redis.cluster.ClusterNode(host, port) for host, port in target.nodes]
+        return redis.cluster.RedisCluster(startup_nodes=nodes, **options)
+    sentinel = redis.sentinel.Sentinel(list(target.nodes), **options)
+    return sentinel.master_for(target.service, db=target.db, **options)
+
+
+def with_db(url: str, db: int) -> str:
+    """The same deployment, another database (a Cluster has database 0 only: kept)."""
+    target = RedisTarget.parse(url)
+    if target.mode == "cluster":
+        return url
+    if target.mode == "sentinel":
+        base, _, query = url.partition("?")
+        scheme, _, rest = base.partition("://")
+        netloc = rest.partition("/")[0]
+        return f"{scheme}://{netloc}/{target.service}/{db}" + (f"?{query}" if query else "")
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{db}"))
