@@ -14,6 +14,7 @@ from app.admission import ConcurrencyLimitMiddleware
 from app.api import admin, files, health, images, models
 from app.api import metrics as metrics_api
 from app.auth import PUBLIC_PATHS, ClientAuthMiddleware
+from app.cache.store import CacheUnavailable
 from app.clients.directory import ClientDirectory, client_names
 from app.config import Settings, load_settings
 from app.drain import Drain, DrainMiddleware
@@ -49,6 +50,11 @@ def create_app(
         gateway = open_gateway(settings, transport=transport, metrics=metrics)
         app.state.gateway = gateway
         unredact = install_redaction(gateway.redactor)
+        # Connect before the first request: finding a Cluster's slots or Sentinel's primary must
+        # not be paid inside a request's cache budget (that request would go uncached). Failing
+        # here only means Redis is down now; requests then fail open as usual.
+        with contextlib.suppress(CacheUnavailable):
+            await gateway.cache.store.check()
         unhook = drain.hook_signals()
         watcher = (
             asyncio.create_task(watch_redis(gateway.redis, metrics))

@@ -53,18 +53,24 @@ def spawn_redis(port: int, directory: str, *extra: str) -> subprocess.Popen[byte
     )
 
 
-def wait_for_redis(port: int) -> None:
+def wait_for_redis(port: int, process: subprocess.Popen[bytes] | None = None) -> None:
     import redis
 
     deadline = time.monotonic() + 10
     while True:
         try:
-            redis.Redis(port=port, socket_timeout=0.5).ping()
+            redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5).ping()
             return
         except redis.ConnectionError:
+            if process is not None and process.poll() is not None:
+                raise PortTaken(port) from None
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+class PortTaken(RuntimeError):
+    """redis-server exited at once: another process took the port after it was chosen."""
 
 
 class PrivateRedis:
@@ -79,7 +85,7 @@ class PrivateRedis:
 
     def start(self, *extra: str) -> None:
         self._process = spawn_redis(self.port, self._dir, *extra)
-        wait_for_redis(self.port)
+        wait_for_redis(self.port, self._process)
 
     def stop(self) -> None:
         if self._process is not None:

@@ -19,7 +19,7 @@ import redis.cluster
 import redis.sentinel
 
 from app.redis_client import RedisTarget
-from tests.support.redis_server import redis_binary, spawn_redis, wait_for_redis
+from tests.support.redis_server import PortTaken, redis_binary, spawn_redis, wait_for_redis
 from tests.support.servers import free_port
 
 SERVICE = "igw-primary"
@@ -48,10 +48,32 @@ class Deployment:
         self._dir = tempfile.mkdtemp(prefix="gw-redis-topology-")
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
 
-    def _spawn(self, port: int, *extra: str) -> None:
-        directory = Path(self._dir) / str(port)
-        directory.mkdir()
-        self._processes[port] = spawn_redis(port, str(directory), *extra)
+    def _start_node(
+        self, *extra: str, config: Callable[[int, Path], list[str]] | None = None
+    ) -> int:
+        """Start one redis-server on a fresh port (another, if that port is taken meanwhile)."""
+        for _attempt in range(5):
+            port = free_port()
+            if port in self._processes:
+                continue
+            directory = Path(self._dir) / str(port)
+            directory.mkdir(exist_ok=True)
+            if config is None:
+                process = spawn_redis(port, str(directory), *extra)
+            else:
+                process = subprocess.Popen(
+                    [redis_binary(), *config(port, directory)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            self._processes[port] = process
+            try:
+                wait_for_redis(port, process)
+            except PortTaken:
+                del self._processes[port]
+                continue
+            return port
+        raise RuntimeError("redis topology: no free port for redis-server")
 
     def kill(self, port: int) -> None:
         process = self._processes.pop(port)
@@ -76,22 +98,21 @@ class ClusterDeployment(Deployment):
 
     def __init__(self) -> None:
         super().__init__()
-        self.ports = [free_port() for _ in range(3)]
-        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        self.ports: list[int] = []
+        self.url = ""
 
     def start(self) -> None:
-        for port in self.ports:
-            self._spawn(
-                port,
+        for _ in range(3):
+            port = self._start_node(
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
-                f"nodes-{port}.conf",
+                "nodes.conf",
                 "--cluster-node-timeout",
                 "2000",
             )
-        for port in self.ports:
-            wait_for_redis(port)
+            self.ports.append(port)
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
         cli = shutil.which("redis-cli") or str(Path(redis_binary()).with_name("redis-cli"))
         subprocess.run(
             [
@@ -111,7 +132,7 @@ class ClusterDeployment(Deployment):
 
         def all_ok() -> bool:
             for port in self.ports:
-                info = redis.Redis(port=port, socket_timeout=1).cluster("info")
+                info = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).cluster("info")
                 if info.get("cluster_state") != "ok":
                     return False
             return True
@@ -124,29 +145,27 @@ class SentinelDeployment(Deployment):
 
     def __init__(self) -> None:
         super().__init__()
-        self.primary_port = free_port()
-        self.replica_port = free_port()
-        self.sentinel_ports = [free_port() for _ in range(3)]
-        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
-        self.url = f"redis+sentinel://{hosts}/{SERVICE}/0"
+        self.sentinel_ports: list[int] = []
+        self.url = ""
 
     def start(self) -> None:
         # Diskless, immediate sync: a replica is in sync in milliseconds, not after 5 s.
         sync = ("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
-        self._spawn(self.primary_port, *sync)
-        wait_for_redis(self.primary_port)
-        self._spawn(self.replica_port, *sync, "--replicaof", "127.0.0.1", str(self.primary_port))
-        wait_for_redis(self.replica_port)
+        self.primary_port = self._start_node(*sync)
+        self.replica_port = self._start_node(
+            *sync, "--replicaof", "127.0.0.1", str(self.primary_port)
+        )
         _wait(
             "replica sync",
             lambda: (
-                redis.Redis(port=self.replica_port).info("replication")["master_link_status"]
+                redis.Redis(host="127.0.0.1", port=self.replica_port).info("replication")[
+                    "master_link_status"
+                ]
                 == "up"
             ),
         )
-        for port in self.sentinel_ports:
-            directory = Path(self._dir) / str(port)
-            directory.mkdir()
+
+        def sentinel_config(port: int, directory: Path) -> list[str]:
             conf = directory / "sentinel.conf"
             conf.write_text(
                 f"port {port}\n"
@@ -157,17 +176,16 @@ class SentinelDeployment(Deployment):
                 f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n"
             )
-            self._processes[port] = subprocess.Popen(
-                [redis_binary(), str(conf), "--sentinel"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        for port in self.sentinel_ports:
-            wait_for_redis(port)
+            return [str(conf), "--sentinel"]
+
+        for _ in range(3):
+            self.sentinel_ports.append(self._start_node(config=sentinel_config))
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        self.url = f"redis+sentinel://{hosts}/{SERVICE}/0"
 
         def sentinels_agree() -> bool:
             for port in self.sentinel_ports:
-                sentinel = redis.Redis(port=port, socket_timeout=1)
+                sentinel = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
                 if len(sentinel.sentinel_sentinels(SERVICE)) < 2:
                     return False
                 if not sentinel.sentinel_slaves(SERVICE):
@@ -178,7 +196,7 @@ class SentinelDeployment(Deployment):
         _wait("sentinels", sentinels_agree)
 
     def primary(self) -> tuple[str, int]:
-        sentinel = redis.Redis(port=self.sentinel_ports[0], socket_timeout=1)
+        sentinel = redis.Redis(host="127.0.0.1", port=self.sentinel_ports[0], socket_timeout=1)
         host, port = sentinel.sentinel_get_master_addr_by_name(SERVICE)
         return str(host), int(port)
 
@@ -192,7 +210,9 @@ class SentinelDeployment(Deployment):
             port = self.primary()[1]
             if port == old_port:
                 return False
-            role = redis.Redis(port=port, socket_timeout=1).info("replication")["role"]
+            role = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).info("replication")[
+                "role"
+            ]
             return bool(role == "master")
 
         _wait("failover", promoted, timeout)
