@@ -1,0 +1,120 @@
+"""Acceptance 3: three gateway processes behind nginx (round robin), sharing one Redis. A key's
+cooldown caused through one replica keeps every replica away from that key, and a client's rate
+limit counts its requests on all three together."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+from openai import OpenAI
+
+from tests.fakes.faulty_upstream import FaultyUpstream, error_reply
+from tests.support import images
+from tests.support.gateway_config import MODEL, write_gateway_config
+from tests.support.gateway_process import gateway_process
+from tests.support.nginx import REPLICA_HEADER, nginx_round_robin
+from tests.support.servers import serve_in_thread
+
+REPLICAS = 3
+CLIENT_KEY = "igw-scaleout-client-" + secrets.token_hex(12)
+LIMITED_KEY = "igw-scaleout-limited-" + secrets.token_hex(12)
+UPSTREAM_KEYS = ("sk-scaleout-key-one-1111", "sk-scaleout-key-two-2222")
+REQUESTS_PER_MINUTE = 4
+
+
+@dataclass
+class Deployment:
+    url: str  # nginx
+    upstream: FaultyUpstream
+    logs: list[Path]
+
+
+@pytest.fixture(scope="module")
+def deployment(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    directory = tmp_path_factory.mktemp("scaleout")
+    with ExitStack() as stack:
+        fake = FaultyUpstream()
+        fake_url = stack.enter_context(serve_in_thread(fake.app)) + "/v1"
+        upstream: dict[str, Any] = {
+            "type": "openai",
+            "base_url": fake_url,
+            "keys_env": "SCALEOUT_UPSTREAM_KEYS",
+        }
+        path = write_gateway_config(
+            directory, {"default": upstream}, pool={"namespace": "t-" + uuid.uuid4().hex[:12]}
+        )
+        config = yaml.safe_load(path.read_text())
+        config["clients"] = {
+            "namespace": "t-" + uuid.uuid4().hex[:12],
+            "named": {
+                "limited": {
+                    "keys_env": "SCALEOUT_LIMITED_KEYS",
+                    "limits": {"requests_per_minute": REQUESTS_PER_MINUTE},
+                }
+            },
+        }
+        path.write_text(yaml.safe_dump(config))
+        env = {
+            "GATEWAY_CONFIG": str(path),
+            "GATEWAY_REDIS_URL": redis_url,
+            "GATEWAY_CLIENT_KEYS": CLIENT_KEY,
+            "SCALEOUT_UPSTREAM_KEYS": ",".join(UPSTREAM_KEYS),
+            "SCALEOUT_LIMITED_KEYS": LIMITED_KEY,
+        }
+        logs = [directory / f"replica-{index}.log" for index in range(REPLICAS)]
+        replicas = [stack.enter_context(gateway_process(env, log)) for log in logs]
+        backends = [replica.url.removeprefix("http://") for replica in replicas]
+        url = stack.enter_context(nginx_round_robin(backends))
+        yield Deployment(url, fake, logs)
+
+
+def edit(url: str, key: str) -> tuple[str, Any]:
+    client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+    raw = client.images.with_raw_response.edit(
+        image=("a.png", images.png(32, 32), "image/png"), prompt="x", model=MODEL
+    )
+    return raw.headers[REPLICA_HEADER], raw.parse()
+
+
+def test_replicas_behind_nginx_share_a_key_cooldown(deployment: Deployment) -> None:
+    fake = deployment.upstream
+    fake.by_key[UPSTREAM_KEYS[0]] = error_reply(429, "rate_limit_exceeded", retry_after="30")
+    served_by = []
+    for _ in range(3 * REPLICAS):
+        replica, result = edit(deployment.url, CLIENT_KEY)
+        assert result.data
+        served_by.append(replica)
+    assert len(set(served_by)) == REPLICAS  # nginx spread the edits over all three
+    # Each replica would try the first key once on its own; the shared cooldown allows one try.
+    assert fake.edits_with(UPSTREAM_KEYS[0]) == 1
+    assert fake.edits_with(UPSTREAM_KEYS[1]) == 3 * REPLICAS
+    for log in deployment.logs:
+        text = log.read_text()
+        assert not any(key in text for key in UPSTREAM_KEYS)
+
+
+def test_replicas_behind_nginx_share_a_client_rate_limit(deployment: Deployment) -> None:
+    deployment.upstream.by_key.clear()
+    answered: list[str] = []
+    refused: list[openai.RateLimitError] = []
+    for _ in range(3 * REPLICAS):
+        try:
+            replica, _result = edit(deployment.url, LIMITED_KEY)
+            answered.append(replica)
+        except openai.RateLimitError as exc:
+            refused.append(exc)
+    # Per replica, 4 a minute would let all 9 through; together they admit exactly 4.
+    assert len(answered) == REQUESTS_PER_MINUTE
+    assert len(refused) == 3 * REPLICAS - REQUESTS_PER_MINUTE
+    refusing = {exc.response.headers[REPLICA_HEADER] for exc in refused}
+    assert len(set(answered) | refusing) == REPLICAS
+    assert all(exc.code == "rate_limit_exceeded" for exc in refused)
