@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from app.config import load_settings
+from app.redis_client import RedisTarget
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -63,7 +64,8 @@ def test_compose_gates_the_gateway_on_a_healthy_redis() -> None:
     services = compose()["services"]
     assert services["redis"]["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
     assert services["gateway"]["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert services["gateway"]["environment"]["GATEWAY_REDIS_URL"].startswith("redis://redis:")
+    # `${GATEWAY_REDIS_URL:-...}`: the compose Redis unless the scale-out profile's URL is given.
+    assert "redis://redis:" in services["gateway"]["environment"]["GATEWAY_REDIS_URL"]
 
 
 def test_compose_gateway_scales_behind_nginx() -> None:
@@ -106,3 +108,24 @@ def test_compose_grafana_is_provisioned_with_the_datasource_and_dashboard() -> N
     ]
     dashboards = files[provider["options"]["path"]]
     assert (dashboards / "image-gateway.json").exists()
+
+
+def test_compose_scaleout_profile_runs_sentinels_the_documented_url_names() -> None:
+    services = compose()["services"]
+    profiled = {
+        name for name, service in services.items() if "scaleout" in service.get("profiles", [])
+    }
+    assert profiled == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    command = services["redis-replica"]["command"]
+    assert command[command.index("--replicaof") + 1] == "redis"
+    documented = next(
+        line.split("GATEWAY_REDIS_URL=")[1].split()[0]
+        for line in COMPOSE.read_text().splitlines()
+        if "GATEWAY_REDIS_URL=redis+sentinel://" in line
+    )
+    target = RedisTarget.parse(documented)
+    assert target.mode == "sentinel"
+    assert {host for host, _port in target.nodes} == {"sentinel-1", "sentinel-2", "sentinel-3"}
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        script = services[name]["command"][0]
+        assert f"sentinel monitor {target.service} redis 6379 2" in script
