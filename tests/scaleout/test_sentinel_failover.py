@@ -32,6 +32,10 @@ def sentinel() -> Iterator[SentinelDeployment]:
         yield deployment
 
 
+def sdk_client(url: str) -> OpenAI:
+    return OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+
+
 def edit(client: OpenAI, prompt: str) -> tuple[int, str | None]:
     raw = client.images.with_raw_response.edit(
         image=("photo.png", images.png(), "image/png"), prompt=prompt
@@ -58,7 +62,7 @@ def test_sentinel_failover_every_edit_answers_and_caching_resumes_on_the_promote
         update={"cache": settings.cache.model_copy(update={"redis_retry_after_seconds": 0.2})}
     )
     with serve_in_thread(create_app(settings)) as url:
-        client = OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+        client = sdk_client(url)
         before = "failover " + uuid.uuid4().hex
         assert edit(client, before) == (200, "miss")
         assert edit(client, before) == (200, "hit")

@@ -47,6 +47,7 @@ class Deployment:
     def __init__(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="gw-redis-topology-")
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
+        self._commands: dict[int, tuple[str, ...]] = {}
 
     def _start_node(
         self, *extra: str, config: Callable[[int, Path], list[str]] | None = None
@@ -60,6 +61,7 @@ class Deployment:
             directory.mkdir(exist_ok=True)
             if config is None:
                 process = spawn_redis(port, str(directory), *extra)
+                self._commands[port] = extra
             else:
                 process = subprocess.Popen(
                     [redis_binary(), *config(port, directory)],
@@ -79,6 +81,12 @@ class Deployment:
         process = self._processes.pop(port)
         process.kill()
         process.wait(timeout=10)
+
+    def restart(self, port: int) -> None:
+        """Start a killed node again on its port, with its directory (a Cluster node rejoins)."""
+        directory = Path(self._dir) / str(port)
+        self._processes[port] = spawn_redis(port, str(directory), *self._commands[port])
+        wait_for_redis(port, self._processes[port])
 
     def stop(self) -> None:
         for process in self._processes.values():
@@ -129,7 +137,9 @@ class ClusterDeployment(Deployment):
             stderr=subprocess.DEVNULL,
             timeout=60,
         )
+        self.wait_until_ok()
 
+    def wait_until_ok(self, timeout: float = 30.0) -> None:
         def all_ok() -> bool:
             for port in self.ports:
                 info = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).cluster("info")
@@ -137,7 +147,7 @@ class ClusterDeployment(Deployment):
                     return False
             return True
 
-        _wait("cluster", all_ok)
+        _wait("cluster", all_ok, timeout)
 
 
 class SentinelDeployment(Deployment):
