@@ -14,12 +14,11 @@ from typing import Any
 
 import openai
 import pytest
-import yaml
 from openai import OpenAI
 
-from tests.fakes.faulty_upstream import FaultyUpstream, error_reply
+from tests.fakes.openai_upstream import FakeOpenAIUpstream, RecordedRequest, Reply
 from tests.support import images
-from tests.support.gateway_config import MODEL, write_gateway_config
+from tests.support.configs import write_gateway_config
 from tests.support.gateway_process import gateway_process
 from tests.support.nginx import REPLICA_HEADER, nginx_round_robin
 from tests.support.servers import serve_in_thread
@@ -31,10 +30,28 @@ UPSTREAM_KEYS = ("sk-scaleout-key-one-1111", "sk-scaleout-key-two-2222")
 REQUESTS_PER_MINUTE = 4
 
 
+class KeyedUpstream(FakeOpenAIUpstream):
+    """Answers each upstream key as scripted in `by_key` (200 otherwise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_key: dict[str, Reply] = {}
+
+    def reset(self) -> None:
+        super().reset()
+        self.responder = self._by_key
+
+    def _by_key(self, record: RecordedRequest) -> Reply:
+        return self.by_key.get(record.key or "", Reply())
+
+    def edits_with(self, key: str) -> int:
+        return sum(1 for record in self.edits if record.key == key)
+
+
 @dataclass
 class Deployment:
     url: str  # nginx
-    upstream: FaultyUpstream
+    upstream: KeyedUpstream
     logs: list[Path]
 
 
@@ -42,18 +59,10 @@ class Deployment:
 def deployment(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     directory = tmp_path_factory.mktemp("scaleout")
     with ExitStack() as stack:
-        fake = FaultyUpstream()
+        fake = KeyedUpstream()
+        fake.reset()
         fake_url = stack.enter_context(serve_in_thread(fake.app)) + "/v1"
-        upstream: dict[str, Any] = {
-            "type": "openai",
-            "base_url": fake_url,
-            "keys_env": "SCALEOUT_UPSTREAM_KEYS",
-        }
-        path = write_gateway_config(
-            directory, {"default": upstream}, pool={"namespace": "t-" + uuid.uuid4().hex[:12]}
-        )
-        config = yaml.safe_load(path.read_text())
-        config["clients"] = {
+        clients = {
             "namespace": "t-" + uuid.uuid4().hex[:12],
             "named": {
                 "limited": {
@@ -62,12 +71,15 @@ def deployment(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 }
             },
         }
-        path.write_text(yaml.safe_dump(config))
+        # Cache off: repeated identical edits must reach the upstream, whose calls are counted.
+        path = write_gateway_config(directory, clients=clients, cache={"enabled": False})
         env = {
             "GATEWAY_CONFIG": str(path),
             "GATEWAY_REDIS_URL": redis_url,
+            "GATEWAY_UPSTREAM_URL": fake_url,
+            "GATEWAY_UPSTREAM_KEYS": ",".join(UPSTREAM_KEYS),
             "GATEWAY_CLIENT_KEYS": CLIENT_KEY,
-            "SCALEOUT_UPSTREAM_KEYS": ",".join(UPSTREAM_KEYS),
+            "GATEWAY_POOL_NAMESPACE": "t-" + uuid.uuid4().hex[:12],
             "SCALEOUT_LIMITED_KEYS": LIMITED_KEY,
         }
         logs = [directory / f"replica-{index}.log" for index in range(REPLICAS)]
@@ -80,14 +92,18 @@ def deployment(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def edit(url: str, key: str) -> tuple[str, Any]:
     client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
     raw = client.images.with_raw_response.edit(
-        image=("a.png", images.png(32, 32), "image/png"), prompt="x", model=MODEL
+        image=("a.png", images.png(32, 32), "image/png"), prompt="x"
     )
     return raw.headers[REPLICA_HEADER], raw.parse()
 
 
 def test_replicas_behind_nginx_share_a_key_cooldown(deployment: Deployment) -> None:
     fake = deployment.upstream
-    fake.by_key[UPSTREAM_KEYS[0]] = error_reply(429, "rate_limit_exceeded", retry_after="30")
+    fake.by_key[UPSTREAM_KEYS[0]] = Reply(
+        status=429,
+        body={"error": {"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}},
+        headers={"retry-after": "30"},
+    )
     served_by = []
     for _ in range(3 * REPLICAS):
         replica, result = edit(deployment.url, CLIENT_KEY)
