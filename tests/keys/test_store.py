@@ -16,6 +16,7 @@ from app.config import KeySpec
 from app.keys.health import HealthPolicy
 from app.keys.pool import KeyPool, Lease, PoolUpstream, Shortage
 from app.keys.store import FailoverStore, MemoryStore, RedisStore
+from app.redis_client import open_redis
 from tests.support.redis_server import PrivateRedis
 
 SECRETS = ("sk-store-secret-one-1111", "sk-store-secret-two-2222")
@@ -30,7 +31,7 @@ def namespace() -> str:
 
 def run_with_redis(url: str, body: Callable[[aioredis.Redis], Awaitable[None]]) -> None:
     async def main() -> None:
-        client = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        client = open_redis(url, timeout=1.0)
         try:
             await body(client)
         finally:

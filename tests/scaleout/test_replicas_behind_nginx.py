@@ -1,6 +1,6 @@
-"""Acceptance 3: three gateway processes behind nginx (round robin), sharing one Redis: a
-client's rate limit counts its requests on all three together. The upstream answers per key
-(`by_key`) for the key-pool cooldown check that joins this module with the key pool."""
+"""Acceptance 3: three gateway processes behind nginx (round robin), sharing one Redis. A key's
+cooldown caused through one replica keeps every replica away from that key, and a client's rate
+limit counts its requests on all three together."""
 
 from __future__ import annotations
 
@@ -95,6 +95,27 @@ def edit(url: str, key: str) -> tuple[str, Any]:
         image=("a.png", images.png(32, 32), "image/png"), prompt="x"
     )
     return raw.headers[REPLICA_HEADER], raw.parse()
+
+
+def test_replicas_behind_nginx_share_a_key_cooldown(deployment: Deployment) -> None:
+    fake = deployment.upstream
+    fake.by_key[UPSTREAM_KEYS[0]] = Reply(
+        status=429,
+        body={"error": {"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}},
+        headers={"retry-after": "30"},
+    )
+    served_by = []
+    for _ in range(3 * REPLICAS):
+        replica, result = edit(deployment.url, CLIENT_KEY)
+        assert result.data
+        served_by.append(replica)
+    assert len(set(served_by)) == REPLICAS  # nginx spread the edits over all three
+    # Each replica would try the first key once on its own; the shared cooldown allows one try.
+    assert fake.edits_with(UPSTREAM_KEYS[0]) == 1
+    assert fake.edits_with(UPSTREAM_KEYS[1]) == 3 * REPLICAS
+    for log in deployment.logs:
+        text = log.read_text()
+        assert not any(key in text for key in UPSTREAM_KEYS)
 
 
 def test_replicas_behind_nginx_share_a_client_rate_limit(deployment: Deployment) -> None:
