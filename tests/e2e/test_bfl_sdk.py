@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -364,6 +365,74 @@ def test_bfl_submit_429_is_a_429_with_retry_after(flux: OpenAI, bfl: FakeBflUpst
     with pytest.raises(openai.RateLimitError) as caught:
         flux.images.edit(image=("a.png", images.png(), "image/png"), prompt="x")
     assert 1 <= int(caught.value.response.headers["retry-after"]) <= 7
+
+
+def test_bfl_submit_402_disables_the_key(flux: OpenAI, bfl: FakeBflUpstream) -> None:
+    bfl.submit_replies.append(SubmitReply(402, {"detail": "Insufficient credits"}))
+    image = ("a.png", images.png(), "image/png")
+    flux.images.edit(image=image, prompt="x")  # the pool fails over to the other key
+    broke, paid = (hit.headers["x-key"] for hit in bfl.hits if hit.method == "POST")
+    assert broke != paid
+    flux.images.edit(image=image, prompt="y")
+    flux.images.edit(image=image, prompt="z")
+    # The key without credits stays out of rotation (until a probe finds credits again).
+    later = [hit.headers["x-key"] for hit in bfl.hits if hit.method == "POST"][2:]
+    assert later == [paid, paid]
+
+
+def test_bfl_key_disabled_for_402_comes_back_once_credits_do(
+    bfl: FakeBflUpstream, tmp_path: Path
+) -> None:
+    image = ("a.png", images.png(), "image/png")
+    bfl.credits = dict.fromkeys(BFL_KEYS, 0.0)
+    bfl.submit_replies.append(SubmitReply(402, {"detail": "Insufficient credits"}))
+
+    def probes_of(key: str) -> int:
+        return sum(
+            1 for hit in bfl.hits if hit.path == "/v1/credits" and hit.headers["x-key"] == key
+        )
+
+    def submits() -> list[str]:
+        return [hit.headers["x-key"] for hit in bfl.hits if hit.method == "POST"]
+
+    def wait_for(condition: Callable[[], bool]) -> None:
+        for _ in range(200):  # 10 s at most
+            if condition():
+                return
+            time.sleep(0.05)
+        raise AssertionError("the key pool never probed the disabled key")
+
+    with serve_bfl_gateway(
+        tmp_path, bfl_url=bfl.url, extra={"pool": {"probe_interval": 0.2}}
+    ) as url:
+        client = sdk(url)
+        client.images.edit(image=image, prompt="first")
+        broke, other = submits()
+        # The free probe (GET /v1/credits) finds no credits: the key stays out of rotation.
+        wait_for(lambda: probes_of(broke) >= 1)
+        client.images.edit(image=image, prompt="second")
+        assert submits()[2:] == [other]
+        # Credits are topped up: the next probe brings the key back, and it serves again.
+        bfl.credits[broke] = 50.0
+        for attempt in range(20):
+            client.images.edit(image=image, prompt=f"after top-up {attempt}")
+            if submits()[-1] == broke:
+                break
+            time.sleep(0.1)
+        assert submits()[-1] == broke
+    assert not any(hit.path == "/v1/credits" and hit.headers["x-key"] == other for hit in bfl.hits)
+
+
+def test_bfl_submit_429_cools_the_key_down(flux: OpenAI, bfl: FakeBflUpstream) -> None:
+    bfl.submit_replies.append(
+        SubmitReply(429, {"detail": "Too many active tasks"}, headers={"retry-after": "60"})
+    )
+    image = ("a.png", images.png(), "image/png")
+    flux.images.edit(image=image, prompt="x")  # served by the other key
+    cooled, other = (hit.headers["x-key"] for hit in bfl.hits if hit.method == "POST")
+    assert cooled != other
+    flux.images.edit(image=image, prompt="y")
+    assert [hit.headers["x-key"] for hit in bfl.hits if hit.method == "POST"][2:] == [other]
 
 
 def test_bfl_submit_rejection_never_echoes_the_key(flux: OpenAI, bfl: FakeBflUpstream) -> None:

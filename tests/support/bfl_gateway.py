@@ -41,6 +41,8 @@ def write_bfl_config(
     flux_upstreams: tuple[str, ...] = ("bfl",),
     bfl: dict[str, Any] | None = None,
     timeouts: dict[str, float] | None = None,
+    priorities: dict[str, int] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     catalog = yaml.safe_load(MODELS.read_text())
     for name in FLUX_MODELS:
@@ -66,6 +68,9 @@ def write_bfl_config(
             "bfl": upstream,
         },
     }
+    config.update(extra or {})
+    for name, priority in (priorities or {}).items():
+        config["upstreams"][name]["priority"] = priority
     path = directory / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
