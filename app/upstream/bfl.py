@@ -23,7 +23,6 @@ from app.errors import (
     FailureKind,
     GatewayError,
     InvalidRequest,
-    RateLimited,
     UpstreamFailed,
     UpstreamRejected,
     UpstreamTimeout,
@@ -31,6 +30,15 @@ from app.errors import (
 )
 from app.redaction import Redactor
 from app.upstream.base import UpstreamAnswer, UpstreamKey
+from app.upstream.failures import (
+    credentials_rejected,
+    failed,
+    quota_exhausted,
+    rate_limited,
+)
+from app.upstream.failures import (
+    json_object as _json_object,
+)
 from app.upstream.url_guard import PinnedUrl, RefusedUrl, UrlGuard
 
 log = logging.getLogger("gateway.upstream.bfl")
@@ -40,7 +48,6 @@ log = logging.getLogger("gateway.upstream.bfl")
 _FLUX_PARAMS = ("aspect_ratio", "output_format", "safety_tolerance", "prompt_upsampling")
 _IMAGE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
 _POOL_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-reset", "x-ratelimit-remaining")
-_RATE_LIMIT_HEADERS = ("retry-after", "retry-after-ms")
 _MODERATED = ("Request Moderated", "Content Moderated")
 # Result downloads retried on transport errors and 5xx: the task is paid for, the URL lasts ~10 min.
 _DOWNLOAD_ATTEMPTS = 3
@@ -199,31 +206,11 @@ class BflUpstream:
         message = self._redact(_error_message(response.content) or f"HTTP {status}")
         error: GatewayError
         if status in (401, 403):
-            error = _failed(
-                UpstreamFailed(
-                    "The upstream rejected the gateway's credentials; operators have been told.",
-                    code="upstream_auth_failed",
-                ),
-                "auth",
-            )
+            error = credentials_rejected()
         elif status == 402:
-            error = _failed(
-                UpstreamFailed(
-                    "The upstream account is out of credits or quota.",
-                    code="upstream_quota_exhausted",
-                ),
-                "quota",
-            )
+            error = quota_exhausted()
         elif status == 429:
-            headers = {
-                name: response.headers[name]
-                for name in _RATE_LIMIT_HEADERS
-                if name in response.headers
-            }
-            error = _failed(
-                RateLimited(f"The upstream is rate limiting: {message}", headers=headers),
-                "rate_limited",
-            )
+            error = rate_limited(message, response)
         elif 400 <= status < 500:
             # BFL answers 422 for a body it rejects; OpenAI clients expect 400 for that.
             error = _failed(
@@ -454,7 +441,7 @@ async def _chunks(*parts: bytes | memoryview) -> AsyncIterator[bytes]:
 
 
 def _failed(error: GatewayError, kind: FailureKind) -> GatewayError:
-    error.failure = kind
+    failed(error, kind)
     if kind in ("timeout", "dropped"):
         # The task may be running and billed: the SDK's own retries would pay for it again.
         error.headers["x-should-retry"] = "false"
@@ -483,14 +470,6 @@ def _first_gateway_error(errors: BaseExceptionGroup[BaseException]) -> BaseExcep
         if isinstance(error, GatewayError):
             return error
     return errors
-
-
-def _json_object(content: bytes) -> dict[str, Any] | None:
-    try:
-        value = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _error_message(content: bytes) -> str | None:

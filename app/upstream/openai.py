@@ -20,9 +20,7 @@ import orjson
 from app.config import UpstreamConfig
 from app.edit import EditRequest
 from app.errors import (
-    FailureKind,
     GatewayError,
-    RateLimited,
     UpstreamFailed,
     UpstreamRejected,
     UpstreamTimeout,
@@ -30,11 +28,20 @@ from app.errors import (
 )
 from app.redaction import Redactor
 from app.upstream.base import UpstreamAnswer, UpstreamKey
+from app.upstream.failures import (
+    credentials_rejected,
+    quota_exhausted,
+    rate_limited,
+)
+from app.upstream.failures import (
+    failed as _failed,
+)
+from app.upstream.failures import (
+    json_object as _json_object,
+)
 from app.upstream.multipart_body import openai_edit_body
 from app.upstream.progress import relay_partial
 
-# Upstream headers a client may act on; everything else from the upstream stays here.
-_RATE_LIMIT_HEADERS = ("retry-after", "retry-after-ms")
 _PROBE_TIMEOUT = 10.0
 # What the key pool reads to time a cooldown.
 _POOL_HEADERS = (
@@ -213,31 +220,11 @@ class OpenAIUpstream:
         message = self._redact(str(detail.get("message") or f"HTTP {status}"))
         code = detail.get("code")
         if status in (401, 403):
-            return _failed(
-                UpstreamFailed(
-                    "The upstream rejected the gateway's credentials; operators have been told.",
-                    code="upstream_auth_failed",
-                ),
-                "auth",
-            )
+            return credentials_rejected()
         if status == 402 or code == "insufficient_quota":
-            return _failed(
-                UpstreamFailed(
-                    "The upstream account is out of credits or quota.",
-                    code="upstream_quota_exhausted",
-                ),
-                "quota",
-            )
+            return quota_exhausted()
         if status == 429:
-            headers = {
-                name: response.headers[name]
-                for name in _RATE_LIMIT_HEADERS
-                if name in response.headers
-            }
-            return _failed(
-                RateLimited(f"The upstream is rate limiting: {message}", headers=headers),
-                "rate_limited",
-            )
+            return rate_limited(message, response)
         if 400 <= status < 500:
             rejected = UpstreamRejected(
                 status,
@@ -299,19 +286,6 @@ def _images_response(completed: list[dict[str, Any]]) -> dict[str, Any]:
         if name in first:
             body[name] = first[name]
     return body
-
-
-def _failed(error: GatewayError, kind: FailureKind) -> GatewayError:
-    error.failure = kind
-    return error
-
-
-def _json_object(content: bytes) -> dict[str, Any] | None:
-    try:
-        value = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _error_detail(content: bytes) -> dict[str, Any]:
