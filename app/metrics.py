@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -24,6 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from app.catalog import KNOWN_PARAMS
+from app.errors import FailureKind
 
 log = logging.getLogger("gateway.metrics")
 
@@ -44,38 +45,9 @@ CACHE_RESULTS: Final[tuple[CacheResult, ...]] = ("hit", "miss", "bypass")
 _CACHE_RESULTS: Final = frozenset(CACHE_RESULTS)
 
 # Why a key is not healthy: the upstream failure kinds, plus the pool's own reasons.
-KEY_REASONS: Final = frozenset(
-    {
-        "ok",
-        "rate_limited",
-        "auth",
-        "quota",
-        "server",
-        "connect",
-        "timeout",
-        "dropped",
-        "rejected",
-        "bad_response",
-        "probe_failed",
-        "manual",
-    }
-)
+KEY_REASONS: Final = frozenset({"ok", "probe_failed", "manual", *get_args(FailureKind)})
 # What an upstream call ended with: "ok", "cancelled", or one of app.errors.FailureKind.
-UPSTREAM_OUTCOMES: Final = frozenset(
-    {
-        "ok",
-        "cancelled",
-        "rate_limited",
-        "auth",
-        "quota",
-        "server",
-        "connect",
-        "timeout",
-        "dropped",
-        "rejected",
-        "bad_response",
-    }
-)
+UPSTREAM_OUTCOMES: Final = frozenset({"ok", "cancelled", *get_args(FailureKind)})
 # Fields a validation error can name, besides the optional images API fields.
 _REQUEST_FIELDS: Final = frozenset({"image", "mask", "prompt", "model"})
 _INDEXED = re.compile(r"^(image|mask)\[\d*\]$")
