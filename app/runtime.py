@@ -29,7 +29,7 @@ from app.upstream.bfl import BflUpstream
 from app.upstream.demo import DemoUpstream
 from app.upstream.fetch import ImageFetcher
 from app.upstream.openai import OpenAIUpstream
-from app.upstream.transport import ShardedTransport
+from app.upstream.transport import Http1Transport
 
 log = logging.getLogger("gateway")
 
@@ -90,7 +90,7 @@ def open_gateway(
             clients=client_names(settings.clients, len(settings.client_keys)),
         )
     if transport is None:
-        transport = ShardedTransport(
+        transport = Http1Transport(
             max_connections=settings.http.max_connections,
             max_keepalive_connections=settings.http.max_keepalive_connections,
             keepalive_expiry=settings.http.keepalive_expiry,
