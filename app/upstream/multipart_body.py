@@ -13,16 +13,8 @@ from typing import cast
 from app.edit import EditRequest, ImageInput, ParamValue
 from app.intake.spool import SpooledUpload
 
-# Upload bytes are sent in writes of about this size (a few syscalls per MB, not dozens).
-WRITE_BYTES = 1024 * 1024
-
-
-def _joined(pieces: list[bytes | memoryview]) -> bytes:
-    # A lone piece goes out as it is (memoryviews too: h11 and the transport only take len()
-    # and write them); several are joined, one copy that saves a send per piece.
-    if len(pieces) == 1:
-        return cast(bytes, pieces[0])
-    return b"".join(pieces)
+# Spooled files are read back in pieces of this size.
+READ_BYTES = 1024 * 1024
 
 
 def _quote(name: str) -> str:
@@ -76,30 +68,15 @@ class MultipartBody:
         return f"multipart/form-data; boundary={self.boundary}"
 
     async def stream(self) -> AsyncIterator[bytes]:
-        # Each piece costs one pass through httpx, httpcore, h11 and anyio (cancel scopes,
-        # checkpoints) plus a send(): tens of microseconds, more than copying it. So pieces are
-        # gathered into writes of about WRITE_BYTES; a lone large piece goes out as it is.
-        pending: list[bytes | memoryview] = []
-        pending_bytes = 0
+        # The pieces go out as they are (the uploads as the views of the chunks that arrived):
+        # the transport gathers them into a few vectored writes, so nothing is joined here.
         for piece in self._pieces():
-            if len(piece) >= WRITE_BYTES:
-                if pending:
-                    yield _joined(pending)
-                    pending, pending_bytes = [], 0
-                yield cast(bytes, piece)
-                continue
-            pending.append(piece)
-            pending_bytes += len(piece)
-            if pending_bytes >= WRITE_BYTES:
-                yield _joined(pending)
-                pending, pending_bytes = [], 0
-        if pending:
-            yield _joined(pending)
+            yield cast(bytes, piece)
 
     def _pieces(self) -> Iterator[bytes | memoryview]:
         for segment in self._segments:
             if isinstance(segment, SpooledUpload):
-                yield from segment.iter_chunks(WRITE_BYTES)
+                yield from segment.iter_chunks(READ_BYTES)
             else:
                 yield segment
 
