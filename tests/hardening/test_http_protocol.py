@@ -5,7 +5,9 @@ OpenAI's envelope and closed; well-behaved connections, keep-alive included, are
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +17,7 @@ from app.main import create_app
 from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.hardening.raw_http import closed_by_peer, connect, head, read_response
+from tests.support import images
 from tests.support.servers import serve_in_thread
 
 
@@ -92,3 +95,105 @@ def test_http_protocol_keep_alive_requests_pass(guarded_url: str) -> None:
             response = read_response(sock)
             assert response.status == 200
             assert response.json()["object"] == "list"
+
+
+def edit_request(image: bytes, prompt: str, extra_headers: dict[str, str] | None = None) -> bytes:
+    boundary = "wire-" + hashlib.sha256(image).hexdigest()[:16]
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n{prompt}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {
+        "Authorization": f"Bearer {CLIENT_KEY}",
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Content-Length": str(len(body)),
+        **(extra_headers or {}),
+    }
+    return head("POST", "/v1/images/edits", headers) + body
+
+
+class BufferedReader:
+    """Responses read one after another off one socket, bytes past each one kept."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.data = b""
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed")
+        self.data += chunk
+
+    def response(self) -> tuple[int, bytes]:
+        while b"\r\n\r\n" not in self.data:
+            self._fill()
+        raw_head, _, self.data = self.data.partition(b"\r\n\r\n")
+        status = int(raw_head.split(b" ", 2)[1])
+        length = 0
+        for line in raw_head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(self.data) < length:
+            self._fill()
+        body, self.data = self.data[:length], self.data[length:]
+        return status, body
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_http_protocol_pipelined_edits_are_answered_in_order(
+    guarded_url: str, upstream: FakeOpenAIUpstream
+) -> None:
+    first, second = images.noise_png(300, 300, seed=7), images.noise_png(200, 200, seed=8)
+    with connect(guarded_url) as sock:
+        # Both requests in one write: the second body arrives while the first is in the app.
+        sock.sendall(edit_request(first, "one") + edit_request(second, "two") + models_request())
+        reader = BufferedReader(sock)
+        statuses = [reader.response()[0] for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    assert [(e.field_map()["prompt"], e.files[0].sha256) for e in upstream.edits] == [
+        ("one", sha(first)),
+        ("two", sha(second)),
+    ]
+
+
+def test_http_protocol_expect_100_continue_gets_continue_then_answer(
+    guarded_url: str, upstream: FakeOpenAIUpstream
+) -> None:
+    # curl sends `Expect: 100-continue` for any body over 1 KB and waits for the go-ahead.
+    image = images.noise_png(256, 256, seed=9)
+    request = edit_request(image, "continue", {"Expect": "100-continue"})
+    request_head, _, body = request.partition(b"\r\n\r\n")
+    with connect(guarded_url) as sock:
+        sock.sendall(request_head + b"\r\n\r\n")
+        reader = BufferedReader(sock)
+        assert reader.response()[0] == 100
+        sock.sendall(body)
+        status, _ = reader.response()
+    assert status == 200
+    assert [e.files[0].sha256 for e in upstream.edits] == [sha(image)]
+
+
+def test_http_protocol_body_trickled_in_small_pieces_arrives_whole(
+    guarded_url: str, upstream: FakeOpenAIUpstream
+) -> None:
+    image = images.noise_png(300, 300, seed=10)
+    request = edit_request(image, "trickle")
+    with connect(guarded_url) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for start in range(0, len(request), 4096):
+            sock.sendall(request[start : start + 4096])
+            if start % (64 * 4096) == 0:
+                time.sleep(0.005)
+        status, _ = BufferedReader(sock).response()
+    assert status == 200
+    assert [e.files[0].sha256 for e in upstream.edits] == [sha(image)]

@@ -11,6 +11,8 @@ from typing import Any
 
 import uvicorn
 
+from app.http_protocol import GuardedHttpToolsProtocol
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -29,7 +31,8 @@ def serve_in_thread(app: Any, *, port: int | None = None, **config: Any) -> Iter
             port=port,
             log_level="warning",
             lifespan="on",
-            **{"loop": "asyncio", "http": "httptools", **config},
+            # The HTTP protocol the CLI serves with, so every test goes through it.
+            **{"loop": "asyncio", "http": GuardedHttpToolsProtocol, **config},
         )
     )
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
