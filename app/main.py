@@ -24,7 +24,7 @@ from app.memory import malloc_trim, trim_heap_periodically
 from app.metrics import GatewayMetrics
 from app.observe import ObservabilityMiddleware
 from app.redaction import Redactor
-from app.redis_health import watch_redis
+from app.redis_health import check_redis, watch_redis
 from app.request_id import RequestIdMiddleware
 from app.runtime import Gateway, open_gateway, secrets_of
 
@@ -51,10 +51,14 @@ def create_app(
         app.state.gateway = gateway
         unredact = install_redaction(gateway.redactor)
         # Connect before the first request: finding a Cluster's slots or Sentinel's primary must
-        # not be paid inside a request's cache budget (that request would go uncached). Failing
-        # here only means Redis is down now; requests then fail open as usual.
+        # not be paid inside a request's cache budget (that request would go uncached), nor by a
+        # burst of first requests at once. Both clients: the cache's, and the one the key pool and
+        # client limits share. Failing here only means Redis is down now; requests then fail open
+        # as usual.
         with contextlib.suppress(CacheUnavailable):
             await gateway.cache.store.check()
+        if gateway.redis is not None:
+            await check_redis(gateway.redis, metrics, "health")
         unhook = drain.hook_signals()
         watcher = (
             asyncio.create_task(watch_redis(gateway.redis, metrics))

@@ -19,8 +19,9 @@ from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, unquote
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 Mode = Literal["single", "sentinel", "cluster"]
 
@@ -133,8 +134,13 @@ def open_redis(
         tls = {"ssl": True, **dict(target.tls_options)}
     credentials: dict[str, Any] = {"username": target.username, "password": target.password}
     if target.mode == "cluster":
-        cluster = RedisCluster(
+        cluster = _RoutedCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            # A MOVED updates that one slot. By default every 5th MOVED resets the whole client,
+            # closing connections that other commands are reading answers from; redis-py then
+            # sends those commands again, and an INCR or a compare-and-set lands twice. A lost or
+            # failed node still refreshes the whole slot map (connection errors, CLUSTERDOWN).
+            reinitialize_steps=0,
             **credentials,
             **tls,
             **timeouts,
@@ -156,6 +162,65 @@ def open_redis(
         **timeouts,
     )
     return primary
+
+
+class _RoutedCluster(RedisCluster):
+    """A Cluster client that knows the slot map before it routes, and reports a connection that
+    a topology refresh closed under it as a ConnectionError (see execute_command)."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        # redis-py 8.1 picks a command's node before it (re)reads the slot map: while the map is
+        # unknown (first use, or after a CLUSTERDOWN reset) a keyed command goes to a random
+        # primary and draws MOVED, and with 40 at once those MOVEDs reset the client, closing
+        # connections other tasks are using. initialize() is one flag check once the map is
+        # known, and concurrent callers wait on one refresh.
+        await self.initialize()
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except AttributeError as exc:
+            if not _closed_under_us(exc):
+                raise
+        # A reset that other commands' errors still trigger can close this command's connection
+        # between redis-py's is-connected check and its write: nothing was sent, so once more.
+        await self.initialize()
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except AttributeError as exc:
+            if not _closed_under_us(exc):
+                raise
+            raise RedisConnectionError(_CLOSED_UNDER_US) from exc
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        if transaction or shard_hint:
+            return super().pipeline(transaction, shard_hint)
+        # redis-py's stubs declare an attribute abstract that its __init__ sets.
+        return _ClusterPipeline(self)  # type: ignore[abstract]
+
+
+class _ClusterPipeline(ClusterPipeline):
+    """A pipeline without a transaction, as the gateway sends them."""
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        # Part of a pipeline may have run on other nodes, so it is not sent again; callers get a
+        # RedisError, which they already treat as "Redis unavailable" and fail open on.
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except AttributeError as exc:
+            if not _closed_under_us(exc):
+                raise
+            raise RedisConnectionError(_CLOSED_UNDER_US) from exc
+
+
+_CLOSED_UNDER_US = "redis cluster: connection closed by a topology refresh"
+
+
+def _closed_under_us(exc: AttributeError) -> bool:
+    """redis-py's write to a connection whose socket another task has just closed."""
+    return exc.obj is None and exc.name in {"writelines", "drain"}
 
 
 class _SentinelPrimary(aioredis.Redis):

@@ -22,6 +22,7 @@ SUITES = (
     "tests/clients/test_keystore.py",
     "tests/clients/test_gate_usage.py",
     "tests/clients/test_replicas.py",  # limits across gateway replicas
+    "tests/keys/test_store.py",  # key-pool state, compare-and-set, rpm counters
     "tests/e2e/test_shared_key_state.py",  # key cooldowns across gateway processes
 )
 # Fewer passing tests than this means the child run lost most of its tests, not that it passed.
