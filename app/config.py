@@ -141,6 +141,9 @@ class Limits(_Strict):
     # Requests in flight per process (0: no limit); beyond it, 503 with retry-after.
     max_in_flight: int = Field(256, ge=0)
     overload_retry_after: int = Field(2, ge=1, le=60)
+    # Freed heap memory each process keeps for the next requests instead of returning it to the
+    # kernel (glibc only; 0 keeps malloc's defaults). See app/memory.py.
+    malloc_keep_bytes: ByteSize = ByteSize(64 * 1024 * 1024)
 
 
 class HttpClientConfig(_Strict):

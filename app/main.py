@@ -20,7 +20,7 @@ from app.config import Settings, load_settings
 from app.drain import Drain, DrainMiddleware
 from app.errors import install_error_handlers
 from app.logs import install_redaction
-from app.memory import malloc_trim, trim_heap_periodically
+from app.memory import keep_freed_heap, malloc_trim, trim_heap_periodically
 from app.metrics import GatewayMetrics
 from app.observe import ObservabilityMiddleware
 from app.redaction import Redactor
@@ -37,6 +37,8 @@ def create_app(
 ) -> FastAPI:
     """Build the ASGI app. Settings are read here, once, never at import time."""
     settings = settings if settings is not None else load_settings()
+    # Here, not in the CLI: with --workers each worker process builds its own app.
+    keep_freed_heap(int(settings.limits.malloc_keep_bytes))
     if metrics is None:
         metrics = GatewayMetrics(
             models=settings.catalog.models,
