@@ -7,6 +7,7 @@ adding a model is a config edit.
 from __future__ import annotations
 
 from decimal import Decimal
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,7 +143,9 @@ class Catalog(_Strict):
     def upstreams_in_use(self) -> set[str]:
         return {upstream for model in self.models.values() for upstream in model.upstreams}
 
+    @cached_property
     def max_image_bytes(self) -> int:
+        """The largest upload any model takes (read on every request, so computed once)."""
         return max(int(model.images.max_bytes) for model in self.models.values())
 
 
