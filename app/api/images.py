@@ -110,6 +110,8 @@ async def _read_edit(request: Request, gateway: Gateway) -> tuple[IntakeForm, Ed
     settings = gateway.settings
     max_file_bytes = min(int(settings.limits.max_file_bytes), settings.catalog.max_image_bytes)
     content_type = request.headers.get("content-type")
+    policy = policy_from_header(request.headers.get("cache-control"))
+    hash_uploads = gateway.cache.needs_fingerprint(policy)
     if is_json(content_type):
         body = await read_json_object(
             request.stream(), content_type=content_type, limits=settings.limits
@@ -119,6 +121,7 @@ async def _read_edit(request: Request, gateway: Gateway) -> tuple[IntakeForm, Ed
             max_file_bytes=max_file_bytes,
             fetch_url=gateway.image_urls,
             worker=gateway.spool_worker,
+            hash_uploads=hash_uploads,
         )
         form = await reader.form(body)
     else:
@@ -129,6 +132,7 @@ async def _read_edit(request: Request, gateway: Gateway) -> tuple[IntakeForm, Ed
             limits=settings.limits,
             max_file_bytes=max_file_bytes,
             worker=gateway.spool_worker,
+            hash_uploads=hash_uploads,
         )
     _note_form(form, settings.catalog, settings.default_model)
     try:

@@ -141,6 +141,11 @@ class EditCache:
         self._flights: dict[str, asyncio.Task[_Paid]] = {}
         self._tasks: set[asyncio.Task[_Paid]] = set()
 
+    def needs_fingerprint(self, policy: Policy) -> bool:
+        """Whether an edit under `policy` is looked up or stored, so its uploads' digests are
+        needed (intake hashes them as they arrive only then)."""
+        return self._config.enabled and policy != "bypass"
+
     def ttl_for(self, edit: EditRequest) -> int:
         return self._config.model_ttl_seconds.get(edit.model.name, self._config.ttl_seconds)
 
@@ -170,7 +175,7 @@ class EditCache:
     async def _answer(
         self, edit: EditRequest, owner: _Release, policy: Policy, client_scope: str | None
     ) -> EditOutcome:
-        if not self._config.enabled or policy == "bypass":
+        if not self.needs_fingerprint(policy):
             paid = await self._pay(edit, owner, key=None, token=None)
             return EditOutcome(paid.result, "bypass", 0, paid.upstream_request_id)
         scope = client_scope if self._config.scope == "client" else None

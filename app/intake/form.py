@@ -81,10 +81,15 @@ class _FormBuilder:
     """python-multipart callbacks that build an IntakeForm under the limits."""
 
     def __init__(
-        self, limits: Limits, max_file_bytes: int, worker: SpoolWorker | None = None
+        self,
+        limits: Limits,
+        max_file_bytes: int,
+        worker: SpoolWorker | None = None,
+        hash_uploads: bool = True,
     ) -> None:
         self.form = IntakeForm()
         self._worker = worker
+        self._hash_uploads = hash_uploads
         self._limits = limits
         self._max_file_bytes = max_file_bytes
         self._parts = 0
@@ -147,6 +152,7 @@ class _FormBuilder:
                 threshold=int(self._limits.spool_threshold_bytes),
                 spool_dir=self._limits.spool_dir,
                 worker=self._worker,
+                hash_on_arrival=self._hash_uploads,
             )
             self.form.files.append(self._upload)
         else:
@@ -217,11 +223,13 @@ async def read_form(
     limits: Limits,
     max_file_bytes: int,
     worker: SpoolWorker | None = None,
+    hash_uploads: bool = True,
 ) -> IntakeForm:
     """Parse a multipart body from `chunks`, refusing it with 413 the moment a limit is crossed.
 
     With a `worker`, uploads are hashed and spooled on its thread; the form is returned only once
-    all of that is done, so its files are complete and their digests ready."""
+    all of that is done, so its files are complete and their digests ready. `hash_uploads`
+    False: nothing will want the digests (no cache lookup), so none is computed on arrival."""
     boundary = multipart_boundary(content_type)
     max_body = int(limits.max_body_bytes)
     if content_length is not None:
@@ -235,7 +243,7 @@ async def read_form(
                 code="body_too_large",
             )
 
-    builder = _FormBuilder(limits, max_file_bytes, worker)
+    builder = _FormBuilder(limits, max_file_bytes, worker, hash_uploads)
     parser = MultipartParser(
         boundary,
         builder.callbacks(),  # type: ignore[arg-type]

@@ -90,11 +90,13 @@ class JsonEditReader:
         max_file_bytes: int,
         fetch_url: FetchUrl | None,
         worker: SpoolWorker | None = None,
+        hash_uploads: bool = True,
     ) -> None:
         self._limits = limits
         self._max_file_bytes = max_file_bytes
         self._fetch_url = fetch_url
         self._worker = worker
+        self._hash_uploads = hash_uploads
 
     async def form(self, body: dict[str, Any]) -> IntakeForm:
         form = IntakeForm(fields=text_fields(body, skip=("images", "image", "mask")))
@@ -155,6 +157,7 @@ class JsonEditReader:
             threshold=int(self._limits.spool_threshold_bytes),
             spool_dir=self._limits.spool_dir,
             worker=self._worker,
+            hash_on_arrival=self._hash_uploads,
         )
         try:
             upload.write(data)

@@ -78,13 +78,16 @@ class SpooledUpload:
         threshold: int,
         spool_dir: str | None,
         worker: SpoolWorker | None = None,
+        hash_on_arrival: bool = True,
     ):
         self.field = field
         self.filename = filename
         self.size = 0
         self._threshold = threshold
         self._spool_dir = spool_dir
-        self._hash = hashlib.sha256()
+        # Hashed as the bytes arrive when the cache will want the digest; otherwise only if
+        # someone asks for it (from the stored bytes), and never on the request path.
+        self._hash = hashlib.sha256() if hash_on_arrival else None
         self._digest: str | None = None
         self._chunks: list[Chunk] = []
         self._fd: int | None = None
@@ -101,14 +104,17 @@ class SpooledUpload:
         self.size += len(chunk)
         if self._fd is None and self.size > self._threshold:
             self._move_to_disk()
+        digest = self._hash
         if self._fd is None:
             self._chunks.append(chunk)
-            self._run(lambda: self._hash.update(chunk), len(chunk))
+            if digest is not None:
+                self._run(lambda: digest.update(chunk), len(chunk))
         else:
             fd = self._fd
 
             def hash_and_write() -> None:
-                self._hash.update(chunk)
+                if digest is not None:
+                    digest.update(chunk)
                 _write_all(fd, chunk)
 
             self._run(hash_and_write, len(chunk))
@@ -166,7 +172,12 @@ class SpooledUpload:
                 finished = threading.Event()
                 self._worker.submit(finished.set)
                 finished.wait()
-            self._digest = self._hash.hexdigest()
+            digest = self._hash
+            if digest is None:
+                digest = hashlib.sha256()
+                for chunk in self.iter_chunks():
+                    digest.update(chunk)
+            self._digest = digest.hexdigest()
         return self._digest
 
     @property

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from pydantic import ByteSize
@@ -45,6 +45,7 @@ def _read(
     worker: SpoolWorker | None,
     chunk: int = 64 * 1024,
     max_file_bytes: int = 50 * 1024 * 1024,
+    hash_uploads: bool = True,
 ) -> IntakeForm:
     limits = Limits(spool_threshold_bytes=ByteSize(1024 * 1024))
 
@@ -56,6 +57,7 @@ def _read(
             limits=limits,
             max_file_bytes=max_file_bytes,
             worker=worker,
+            hash_uploads=hash_uploads,
         )
 
     return asyncio.run(go())
@@ -135,3 +137,35 @@ def test_spool_worker_survives_a_failing_job() -> None:
     finally:
         worker.shutdown()
     assert ran == ["after"]
+
+
+class CountingWorker(SpoolWorker):
+    def __init__(self) -> None:
+        super().__init__()
+        self.jobs = 0
+
+    def submit(self, job: Callable[[], object]) -> None:
+        self.jobs += 1
+        super().submit(job)
+
+
+def test_uploads_nothing_will_look_up_are_not_hashed_on_arrival() -> None:
+    # With the cache off (or `no-store`) no digest is wanted: in-memory uploads give the worker
+    # nothing to do, spooled ones only their writes; a digest asked for anyway is still right.
+    small, big = images.noise_png(500, 500, seed=11), images.noise_png(1100, 1100, seed=12)
+    for upload_bytes, hashed_jobs_at_least in ((small, 1), (big, 2)):
+        worker, eager_worker = CountingWorker(), CountingWorker()
+        try:
+            lazy = _read(_body([("image", upload_bytes)]), worker, hash_uploads=False)
+            eager = _read(_body([("image", upload_bytes)]), eager_worker)
+            if not lazy.files[0].on_disk:
+                assert worker.jobs == 0
+            assert eager_worker.jobs >= hashed_jobs_at_least
+            expected = hashlib.sha256(upload_bytes).hexdigest()
+            assert lazy.files[0].sha256 == eager.files[0].sha256 == expected
+            assert lazy.files[0].read_all() == upload_bytes
+            lazy.close()
+            eager.close()
+        finally:
+            worker.shutdown()
+            eager_worker.shutdown()
