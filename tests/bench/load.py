@@ -108,6 +108,10 @@ wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
 wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_CLIENT_KEY")
+local cache_control = os.getenv("BENCH_CACHE_CONTROL")
+if cache_control and cache_control ~= "" then
+  wrk.headers["Cache-Control"] = cache_control
+end
 
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -268,10 +272,13 @@ async def _drive(args: argparse.Namespace) -> LoadResult:
     target = urlsplit(args.url)
     host, port = target.hostname or "127.0.0.1", target.port or 80
     body = Path(args.body_file).read_bytes()
+    # Sent on every request when set (BENCH_CACHE_CONTROL: the cache-miss scenario's no-cache).
+    cache_control = os.environ.get("BENCH_CACHE_CONTROL", "")
     head = (
         f"POST {target.path}{EDIT_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\n"
         f"Authorization: Bearer {os.environ['BENCH_CLIENT_KEY']}\r\n"
-        f"Content-Type: {args.content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+        + (f"Cache-Control: {cache_control}\r\n" if cache_control else "")
+        + f"Content-Type: {args.content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     request = head + body  # one shared copy; every connection writes the same object
     del body

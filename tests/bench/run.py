@@ -238,6 +238,28 @@ def _cache_hit(bench: Bench) -> list[Row]:
 register(Scenario("1MB cache hit c=16", _cache_hit))
 
 
+def _cache_miss(bench: Bench) -> list[Row]:
+    """Every request with `Cache-Control: no-cache`: hashed, forwarded, and its result written to
+    Redis, the path a first edit takes with the cache on (the forwarding rows run it off)."""
+    name = "1MB cache miss c=16"
+    body = bench.body("1x1MB")
+    try:
+        gw = bench.gateway("cache")
+    except RuntimeError as exc:
+        return [Row(name, "gateway", 16, note=f"n/a: {exc}")]
+    upstream = bench.upstream("fast")
+    direct = bench.measure(upstream.url, upstream.pid, body, 16)
+    os.environ["BENCH_CACHE_CONTROL"] = "no-cache"
+    try:
+        through = bench.measure(gw.url, gw.pid, body, 16)
+    finally:
+        del os.environ["BENCH_CACHE_CONTROL"]
+    return [_row(name, "direct", body, direct, None), _row(name, "gateway", body, through, direct)]
+
+
+register(Scenario("1MB cache miss c=16", _cache_miss))
+
+
 def _memory(bench: Bench) -> list[Row]:
     """32 edits of 4 x 10 MB in flight at once against an upstream that waits 2 s."""
     name = "memory 32x(4x10MB)"
