@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -14,6 +15,23 @@ import uvicorn
 from app.http_protocol import GuardedHttpToolsProtocol
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, noticing `should_exit` within 10 ms instead of 100 ms.
+
+    Tests start and stop hundreds of these, and uvicorn's main loop only looks at the flag every
+    tenth of a second. The date header still updates once a second.
+    """
+
+    async def main_loop(self) -> None:
+        ticks = 0
+        should_exit = await self.on_tick(0)
+        while not should_exit:
+            ticks = (ticks + 1) % 100
+            await asyncio.sleep(0.01)
+            # on_tick refreshes the date header when given a multiple of 10.
+            should_exit = await self.on_tick(0 if ticks == 0 else 1)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -24,7 +42,7 @@ def free_port() -> int:
 def serve_in_thread(app: Any, *, port: int | None = None, **config: Any) -> Iterator[str]:
     """Serve `app` on 127.0.0.1 until the block exits; yields its base URL."""
     port = port or free_port()
-    server = uvicorn.Server(
+    server = _Server(
         uvicorn.Config(
             app,
             host="127.0.0.1",
