@@ -95,7 +95,7 @@ def create_app(
     )
     app.state.drain = drain
     install_error_handlers(app, redact=Redactor(secrets_of(settings)))
-    app.include_router(images.router)
+    app.router.routes.extend(images.routes)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(files.router)

@@ -11,10 +11,12 @@ from functools import partial
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from app.api.deps import client_of, gateway_of
 from app.api.files import file_url
@@ -42,11 +44,24 @@ async def create_image_generation(request: Request) -> Response:
     return await _serve(request, gateway, client_of(request, gateway), _read_generation)
 
 
-# Plain Starlette routes: the two hot endpoints take the raw request and answer a Response, so
-# FastAPI's per-request dependency solving and endpoint wrapping (about 0.2 ms) buy nothing.
-router = APIRouter()
-router.add_route("/v1/images/edits", create_image_edit, methods=["POST"])
-router.add_route("/v1/images/generations", create_image_generation, methods=["POST"])
+class _ImageRoute(Route):
+    """A plain Starlette route: the two hot endpoints take the raw request and answer a Response,
+    so FastAPI's per-request dependency solving and endpoint wrapping (about 0.2 ms) buy nothing.
+    Like FastAPI's routes it puts itself in the scope, where metrics and the access log read the
+    route's template."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
+
+
+# Added to the app's router by app/main.py.
+routes = [
+    _ImageRoute("/v1/images/edits", create_image_edit, methods=["POST"]),
+    _ImageRoute("/v1/images/generations", create_image_generation, methods=["POST"]),
+]
 
 
 # Reads and validates one request: the form (it owns the uploads) and what it asks for.
