@@ -242,6 +242,8 @@ def install_error_handlers(app: FastAPI, *, redact: Callable[[str], str] | None 
         else:
             error = InvalidRequest(str(exc.detail))
         error.status_code = exc.status_code
+        # Starlette's headers for these (a 405's `Allow`, which HTTP requires) go out as well.
+        error.headers.update(exc.headers or {})
         return error_response(error, redact)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:

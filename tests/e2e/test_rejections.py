@@ -405,3 +405,12 @@ def test_rejection_unknown_endpoint_is_openai_shaped(gateway_url: str) -> None:
         gateway_url + "/v1/nothing", headers={"authorization": f"Bearer {CLIENT_KEY}"}
     )
     assert_envelope(response, 404, None)
+
+
+def test_rejection_wrong_method_says_which_are_allowed(gateway_url: str) -> None:
+    response = httpx.get(
+        gateway_url + "/v1/images/edits", headers={"authorization": f"Bearer {CLIENT_KEY}"}
+    )
+    assert_envelope(response, 405, None)
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert response.headers["allow"] == "POST"
