@@ -113,8 +113,9 @@ def selectors(expr: str) -> list[tuple[str, set[str]]]:
 
 
 def app_routes() -> set[str]:
-    routers = (images.router, models.router, health.router, files.router, admin.router)
-    return {route.path for router in (*routers, metrics_api.router) for route in router.routes}  # type: ignore[attr-defined]
+    routers = (models.router, health.router, files.router, admin.router, metrics_api.router)
+    routes = [*images.routes, *(route for router in routers for route in router.routes)]
+    return {route.path for route in routes}  # type: ignore[attr-defined]
 
 
 def test_dashboards_and_alerts_exist() -> None:
