@@ -143,7 +143,7 @@ def after_failure(
         failures = state.failures + 1
         if failures < policy.eject_after:
             return replace(noted, failures=failures)
-        times = state.times_ejected + 1
+        times = _forgiven(state, now, policy) + 1
         until = now + min(policy.eject_base * times, policy.eject_max)
         return replace(
             noted,
@@ -152,6 +152,16 @@ def after_failure(
             ejected_until=max(state.ejected_until, until),
         )
     return noted
+
+
+def _forgiven(state: KeyHealth, now: float, policy: HealthPolicy) -> int:
+    """Past ejections still held against a key: one is forgiven for every `eject_max` seconds
+    it has spent back in service since its last ejection ended, so a key that misbehaved once
+    last week is not ejected for the maximum at its next bad minute."""
+    if state.times_ejected == 0 or now <= state.ejected_until:
+        return state.times_ejected
+    forgiven = int((now - state.ejected_until) // policy.eject_max)
+    return max(0, state.times_ejected - forgiven)
 
 
 def after_success(state: KeyHealth, now: float) -> KeyHealth:

@@ -114,10 +114,33 @@ def test_health_five_consecutive_failures_eject_for_longer_each_time() -> None:
     for _ in range(5):
         state = fail(state, "bad_response", now=NOW + 100)
     assert state.ejected_until == NOW + 100 + 60  # 30 s x times ejected
-    for round_ in range(20):
+    for _ in range(20):
+        # Ejected again as soon as it is back: nothing is forgiven, the ejections grow.
+        again = state.ejected_until + 1
         for _ in range(5):
-            state = fail(state, "server", now=NOW + 1000 * (round_ + 1))
-    assert state.ejected_until - (NOW + 20_000) == POLICY.eject_max
+            state = fail(state, "server", now=again)
+    assert state.ejected_until - again == POLICY.eject_max
+
+
+def test_health_ejections_are_forgiven_after_time_back_in_service() -> None:
+    state = KeyHealth()
+    for _ in range(4):
+        again = max(NOW, state.ejected_until + 1)
+        for _ in range(5):
+            state = fail(state, "server", now=again)
+    assert state.times_ejected == 4
+    assert state.ejected_until - again == 4 * POLICY.eject_base
+    # Back in service for three eject_max periods: three of the four ejections are forgiven.
+    later = state.ejected_until + 3 * POLICY.eject_max + 1
+    for _ in range(5):
+        state = fail(state, "timeout", now=later)
+    assert state.times_ejected == 2
+    assert state.ejected_until - later == 2 * POLICY.eject_base
+    # Months later it starts over.
+    much_later = state.ejected_until + 1_000 * POLICY.eject_max
+    for _ in range(5):
+        state = fail(state, "connect", now=much_later)
+    assert state.ejected_until - much_later == POLICY.eject_base
 
 
 def test_health_success_resets_the_failure_streak() -> None:
