@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import httpx
 import redis.asyncio as aioredis
@@ -128,7 +129,9 @@ def open_gateway(
         if settings.redis_url is not None
         else None
     )
-    pool = KeyPool(pooled, _key_store(settings.pool, redis), policy=health_policy(settings.pool))
+    pool = KeyPool(
+        pooled, _key_store(settings.pool, redis, metrics), policy=health_policy(settings.pool)
+    )
     metrics.watch_keys(pool.snapshots)
     forwarder = Forwarder(upstreams, pool, routes=routes, retry=settings.retry, metrics=metrics)
 
@@ -167,7 +170,14 @@ def health_policy(config: PoolConfig) -> HealthPolicy:
     )
 
 
-def _key_store(config: PoolConfig, redis: aioredis.Redis | None) -> StateStore:
+def _key_store(
+    config: PoolConfig, redis: aioredis.Redis | None, metrics: GatewayMetrics
+) -> StateStore:
     if redis is None:
         return MemoryStore()
-    return FailoverStore(RedisStore(redis, config.namespace), MemoryStore(), clock=time.monotonic)
+    return FailoverStore(
+        RedisStore(redis, config.namespace),
+        MemoryStore(),
+        clock=time.monotonic,
+        on_redis_error=partial(metrics.record_redis_error, "keys"),
+    )

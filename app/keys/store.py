@@ -172,10 +172,14 @@ class FailoverStore:
         *,
         clock: Callable[[], float],
         retry_interval: float = 5.0,
+        on_redis_error: Callable[[], None] | None = None,
     ) -> None:
         self._shared = shared
         self._local = local
         self._clock = clock
+        # Counted (gateway_redis_errors_total{component="keys"}), so an outage shows on the
+        # dashboard and not only in the one log line.
+        self._on_redis_error = on_redis_error or (lambda: None)
         self._retry_interval = retry_interval
         self._down = False
         self._retry_at = 0.0
@@ -222,6 +226,7 @@ class FailoverStore:
         return "memory (redis unreachable)" if self._down else "redis"
 
     def _mark_down(self, exc: BaseException) -> None:
+        self._on_redis_error()
         self._retry_at = self._clock() + self._retry_interval
         if not self._down:
             self._down = True
@@ -239,6 +244,7 @@ class FailoverStore:
         try:
             resynced = await self._resync()
         except _REDIS_DOWN:
+            self._on_redis_error()
             self._retry_at = self._clock() + self._retry_interval
             return False
         self._down = False

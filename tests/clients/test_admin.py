@@ -141,6 +141,6 @@ def test_gateway_with_redis_down_fails_open_and_says_so(
         assert httpx.post(url + "/admin/clients/team/keys", headers=ADMIN).status_code == 503
         assert httpx.get(url + "/admin/usage", headers=ADMIN).status_code == 503
         scrape = httpx.get(url + "/metrics", headers=headers).text
-        for component in ("client_limits", "client_usage"):
+        for component in ("client_limits", "client_usage", "keys"):
             assert prom.total(scrape, "gateway_redis_errors_total", component=component) >= 1
     assert len(upstream.edits) == 2

@@ -129,12 +129,17 @@ def test_store_falls_back_to_memory_logs_once_and_resyncs(
     server = PrivateRedis()
     server.start()
     clock = [0.0]
+    redis_errors: list[float] = []
 
     async def body() -> None:
         client = aioredis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
         ns = namespace()
         store = FailoverStore(
-            RedisStore(client, ns), MemoryStore(), clock=lambda: clock[0], retry_interval=5.0
+            RedisStore(client, ns),
+            MemoryStore(),
+            clock=lambda: clock[0],
+            retry_interval=5.0,
+            on_redis_error=lambda: redis_errors.append(clock[0]),
         )
         pool = KeyPool([PoolUpstream("up", SPECS)], store)
         try:
@@ -147,6 +152,8 @@ def test_store_falls_back_to_memory_logs_once_and_resyncs(
                     await pool.report_failure(lease, "rate_limited", {"retry-after": "60"})
                 lease.release()
             assert store.describe() == "memory (redis unreachable)"
+            # Counted once per failed attempt, not per request served from memory meanwhile.
+            assert redis_errors == [0.0]
             found = await pool.acquire("up")
             assert isinstance(found, Lease) and found.key is not None
             assert found.key.id == "up#2"  # the cooldown holds in memory
