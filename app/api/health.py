@@ -9,6 +9,7 @@ from starlette.responses import Response
 from app.api.deps import GatewayDep
 from app.cache.store import CacheUnavailable
 from app.redis_health import check_redis
+from app.runtime import Gateway
 
 router = APIRouter()
 
@@ -27,15 +28,24 @@ async def readyz(request: Request, gateway: GatewayDep) -> Response:
         checks["shutdown"] = "draining"
         problems.append("the gateway is shutting down")
     settings = gateway.settings
+    key_states = await _key_states(gateway)
+    degraded_upstreams = False
     for name in sorted(settings.catalog.upstreams_in_use()):
         upstream = settings.upstreams[name]
+        states = key_states.get(name, {})
         if settings.demo or upstream.type == "demo":
             checks[f"upstream:{name}"] = "demo"
-        elif upstream.keys:
-            checks[f"upstream:{name}"] = "ok"
-        else:
+        elif not upstream.keys:
             checks[f"upstream:{name}"] = "no keys"
             problems.append(f"upstream {name} has no keys")
+        elif states.get("healthy", 0):
+            checks[f"upstream:{name}"] = "ok"
+        else:
+            # Every key is cooling, ejected or disabled. Other replicas share the same keys, so
+            # leaving rotation would not help: ready, degraded, and it says why.
+            held = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+            checks[f"upstream:{name}"] = f"no usable key ({held})"
+            degraded_upstreams = True
     if gateway.redis is not None:
         if await check_redis(gateway.redis, gateway.metrics, "health"):
             checks["redis"] = "ok"
@@ -53,10 +63,21 @@ async def readyz(request: Request, gateway: GatewayDep) -> Response:
     if problems:
         state = "draining" if request.app.state.drain.draining else "not ready"
     else:
-        state = "degraded" if checks["cache"] == "degraded" else "ready"
+        degraded = checks["cache"] == "degraded" or degraded_upstreams
+        state = "degraded" if degraded else "ready"
     body = {
         "status": state,
         "checks": checks,
         "problems": problems,
+        # Keys by state per upstream (counts only: ids and health are under /admin/keys).
+        "keys": key_states,
     }
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+async def _key_states(gateway: Gateway) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for key in await gateway.forwarder.pool.snapshots():
+        by_state = counts.setdefault(key.upstream, {})
+        by_state[key.state] = by_state.get(key.state, 0) + 1
+    return counts
