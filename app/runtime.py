@@ -91,10 +91,17 @@ def open_gateway(
             clients=client_names(settings.clients, len(settings.client_keys)),
         )
     if transport is None:
+        in_use = [settings.upstreams[name] for name in settings.catalog.upstreams_in_use()]
+        # Loading the CA bundle takes ~20 ms: done here, not inside the first https request
+        # (where it would stall every request on the event loop).
+        https = settings.image_urls.enabled or any(
+            upstream.base_url.startswith("https:") for upstream in in_use if not settings.demo
+        )
         transport = Http1Transport(
             max_connections=settings.http.max_connections,
             max_keepalive_connections=settings.http.max_keepalive_connections,
             keepalive_expiry=settings.http.keepalive_expiry,
+            ssl_context=httpx.create_ssl_context() if https else None,
         )
     # Per-request timeouts are set by each upstream; this default only guards stray calls.
     # trust_env=False: proxies come from config, never from whatever the environment holds.
