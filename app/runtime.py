@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 import redis.asyncio as aioredis
@@ -105,8 +106,13 @@ def open_gateway(
         )
     # Per-request timeouts are set by each upstream; this default only guards stray calls.
     # trust_env=False: proxies come from config, never from whatever the environment holds.
+    # No cookie jar: one upstream answer's Set-Cookie must not ride along on every later request,
+    # whichever client sent it.
     http = httpx.AsyncClient(
-        timeout=httpx.Timeout(300.0, connect=5.0), transport=transport, trust_env=False
+        timeout=httpx.Timeout(300.0, connect=5.0),
+        transport=transport,
+        trust_env=False,
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     )
     redactor = Redactor(secrets_of(settings))
     # httpcore's DEBUG trace logs upstream response headers verbatim, and upstreams may echo key

@@ -141,3 +141,13 @@ def test_upstream_unreachable_is_502(tmp_path: object) -> None:
             edit(client)
     assert caught.value.status_code == 502
     assert caught.value.body["code"] == "upstream_unreachable"  # type: ignore[index]
+
+
+def test_upstream_cookies_are_not_kept_between_requests(
+    client: OpenAI, upstream: FakeOpenAIUpstream
+) -> None:
+    # One answer's Set-Cookie must not be sent back with later requests (other clients' too).
+    upstream.enqueue(Reply(headers={"set-cookie": "affinity=node-7; Path=/"}), Reply())
+    for _ in range(2):
+        client.images.edit(image=("a.png", images.png()), prompt="x")
+    assert [edit.headers.get("cookie") for edit in upstream.edits] == [None, None]
