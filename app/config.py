@@ -150,6 +150,8 @@ class HttpClientConfig(_Strict):
     max_connections: int = Field(512, gt=0)
     max_keepalive_connections: int = Field(128, ge=0)
     keepalive_expiry: float = Field(30.0, gt=0)
+    # An upstream answer larger than this is cut off (a broken upstream must not take the memory).
+    max_response_bytes: ByteSize = ByteSize(1024 * 1024 * 1024)
 
 
 class MetricsConfig(_Strict):

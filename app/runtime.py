@@ -103,6 +103,7 @@ def open_gateway(
             max_keepalive_connections=settings.http.max_keepalive_connections,
             keepalive_expiry=settings.http.keepalive_expiry,
             ssl_context=httpx.create_ssl_context() if https else None,
+            max_response_bytes=int(settings.http.max_response_bytes),
         )
     # Per-request timeouts are set by each upstream; this default only guards stray calls.
     # trust_env=False: proxies come from config, never from whatever the environment holds.

@@ -27,6 +27,10 @@ import httpx
 # A response head larger than this is refused: a broken or hostile upstream cannot make the
 # gateway buffer headers without end.
 MAX_HEAD_BYTES = 64 * 1024
+# A response body larger than this is cut off with an error: a broken upstream streaming without
+# end must not take the gateway's memory (callers read answers whole). Ten 4K images as base64
+# JSON are far below it.
+MAX_RESPONSE_BYTES = 1024 * 1024 * 1024
 # Request bodies are written in batches of about this many bytes.
 WRITE_BYTES = 1024 * 1024
 # Reading from the socket pauses while this much response body waits for the caller.
@@ -45,7 +49,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
         max_keepalive_connections: int,
         keepalive_expiry: float,
         ssl_context: ssl.SSLContext | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
+        self._max_response_bytes = max_response_bytes
         self._max_connections = max_connections
         self._max_keepalive = max_keepalive_connections
         self._keepalive_expiry = keepalive_expiry
@@ -173,7 +179,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         try:
             async with asyncio.timeout(connect_seconds):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(self._forget), host, port, **tls
+                    lambda: _Connection(self._forget, self._max_response_bytes), host, port, **tls
                 )
         except TimeoutError:
             raise httpx.ConnectTimeout(f"Timed out connecting to {host}:{port}.") from None
@@ -213,7 +219,9 @@ class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: a request at a time, written as it comes, its response parsed
     as it arrives."""
 
-    def __init__(self, on_closed: Any) -> None:
+    def __init__(self, on_closed: Any, max_response_bytes: int) -> None:
+        self._max_response_bytes = max_response_bytes
+        self._response_bytes = 0
         self.origin: Origin = ("", "", 0, "")
         self.counted = False  # handed to the pool, which counts it among the open ones
         self.idle_since = 0.0
@@ -261,6 +269,7 @@ class _Connection(asyncio.Protocol):
         self.reason = b""
         self._body.clear()  # a response its caller closed unread
         self._buffered = 0
+        self._response_bytes = 0
         if self._reading_paused:
             self._reading_paused = False
             self._transport.resume_reading()
@@ -454,6 +463,17 @@ class _Connection(asyncio.Protocol):
             self._head.set_result((status, headers))
 
     def on_body(self, body: bytes) -> None:
+        self._response_bytes += len(body)
+        if self._response_bytes > self._max_response_bytes:
+            if self._error is None:
+                self._fail(
+                    httpx.RemoteProtocolError(
+                        f"The upstream's response is larger than {self._max_response_bytes} bytes."
+                    )
+                )
+                assert self._transport is not None
+                self._transport.close()
+            return
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > READ_BUFFER_BYTES and not self._reading_paused:

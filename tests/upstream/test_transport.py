@@ -95,10 +95,16 @@ def transport(**overrides: float) -> Http1Transport:
         "keepalive_expiry": 30.0,
     }
     options.update(overrides)
+    extra = (
+        {"max_response_bytes": int(options["max_response_bytes"])}
+        if "max_response_bytes" in options
+        else {}
+    )
     return Http1Transport(
         max_connections=int(options["max_connections"]),
         max_keepalive_connections=int(options["max_keepalive_connections"]),
         keepalive_expiry=options["keepalive_expiry"],
+        **extra,
     )
 
 
@@ -511,5 +517,27 @@ def test_https_verifies_the_certificate_for_the_pinned_name(tmp_path: Path) -> N
         finally:
             server.close()
             await server.wait_closed()
+
+    run(scenario())
+
+
+def test_endless_response_is_cut_off_at_the_cap() -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        piece = b"%x\r\n%s\r\n" % (65536, b"z" * 65536)
+        while True:  # until the client hangs up
+            writer.write(piece)
+            await writer.drain()
+
+    server = Server(endless)
+
+    async def scenario() -> None:
+        pool = transport(max_response_bytes=2 * 2**20)
+        async with server, httpx.AsyncClient(transport=pool) as client:
+            with pytest.raises(httpx.RemoteProtocolError, match="larger than"):
+                await client.get(server.url)
+            await asyncio.sleep(0.05)
+            assert pool.connections == (0, 0)
 
     run(scenario())
