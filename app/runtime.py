@@ -116,11 +116,6 @@ def open_gateway(
         cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     )
     redactor = Redactor(secrets_of(settings))
-    # httpcore's DEBUG trace logs upstream response headers verbatim, and upstreams may echo key
-    # fragments in them: it stays at INFO or above in a gateway process whatever the root level.
-    transport_log = logging.getLogger("httpcore")
-    if transport_log.getEffectiveLevel() < logging.INFO:
-        transport_log.setLevel(logging.INFO)
     upstreams: dict[str, Upstream] = {}
     pooled: list[PoolUpstream] = []
     routes: dict[str, Route] = {}

@@ -33,11 +33,9 @@ from app.upstream.base import UpstreamAnswer, UpstreamKey
 from app.upstream.failures import (
     credentials_rejected,
     failed,
+    json_object,
     quota_exhausted,
     rate_limited,
-)
-from app.upstream.failures import (
-    json_object as _json_object,
 )
 from app.upstream.url_guard import PinnedUrl, RefusedUrl, UrlGuard
 
@@ -96,7 +94,7 @@ class BflUpstream:
             return False
         if response.status_code == 429:
             return True  # authenticated; its rate limit is the pool's business
-        credits = (_json_object(response.content) or {}).get("credits")
+        credits = (json_object(response.content) or {}).get("credits")
         return (
             response.status_code == 200
             and isinstance(credits, int | float)
@@ -195,7 +193,7 @@ class BflUpstream:
             ) from None
         if response.status_code != 200:
             raise self._submit_error(response)
-        body = _json_object(response.content) or {}
+        body = json_object(response.content) or {}
         task_id, polling_url = body.get("id"), body.get("polling_url")
         if not isinstance(task_id, str) or not isinstance(polling_url, str):
             raise _bad_response("The upstream accepted the task without an id and polling URL.")
@@ -314,7 +312,7 @@ class BflUpstream:
             )
         if status == 404:
             raise _task_not_found()
-        body = _json_object(response.content) if status == 200 else None
+        body = json_object(response.content) if status == 200 else None
         if body is None:
             raise _bad_response(f"The upstream answered a poll with HTTP {status}.")
         return body
@@ -473,7 +471,7 @@ def _first_gateway_error(errors: BaseExceptionGroup[BaseException]) -> BaseExcep
 
 
 def _error_message(content: bytes) -> str | None:
-    body = _json_object(content) or {}
+    body = json_object(content) or {}
     detail = body.get("detail")
     if isinstance(detail, str):
         return detail[:300]

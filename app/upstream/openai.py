@@ -30,14 +30,10 @@ from app.redaction import Redactor
 from app.upstream.base import UpstreamAnswer, UpstreamKey
 from app.upstream.failures import (
     credentials_rejected,
+    failed,
+    json_object,
     quota_exhausted,
     rate_limited,
-)
-from app.upstream.failures import (
-    failed as _failed,
-)
-from app.upstream.failures import (
-    json_object as _json_object,
 )
 from app.upstream.multipart_body import openai_edit_body
 from app.upstream.progress import relay_partial
@@ -94,7 +90,7 @@ class OpenAIUpstream:
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, httpx.ConnectTimeout):
                 raise self._unreachable("timed out connecting") from None
-            raise _failed(
+            raise failed(
                 UpstreamTimeout(f"The upstream did not answer within {total:g} seconds."),
                 "timeout",
             ) from None
@@ -102,7 +98,7 @@ class OpenAIUpstream:
             raise self._unreachable("refused the connection") from None
         except httpx.TransportError as exc:
             # The request may have been delivered and may be running (and billed) upstream.
-            raise _failed(
+            raise failed(
                 UpstreamFailed(
                     f"The connection to the upstream failed mid-request ({type(exc).__name__}).",
                     code="upstream_connection_lost",
@@ -163,7 +159,7 @@ class OpenAIUpstream:
                 detail = error if isinstance(error, dict) else {"message": str(error)}
                 message = self._redact(str(detail.get("message") or "stream error")[:500])
                 # After a partial image the client has seen progress: never resent silently.
-                raise _failed(
+                raise failed(
                     UpstreamFailed(
                         f"The upstream failed mid-stream: {message}",
                         code="upstream_stream_error",
@@ -177,7 +173,7 @@ class OpenAIUpstream:
             elif kind.endswith(".completed"):
                 completed.append(event)
         if not completed:
-            raise _failed(
+            raise failed(
                 UpstreamFailed(
                     "The upstream's stream ended before its completed event.",
                     code="upstream_connection_lost",
@@ -187,14 +183,14 @@ class OpenAIUpstream:
         return UpstreamAnswer(body=_images_response(completed), request_id=request_id)
 
     def _unreachable(self, what: str) -> GatewayError:
-        return _failed(UpstreamUnreachable(f"The upstream {self.name!r} {what}."), "connect")
+        return failed(UpstreamUnreachable(f"The upstream {self.name!r} {what}."), "connect")
 
     def _interpret(self, response: httpx.Response) -> UpstreamAnswer:
         request_id = response.headers.get("x-request-id")
         if response.status_code == 200:
-            body = _json_object(response.content)
+            body = json_object(response.content)
             if body is None or not isinstance(body.get("data"), list):
-                raise _failed(
+                raise failed(
                     UpstreamFailed(
                         "The upstream answered 200 with a body that is not an ImagesResponse.",
                         code="upstream_bad_response",
@@ -233,8 +229,8 @@ class OpenAIUpstream:
                 param=self._optional(detail.get("param")),
                 code=self._optional(code),
             )
-            return _failed(rejected, "rejected")
-        return _failed(
+            return failed(rejected, "rejected")
+        return failed(
             UpstreamFailed(f"The upstream failed with HTTP {status}: {message}"), "server"
         )
 
@@ -248,7 +244,7 @@ async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]
             piece = line[5:].removeprefix(" ")
             size += len(piece)
             if size > MAX_EVENT_BYTES:
-                raise _failed(
+                raise failed(
                     UpstreamFailed(
                         "The upstream sent a stream event larger than the gateway accepts.",
                         code="upstream_bad_response",
@@ -261,9 +257,9 @@ async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]
             data, size = [], 0
             if text.strip() == "[DONE]":
                 continue
-            event = _json_object(text.encode())
+            event = json_object(text.encode())
             if event is None:
-                raise _failed(
+                raise failed(
                     UpstreamFailed(
                         "The upstream sent a stream event that is not a JSON object.",
                         code="upstream_bad_response",
@@ -289,7 +285,7 @@ def _images_response(completed: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _error_detail(content: bytes) -> dict[str, Any]:
-    body = _json_object(content) or {}
+    body = json_object(content) or {}
     error = body.get("error")
     if isinstance(error, dict):
         return error
