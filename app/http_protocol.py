@@ -9,13 +9,13 @@ The request body is bounded separately, by the intake (limits.body_idle_timeout,
 uvicorn appends every received body chunk to a bytearray and copies it out again for each ASGI
 receive: two copies of every uploaded byte plus the bytearray's reallocations, about 1 ms of CPU
 per MB on this kind of VM (as much as everything else the gateway does for a 1 MB edit). Here
-the chunks httptools produced are kept as they are and passed on; several waiting chunks are
-joined once.
+the chunks httptools produced are kept as they are and passed on, one per receive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Any
 
 import orjson
@@ -85,7 +85,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # state, with the body kept as chunks.
             cycle.__class__ = _ChunkedBodyCycle
             assert isinstance(cycle, _ChunkedBodyCycle)
-            cycle.chunks = []
+            cycle.chunks = collections.deque()
             cycle.buffered = 0
 
     def on_body(self, body: bytes) -> None:
@@ -139,12 +139,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 class _ChunkedBodyCycle(RequestResponseCycle):
     """uvicorn's request/response cycle, its body waiting as received chunks."""
 
-    chunks: list[bytes]
+    chunks: collections.deque[bytes]
     buffered: int
 
     async def receive(self) -> ASGIReceiveEvent:
         message = await super().receive()  # its own (empty) bytearray body is ignored
-        if message["type"] == "http.request":
-            chunks, self.chunks, self.buffered = self.chunks, [], 0
-            message["body"] = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if message["type"] == "http.request" and self.chunks:
+            # One chunk per message, never joined: the intake keeps them as they are.
+            body = self.chunks.popleft()
+            self.buffered -= len(body)
+            message["body"] = body
+            if self.chunks:
+                message["more_body"] = True
+                self.message_event.set()  # the next receive returns at once
         return message
