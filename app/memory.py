@@ -8,11 +8,10 @@ page fault per 4 KiB touched, which in a VM costs more than the copies themselve
 c=1 were answered 0.7-1.2 ms sooner with the heap kept; README "Performance").
 `keep_freed_heap` keeps up to `limits.malloc_keep_bytes` of freed heap for reuse.
 
-Uploads pass through memory in chunks of up to a few hundred KiB. glibc keeps freed chunks in its
-heap for reuse, so after a burst (a storm of hostile clients, say) the process would stay near its
-high-water mark for good. Calling malloc_trim(0) every few seconds hands the free pages back
-(tests/bench/hostile.py: +14 MiB left after 64 hostile clients for 30 s without it, ~+1 MiB with
-it). Where the C library is not glibc (musl, macOS) both do nothing.
+Kept memory must still go back once the load has passed (after a storm of hostile clients, say),
+or the process would stay near its high-water mark for good: `malloc_trim(0)` every few seconds
+hands the free pages back (tests/bench/hostile.py: +14 MiB left after 64 hostile clients for 30 s
+without it, ~+1 MiB with it). Where the C library is not glibc (musl, macOS) both do nothing.
 """
 
 from __future__ import annotations

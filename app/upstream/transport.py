@@ -57,7 +57,6 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context
         self._idle: dict[Origin, list[_Connection]] = {}
-        self._idle_count = 0
         self._open = 0  # connections open or being opened
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
@@ -65,7 +64,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
     @property
     def connections(self) -> tuple[int, int]:
         """(open, idle) connections."""
-        return self._open, self._idle_count
+        return self._open, self._idle_total()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
@@ -130,7 +129,6 @@ class Http1Transport(httpx.AsyncBaseTransport):
         idle = self._idle.get(origin)
         while idle:
             connection = idle.pop()
-            self._idle_count -= 1
             expired = time.monotonic() - connection.idle_since > self._keepalive_expiry
             if connection.usable and not expired:
                 return connection
@@ -142,7 +140,6 @@ class Http1Transport(httpx.AsyncBaseTransport):
         for idle in self._idle.values():
             if idle:
                 idle.pop(0).close()
-                self._idle_count -= 1
                 return self._open < self._max_connections
         return False
 
@@ -195,12 +192,11 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     def _release(self, connection: _Connection) -> None:
         """A response read to its end: its connection waits for the next request, or closes."""
-        if self._closed or not connection.reusable or self._idle_count >= self._max_keepalive:
+        if self._closed or not connection.reusable or self._idle_total() >= self._max_keepalive:
             connection.close()
             return
         connection.idle_since = time.monotonic()
         self._idle.setdefault(connection.origin, []).append(connection)
-        self._idle_count += 1
         self._wake_one()
 
     def _forget(self, connection: _Connection) -> None:
@@ -211,8 +207,11 @@ class Http1Transport(httpx.AsyncBaseTransport):
         idle = self._idle.get(connection.origin)
         if idle and connection in idle:
             idle.remove(connection)
-            self._idle_count -= 1
         self._wake_one()
+
+    def _idle_total(self) -> int:
+        # A few origins at most: counting beats keeping a count in step.
+        return sum(len(idle) for idle in self._idle.values())
 
 
 class _Connection(asyncio.Protocol):
@@ -471,8 +470,7 @@ class _Connection(asyncio.Protocol):
                         f"The upstream's response is larger than {self._max_response_bytes} bytes."
                     )
                 )
-                assert self._transport is not None
-                self._transport.close()
+                self.close()
             return
         self._body.append(body)
         self._buffered += len(body)
