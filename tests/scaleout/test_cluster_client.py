@@ -6,6 +6,7 @@ and the MOVED storm that follows makes it close connections other commands are w
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -78,16 +79,40 @@ def test_cluster_client_commands_in_parallel_across_a_slot_move_all_answer(
 
 
 def move_slot_of(cluster: ClusterDeployment, key: str) -> None:
-    """Hand the (empty) slot of `key` to another primary, as resharding does."""
+    """Hand the (empty) slot of `key` to another primary, the way resharding does.
+
+    The documented order matters: IMPORTING on the target and MIGRATING on the owner first, then
+    NODE on the target (which bumps its config epoch, so gossip cannot hand the slot back), then
+    the owner, then the rest, each waiting until every node agrees. A bare NODE sent to every node
+    leaves the target's epoch below the owner's, and under load gossip can return the slot to the
+    owner on some nodes: clients then bounce MOVED between two nodes until "TTL exhausted".
+    """
     nodes = {port: redis.Redis(host="127.0.0.1", port=port) for port in cluster.ports}
-    first = nodes[cluster.ports[0]]
-    slot = int(first.cluster("keyslot", key))
-    owner = next(
-        int(entry[2][1]) for entry in first.cluster("slots") if entry[0] <= slot <= entry[1]
-    )
-    target = next(port for port in cluster.ports if port != owner)
-    assert nodes[owner].cluster("countkeysinslot", slot) == 0
-    target_id = nodes[target].cluster("myid")
-    for node in nodes.values():
-        node.cluster("setslot", slot, "node", target_id)
-        node.close()
+    try:
+        first = nodes[cluster.ports[0]]
+        slot = int(first.cluster("keyslot", key))
+        owner = next(
+            int(entry[2][1]) for entry in first.cluster("slots") if entry[0] <= slot <= entry[1]
+        )
+        target = next(port for port in cluster.ports if port != owner)
+        assert nodes[owner].cluster("countkeysinslot", slot) == 0
+        owner_id = nodes[owner].cluster("myid")
+        target_id = nodes[target].cluster("myid")
+        nodes[target].cluster("setslot", slot, "importing", owner_id)
+        nodes[owner].cluster("setslot", slot, "migrating", target_id)
+        nodes[target].cluster("setslot", slot, "node", target_id)
+        nodes[owner].cluster("setslot", slot, "node", target_id)
+        for port, node in nodes.items():
+            if port not in (owner, target):
+                node.cluster("setslot", slot, "node", target_id)
+        deadline = time.monotonic() + 30
+        while not all(_owner_of(node, slot) == target for node in nodes.values()):
+            assert time.monotonic() < deadline, "the cluster did not agree on the moved slot"
+            time.sleep(0.05)
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
+def _owner_of(node: redis.Redis, slot: int) -> int:
+    return next(int(entry[2][1]) for entry in node.cluster("slots") if entry[0] <= slot <= entry[1])
