@@ -1,0 +1,1 @@
+"""Deployment and documentation checks: compose, Docker, dashboards, the docs."""
