@@ -40,11 +40,9 @@ def client_read_timeout(headers: Mapping[str, str]) -> float | None:
     return min(seconds, _MAX_SECONDS)
 
 
-async def while_client_waits(
-    receive: Receive, work: Coroutine[Any, Any, T], *, timeout: float | None
-) -> T:
-    """`work`'s result, unless the client disconnects first (ClientDisconnect) or `timeout`
-    seconds pass first (TimeoutError); either way `work` is cancelled before this returns.
+async def while_client_waits(receive: Receive, work: Coroutine[Any, Any, T]) -> T:
+    """`work`'s result, unless the client disconnects first: then `work` is cancelled and
+    ClientDisconnect raised. Cancelling this (a timeout around it) cancels `work` too.
 
     Call it once the request body has been read: from then on `receive()` only reports the
     disconnect.
@@ -52,9 +50,7 @@ async def while_client_waits(
     task = asyncio.create_task(work)
     gone = asyncio.create_task(_disconnected(receive))
     try:
-        done, _ = await asyncio.wait(
-            {task, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
     finally:
@@ -62,10 +58,8 @@ async def while_client_waits(
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-    if gone in done:
-        gone.result()  # an error reading the connection is not a disconnect
-        raise ClientDisconnect()
-    raise TimeoutError
+    gone.result()  # an error reading the connection is not a disconnect
+    raise ClientDisconnect()
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -4,6 +4,7 @@ client streams."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -22,8 +23,8 @@ from app.api.deps import client_of, gateway_of
 from app.api.files import file_url
 from app.cache.service import EditOutcome, policy_from_header, response_format_of
 from app.catalog import Catalog
-from app.clients.directory import ClientPolicy
 from app.client_wait import GRACE_SECONDS, client_read_timeout, while_client_waits
+from app.clients.directory import ClientPolicy
 from app.clients.gate import MeteredEdit
 from app.edit import EditRequest
 from app.errors import GatewayError, UpstreamTimeout
@@ -212,11 +213,9 @@ async def _answer(
             # The event stream sends keep-alives, and ends when a send finds the client gone.
             outcome = await run
         else:
-            outcome = await while_client_waits(
-                request.receive,
-                run,
-                timeout=None if read_timeout is None else read_timeout + GRACE_SECONDS,
-            )
+            patience = None if read_timeout is None else read_timeout + GRACE_SECONDS
+            async with asyncio.timeout(patience):
+                outcome = await while_client_waits(request.receive, run)
     except TimeoutError:
         # The client has stopped reading by now. The charge stays, as for a client that
         # disconnects: a paid call may still be running for it.

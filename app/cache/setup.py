@@ -28,7 +28,10 @@ def open_edit_cache(
     store: CacheStore
     if settings.redis_url is not None:
         timeout = config.redis_timeout_seconds
-        client = open_redis(settings.redis_url.get_secret_value(), timeout=timeout)
+        # Every cache command may run twice (lookups and renewals recognise their own token).
+        client = open_redis(
+            settings.redis_url.get_secret_value(), timeout=timeout, resend_on_closed_connection=True
+        )
         store = RedisStore(client, timeout=timeout, retry_after=config.redis_retry_after_seconds)
     else:
         store = MemoryStore(max_bytes=int(config.embedded_max_bytes))

@@ -31,12 +31,14 @@ _ENTRY_PREFIX = "igw:c1:"
 _FILE_PREFIX = "igw:f1:"
 
 # Atomic so that "no entry" and "someone is already paying for it" are one observation: a
-# follower can never miss the entry its leader wrote just before releasing the lease.
+# follower can never miss the entry its leader wrote just before releasing the lease. A lookup
+# sent twice (its connection dropped) finds its own token and still leads.
 _LOOKUP_OR_LEAD = """
 local entry = redis.call('GET', KEYS[1])
 if entry then return {1, entry} end
 if ARGV[1] ~= '' then
   if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end
+  if redis.call('GET', KEYS[2]) == ARGV[1] then return {2, ''} end
 end
 return {0, ''}
 """
@@ -279,7 +281,7 @@ class MemoryStore:
             return Lookup("hit", EntryMeta.parse(item[0]))
         now = self._clock()
         held = self._locks.get(fingerprint)
-        if lead_token and (held is None or held[1] <= now):
+        if lead_token and (held is None or held[1] <= now or held[0] == lead_token):
             self._locks[fingerprint] = (lead_token, now + lease)
             return Lookup("lead")
         return Lookup("wait")
