@@ -217,7 +217,13 @@ class CacheConfig(_Strict):
     redis_timeout_seconds: float = Field(0.25, gt=0)
     # After a Redis failure, skip Redis this long before trying again (no timeout per request).
     redis_retry_after_seconds: float = Field(1.0, ge=0)
-    # How long an identical request waits for the one in flight before paying for its own call.
+    # Single-flight: the request paying upstream for an edit holds a lease on it for this long
+    # (at most the call's own deadline), renewed every third of it while the call runs and given
+    # back when it ends. Identical requests wait while the lease is held; a leader that died
+    # frees the edit within this long.
+    lease_seconds: float = Field(30.0, gt=0)
+    # The most an identical request waits for the one in flight before paying for its own call
+    # (it also stops when the lease is gone, or its client leaves or times out).
     single_flight_wait_seconds: float = Field(330.0, gt=0)
     # GET /v1/images/files/... is public by default (ids are unguessable); true requires a key.
     files_require_auth: bool = False

@@ -20,7 +20,9 @@ from urllib.parse import parse_qsl, unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 Mode = Literal["single", "sentinel", "cluster"]
@@ -114,12 +116,19 @@ def open_redis(
     *,
     timeout: float,
     connect_timeout: float | None = None,
+    resend_on_closed_connection: bool = False,
 ) -> aioredis.Redis:
     """A client for the target; nothing connects until the first command.
 
     Every caller gets the same command surface: a Cluster client routes each command (and each
     Lua script, by its declared keys) to the node owning the slot; a Sentinel client asks the
     Sentinels for the primary whenever it (re)connects, so it follows failovers by itself.
+
+    `resend_on_closed_connection`: a command whose pooled connection turns out closed (the
+    server restarted since it was last used) is sent once more on a new connection, by redis-py.
+    Without it, after a restart every pooled connection fails one command before it reconnects.
+    Only for callers whose every command may run twice (the cache's); a Cluster client already
+    retries connection errors itself, after refreshing its slot map.
     """
     if isinstance(target, str):
         target = RedisTarget.parse(target)
@@ -127,8 +136,11 @@ def open_redis(
         "socket_timeout": timeout,
         "socket_connect_timeout": connect_timeout if connect_timeout is not None else timeout,
     }
+    resend: dict[str, Any] = {}
+    if resend_on_closed_connection:
+        resend = {"retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}
     if target.mode == "single":
-        return aioredis.from_url(target.url, **timeouts)
+        return aioredis.from_url(target.url, **timeouts, **resend)
     tls: dict[str, Any] = {}
     if target.tls:
         tls = {"ssl": True, **dict(target.tls_options)}
@@ -160,6 +172,7 @@ def open_redis(
         **credentials,
         **tls,
         **timeouts,
+        **resend,
     )
     return primary
 

@@ -4,6 +4,7 @@ client streams."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -22,10 +23,11 @@ from app.api.deps import client_of, gateway_of
 from app.api.files import file_url
 from app.cache.service import EditOutcome, policy_from_header, response_format_of
 from app.catalog import Catalog
+from app.client_wait import GRACE_SECONDS, client_read_timeout, while_client_waits
 from app.clients.directory import ClientPolicy
 from app.clients.gate import MeteredEdit
 from app.edit import EditRequest
-from app.errors import GatewayError
+from app.errors import GatewayError, UpstreamTimeout
 from app.intake.form import IntakeForm, read_form
 from app.intake.json_body import JsonEditReader, is_json, read_json_object, text_fields
 from app.request_record import current_record
@@ -81,8 +83,7 @@ async def _serve(
         try:
             form, edit = await read(request, gateway)
         except ClientDisconnect:
-            # Nobody is left to answer; 499 is what the access log will show.
-            return Response(status_code=499)
+            return _client_gone()
         try:
             # 403 for a model this client may not use; then images/min and quotas are charged
             # (given back below for a cache hit, or when the upstream makes nothing).
@@ -110,9 +111,12 @@ async def _serve(
                 # Also here: a stream the server never starts never runs its own cleanup.
                 background=BackgroundTask(owned.aclose),
             )
-        outcome, body = await _answer(
-            request, gateway, metered, form, edit, response_format_of(edit)
-        )
+        try:
+            outcome, body = await _answer(
+                request, gateway, metered, form, edit, response_format_of(edit)
+            )
+        except ClientDisconnect:
+            return _client_gone()
         headers = {"x-cache": outcome.x_cache, "age": str(outcome.age), **metered.headers}
         if outcome.upstream_request_id:
             headers["x-request-id"] = outcome.upstream_request_id
@@ -197,13 +201,29 @@ async def _answer(
     """Cache (-> forwarding), usage, and the ImagesResponse in the format asked for."""
     settings = gateway.settings
     # From here the cache owns the uploads: a paid upstream call may outlive this request.
+    run = gateway.cache.run(
+        edit,
+        release=form.close,
+        policy=policy_from_header(request.headers.get("cache-control")),
+        client_scope=_client_scope(request),
+    )
+    read_timeout = client_read_timeout(request.headers)
     try:
-        outcome = await gateway.cache.run(
-            edit,
-            release=form.close,
-            policy=policy_from_header(request.headers.get("cache-control")),
-            client_scope=_client_scope(request),
-        )
+        if edit.stream:
+            # The event stream sends keep-alives, and ends when a send finds the client gone.
+            outcome = await run
+        else:
+            patience = None if read_timeout is None else read_timeout + GRACE_SECONDS
+            async with asyncio.timeout(patience):
+                outcome = await while_client_waits(request.receive, run)
+    except TimeoutError:
+        # The client has stopped reading by now. The charge stays, as for a client that
+        # disconnects: a paid call may still be running for it.
+        raise UpstreamTimeout(
+            f"No answer within the client's own timeout ({read_timeout or 0:g} s); the edit "
+            "may still be running, and a retry joins it or finds it cached.",
+            code="client_timeout",
+        ) from None
     except GatewayError as error:
         await metered.failed(edit, error)
         raise
@@ -223,6 +243,11 @@ async def _answer(
         response_format, lambda file_id, ext: file_url(base_url, file_id, ext)
     )
     return outcome, body
+
+
+def _client_gone() -> Response:
+    # Nobody is left to answer; 499 is what the access log will show.
+    return Response(status_code=499)
 
 
 async def _body_of(answer: Awaitable[tuple[EditOutcome, dict[str, Any]]]) -> dict[str, Any]:

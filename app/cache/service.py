@@ -3,23 +3,27 @@
 Data flow: a validated EditRequest comes in; a CachedEdit (bytes plus metadata) goes out, with
 how it was obtained (`x-cache`). The upstream call runs in a task of its own, never cancelled
 with the request, so an edit a client stopped waiting for is still paid once, stored, and
-handed to the retry.
+handed to the retry. A request waiting for another's call (a follower) holds nothing: it can be
+cancelled at any point (its client left) and leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from app.cache.entry import CachedEdit, EntryMeta, FetchImage, from_upstream
 from app.cache.fingerprint import fingerprint
-from app.cache.store import CacheStore, CacheUnavailable
+from app.cache.lease import Lease
+from app.cache.store import CacheStore, CacheUnavailable, MarkedDown
 from app.config import CacheConfig
 from app.edit import EditRequest
 from app.images_response import normalize_images_response
@@ -32,8 +36,10 @@ XCache = Literal["hit", "miss", "bypass"]
 Policy = Literal["normal", "refresh", "bypass"]
 Forward = Callable[[EditRequest], Awaitable[UpstreamAnswer]]
 
+# A follower asks Redis again after these pauses (growing by half each time): an entry stored
+# elsewhere is seen within a quarter second, at a few lookups per second per waiting request.
 _POLL_FIRST = 0.05
-_POLL_MAX = 0.5
+_POLL_MAX = 0.25
 
 
 class CacheEvents(Protocol):
@@ -127,19 +133,24 @@ class EditCache:
         forward: Forward,
         fetch: FetchImage,
         config: CacheConfig,
-        lease_seconds: Callable[[EditRequest], float],
+        call_seconds: Callable[[EditRequest], float],
         events: CacheEvents | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`call_seconds(edit)`: the longest the upstream call for `edit` may run (every
+        attempt, and downloading its result): a leader's lease is never renewed past it."""
         self.store = store
         self.events: CacheEvents = events or CacheCounters()
         self._forward = forward
         self._fetch = fetch
         self._config = config
-        self._lease_seconds = lease_seconds
+        self._call_seconds = call_seconds
         self._clock = clock
+        self._monotonic = monotonic
         self._flights: dict[str, asyncio.Task[_Paid]] = {}
         self._tasks: set[asyncio.Task[_Paid]] = set()
+        self._give_backs: set[asyncio.Task[None]] = set()
 
     def needs_fingerprint(self, policy: Policy) -> bool:
         """Whether an edit under `policy` is looked up or stored, so its uploads' digests are
@@ -176,17 +187,35 @@ class EditCache:
         self, edit: EditRequest, owner: _Release, policy: Policy, client_scope: str | None
     ) -> EditOutcome:
         if not self.needs_fingerprint(policy):
-            paid = await self._pay(edit, owner, key=None, token=None)
+            paid = await self._pay(edit, owner, key=None)
             return EditOutcome(paid.result, "bypass", 0, paid.upstream_request_id)
         scope = client_scope if self._config.scope == "client" else None
         key = fingerprint(edit, scope=scope)
         if policy == "refresh":
-            paid = await self._pay(edit, owner, key=key, token=None)
+            paid = await self._pay(edit, owner, key=key)
             return EditOutcome(paid.result, "miss", 0, paid.upstream_request_id)
         return await self._lookup_or_pay(edit, owner, key)
 
+    def _lease_seconds(self, edit: EditRequest) -> float:
+        """How long a leader's lease on `edit` lasts unless renewed."""
+        return min(self._config.lease_seconds, self._call_seconds(edit))
+
+    def _lease(self, edit: EditRequest, key: str, token: str) -> Lease:
+        return Lease(
+            self.store,
+            key,
+            token,
+            seconds=self._lease_seconds(edit),
+            call_deadline=self._monotonic() + self._call_seconds(edit),
+            on_store_error=self._store_failed,
+            clock=self._monotonic,
+        )
+
     async def _lookup_or_pay(self, edit: EditRequest, owner: _Release, key: str) -> EditOutcome:
-        deadline = time.monotonic() + self._config.single_flight_wait_seconds
+        # Bounds on a follower's wait: the lease it waits on (a leader that stops renewing frees
+        # the edit, and the next lookup takes it over), this cap, and its client (the caller
+        # cancels the wait when the client leaves or its deadline passes).
+        deadline = self._monotonic() + self._config.single_flight_wait_seconds
         pause = _POLL_FIRST
         while True:
             flight = self._flights.get(key)
@@ -206,10 +235,19 @@ class EditCache:
                 found = await self.store.lookup(
                     key, lead_token=token, lease=self._lease_seconds(edit)
                 )
-            except CacheUnavailable:
+            except MarkedDown:
                 self._store_failed()
-                paid = await self._pay(edit, owner, key=None, token=None, flight_key=key)
-                return EditOutcome(paid.result, "bypass", 0, paid.upstream_request_id)
+                return await self._uncached(edit, owner, key)
+            except CacheUnavailable:
+                # Redis may have taken the lease for this token after the wait for it ended.
+                self._give_back_later(self._lease(edit, key, token))
+                self._store_failed()
+                return await self._uncached(edit, owner, key)
+            except asyncio.CancelledError:
+                # The client left while the lookup was under way; it may have made this request
+                # the leader, and nobody would pay for (or release) that lease.
+                self._give_back_later(self._lease(edit, key, token))
+                raise
             if found.state == "hit":
                 assert found.meta is not None
                 hit = await self._complete(found.meta)
@@ -217,18 +255,31 @@ class EditCache:
                     age = max(0, int(self._clock() - hit.stored_at))
                     return EditOutcome(hit, "hit", age, None)
                 # The entry outlived one of its files (eviction): pay again and rewrite it.
-                paid = await self._pay(edit, owner, key=key, token=None, flight_key=key)
+                paid = await self._pay(edit, owner, key=key, flight_key=key)
                 return EditOutcome(paid.result, "miss", 0, paid.upstream_request_id)
             if found.state == "lead":
-                paid = await self._pay(edit, owner, key=key, token=token, flight_key=key)
+                lease = self._lease(edit, key, token)
+                paid = await self._pay(edit, owner, key=key, lease=lease, flight_key=key)
                 return EditOutcome(paid.result, "miss", 0, paid.upstream_request_id)
             # Another replica is paying for this edit: wait for its entry, or for its lease to
-            # go (a failed leader), then the next lookup takes over atomically.
-            if time.monotonic() >= deadline:
-                paid = await self._pay(edit, owner, key=key, token=None)
+            # go (a leader that ended without an entry, died, or was lost with a Redis restart),
+            # then the next lookup takes over atomically: one request pays again, not each.
+            if self._monotonic() >= deadline:
+                paid = await self._pay(edit, owner, key=key)
                 return EditOutcome(paid.result, "miss", 0, paid.upstream_request_id)
-            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            await asyncio.sleep(min(pause, max(0.0, deadline - self._monotonic())))
             pause = min(pause * 1.5, _POLL_MAX)
+
+    async def _uncached(self, edit: EditRequest, owner: _Release, key: str) -> EditOutcome:
+        """Redis is unavailable: pay without a lease (identical requests in this process still
+        join). The result is stored if Redis is back by the time it arrives."""
+        paid = await self._pay(edit, owner, key=key, flight_key=key)
+        return EditOutcome(paid.result, "bypass", 0, paid.upstream_request_id)
+
+    def _give_back_later(self, lease: Lease) -> None:
+        task = asyncio.create_task(lease.give_back(), name="single-flight-give-back")
+        self._give_backs.add(task)
+        task.add_done_callback(self._give_backs.discard)
 
     async def _complete(self, meta: EntryMeta) -> CachedEdit | None:
         try:
@@ -246,13 +297,14 @@ class EditCache:
         owner: _Release,
         *,
         key: str | None,
-        token: str | None,
+        lease: Lease | None = None,
         flight_key: str | None = None,
     ) -> _Paid:
-        """Run the upstream call in its own task (it owns the uploads from now on) and wait."""
+        """Run the upstream call in its own task (it owns the uploads, and the lease if any,
+        from now on) and wait."""
         wants_files = response_format_of(edit) == "url"
         task = asyncio.create_task(
-            self._paid_call(edit, owner.hand_over(), key, token, wants_files),
+            self._paid_call(edit, owner.hand_over(), key, lease, wants_files),
             name="upstream-edit",
         )
         self._tasks.add(task)
@@ -277,23 +329,25 @@ class EditCache:
         edit: EditRequest,
         release: Callable[[], None],
         key: str | None,
-        token: str | None,
+        lease: Lease | None,
         wants_files: bool,
     ) -> _Paid:
+        # The lease is renewed while the call runs and given back however it ends (an answer,
+        # an upstream error, Redis unavailable, cancellation at shutdown): after the entry is
+        # written, so a follower that finds the lease gone finds the entry.
+        held: AbstractAsyncContextManager[None] = (
+            lease.held() if lease is not None else contextlib.nullcontext()
+        )
         try:
-            answer = await self._forward(for_upstream(edit))
-            release()  # the uploads are no longer needed once the upstream has answered
-            body = normalize_images_response(answer.body)
-            result = await from_upstream(body, self._fetch, self._clock())
-            result = await self._keep(edit, result, key, wants_files)
-            return _Paid(result, answer.request_id)
+            async with held:
+                answer = await self._forward(for_upstream(edit))
+                release()  # the uploads are no longer needed once the upstream has answered
+                body = normalize_images_response(answer.body)
+                result = await from_upstream(body, self._fetch, self._clock())
+                result = await self._keep(edit, result, key, wants_files)
+                return _Paid(result, answer.request_id)
         finally:
             release()
-            if token is not None and key is not None:
-                try:
-                    await self.store.release(key, token)
-                except CacheUnavailable:
-                    self._store_failed()  # the lease expires on its own
 
     async def _keep(
         self, edit: EditRequest, result: CachedEdit, key: str | None, wants_files: bool
@@ -321,12 +375,15 @@ class EditCache:
         return hosted
 
     async def aclose(self, grace: float) -> None:
-        """Let paid calls in flight finish (they are money spent), within a bound."""
-        pending = list(self._tasks)
+        """Let paid calls in flight finish (they are money spent), within a bound; cancelled
+        ones still give their leases back."""
+        pending: list[asyncio.Task[Any]] = [*self._tasks, *self._give_backs]
         if pending:
             _, still = await asyncio.wait(pending, timeout=grace)
             for task in still:
                 task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=1.0)
 
 
 class _Release:

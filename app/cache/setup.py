@@ -28,7 +28,10 @@ def open_edit_cache(
     store: CacheStore
     if settings.redis_url is not None:
         timeout = config.redis_timeout_seconds
-        client = open_redis(settings.redis_url.get_secret_value(), timeout=timeout)
+        # Every cache command may run twice (lookups and renewals recognise their own token).
+        client = open_redis(
+            settings.redis_url.get_secret_value(), timeout=timeout, resend_on_closed_connection=True
+        )
         store = RedisStore(client, timeout=timeout, retry_after=config.redis_retry_after_seconds)
     else:
         store = MemoryStore(max_bytes=int(config.embedded_max_bytes))
@@ -44,21 +47,24 @@ def open_edit_cache(
     ]
     fetch = ImageFetcher(http, config.fetch, extra_hosts=upstream_hosts)
 
-    def lease_seconds(edit: EditRequest) -> float:
+    def call_seconds(edit: EditRequest) -> float:
+        # What app/forwarding.py allows one request upstream: each attempt bounded by the
+        # model's (or its upstreams') timeout, all of them by retry.deadline; then downloading
+        # a result the upstream answered as a URL.
         totals = [
             settings.upstreams[name].timeouts.total
             for name in edit.model.upstreams
             if name in settings.upstreams
         ]
-        upstream_total = edit.model.timeout or max(totals, default=300.0)
-        # Generous: an expired lease only costs a duplicate call, a short one costs many.
-        return 2 * upstream_total + config.fetch.timeout
+        attempt = edit.model.timeout or max(totals, default=300.0)
+        retry = settings.retry
+        return min(retry.deadline, retry.max_attempts * attempt) + config.fetch.timeout
 
     return EditCache(
         store=store,
         forward=forward,
         fetch=fetch,
         config=config,
-        lease_seconds=lease_seconds,
+        call_seconds=call_seconds,
         events=events,
     )

@@ -3,7 +3,8 @@
 Key layout (Redis Cluster ready: the keys one operation touches share a hash tag, and the Lua
 script touches only the keys it declares):
   igw:c1:{<fingerprint>}:entry   the entry's metadata (EntryMeta JSON), TTL per model
-  igw:c1:{<fingerprint>}:lock    single-flight lease: the token of the request paying upstream
+  igw:c1:{<fingerprint>}:lock    single-flight lease: the token of the request paying upstream,
+                                 short-lived and renewed while that call runs (app/cache/lease.py)
   igw:f1:{<file id>}:<ext>       one image's bytes, served at /v1/images/files/<id>.<ext>
 Keys hold hashes and random ids only: never a client's or upstream's key, never a filename.
 """
@@ -30,12 +31,14 @@ _ENTRY_PREFIX = "igw:c1:"
 _FILE_PREFIX = "igw:f1:"
 
 # Atomic so that "no entry" and "someone is already paying for it" are one observation: a
-# follower can never miss the entry its leader wrote just before releasing the lease.
+# follower can never miss the entry its leader wrote just before releasing the lease. A lookup
+# sent twice (its connection dropped) finds its own token and still leads.
 _LOOKUP_OR_LEAD = """
 local entry = redis.call('GET', KEYS[1])
 if entry then return {1, entry} end
 if ARGV[1] ~= '' then
   if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end
+  if redis.call('GET', KEYS[2]) == ARGV[1] then return {2, ''} end
 end
 return {0, ''}
 """
@@ -44,10 +47,25 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# Extends the holder's lease; a lease that is gone (Redis restarted empty) is taken again, so
+# followers elsewhere keep waiting for this call instead of paying for another. 0: another
+# request holds it now.
+_RENEW = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not holder then
+  if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+end
+return 0
+"""
 
 
 class CacheUnavailable(Exception):
     """The store could not answer in time; the caller serves the request uncached."""
+
+
+class MarkedDown(CacheUnavailable):
+    """Redis failed a moment ago, so this operation was not even sent (nothing changed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +87,14 @@ class CacheStore(Protocol):
         """The entry if stored; else `lead` if the lease was taken with lead_token, or `wait`."""
         ...
 
-    async def release(self, fingerprint: str, token: str) -> None: ...
+    async def renew(self, fingerprint: str, token: str, lease: float) -> bool:
+        """Extend `token`'s lease (or take it again if nobody holds it); False if another
+        request holds it now."""
+        ...
+
+    async def release(self, fingerprint: str, token: str) -> None:
+        """Drop the lease if `token` still holds it (never another request's)."""
+        ...
 
     async def put_entry(self, fingerprint: str, meta: bytes, ttl: int) -> None: ...
 
@@ -116,12 +141,15 @@ class RedisStore:
         self._down_until = 0.0
         self._lookup_script = redis.register_script(_LOOKUP_OR_LEAD)
         self._release_script = redis.register_script(_RELEASE)
+        self._renew_script = redis.register_script(_RENEW)
 
-    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, operation: Callable[[], Awaitable[T]], *, lease: bool = False) -> T:
         # After a failure, skip Redis for a moment instead of paying its timeout on every request;
-        # the first call after that window probes it again, so caching resumes by itself.
-        if self._clock() < self._down_until:
-            raise CacheUnavailable("redis marked down")
+        # the first call after that window probes it again, so caching resumes by itself. Lease
+        # renewals and releases are always sent: one per leader, and a lease left behind would
+        # keep other replicas' followers waiting for a call that has ended.
+        if not lease and self._clock() < self._down_until:
+            raise MarkedDown("redis marked down")
         try:
             async with asyncio.timeout(self._timeout):
                 return await operation()
@@ -131,7 +159,7 @@ class RedisStore:
 
     async def lookup(self, fingerprint: str, *, lead_token: str | None, lease: float) -> Lookup:
         keys = [entry_key(fingerprint), lock_key(fingerprint)]
-        args: list[str | int] = [lead_token or "", max(1, int(lease * 1000))]
+        args: list[str | int] = [lead_token or "", _milliseconds(lease)]
 
         async def run() -> list[object]:
             result = await self._lookup_script(keys=keys, args=args)
@@ -144,11 +172,19 @@ class RedisStore:
             return Lookup("hit", EntryMeta.parse(payload))
         return Lookup("lead" if state == 2 else "wait")
 
+    async def renew(self, fingerprint: str, token: str, lease: float) -> bool:
+        async def run() -> object:
+            return await self._renew_script(
+                keys=[lock_key(fingerprint)], args=[token, _milliseconds(lease)]
+            )
+
+        return bool(await self._call(run, lease=True))
+
     async def release(self, fingerprint: str, token: str) -> None:
         async def run() -> object:
             return await self._release_script(keys=[lock_key(fingerprint)], args=[token])
 
-        await self._call(run)
+        await self._call(run, lease=True)
 
     async def put_entry(self, fingerprint: str, meta: bytes, ttl: int) -> None:
         async def run() -> object:
@@ -245,10 +281,18 @@ class MemoryStore:
             return Lookup("hit", EntryMeta.parse(item[0]))
         now = self._clock()
         held = self._locks.get(fingerprint)
-        if lead_token and (held is None or held[1] <= now):
+        if lead_token and (held is None or held[1] <= now or held[0] == lead_token):
             self._locks[fingerprint] = (lead_token, now + lease)
             return Lookup("lead")
         return Lookup("wait")
+
+    async def renew(self, fingerprint: str, token: str, lease: float) -> bool:
+        now = self._clock()
+        held = self._locks.get(fingerprint)
+        if held is not None and held[0] != token and held[1] > now:
+            return False
+        self._locks[fingerprint] = (token, now + lease)
+        return True
 
     async def release(self, fingerprint: str, token: str) -> None:
         held = self._locks.get(fingerprint)
@@ -278,3 +322,7 @@ class MemoryStore:
     async def aclose(self) -> None:
         self._items.clear()
         self._bytes = 0
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, int(seconds * 1000))

@@ -48,7 +48,7 @@ def cache(upstream: ScriptedUpstream, **config: Any) -> EditCache:
         forward=upstream,
         fetch=_no_fetch,
         config=CacheConfig(**config),
-        lease_seconds=lambda _: 60.0,
+        call_seconds=lambda _: 60.0,
     )
 
 
