@@ -42,6 +42,7 @@ def files_url() -> Iterator[str]:
 def fetch(url: str, **config: Any) -> bytes:
     extra = config.pop("extra", ())
     config.setdefault("allow_http", True)  # the test servers speak plain http
+    config.setdefault("allowed_ports", (httpx.URL(url).port or 443,))
 
     async def run() -> bytes:
         async with httpx.AsyncClient() as client:
