@@ -167,7 +167,7 @@ def test_url_guard_ports_are_configurable_and_implied_by_the_scheme() -> None:
     guard = UrlGuard.from_config(config, resolver=resolver_to("8.8.8.8"))
     assert str(check(guard, "https://api.bfl.ai:8443/x").url) == "https://8.8.8.8:8443/x"
     for url in ("https://api.bfl.ai/x", "http://api.bfl.ai/x", "https://api.bfl.ai:443/x"):
-        with pytest.raises(RefusedUrl, match="port 443 is not|port 80 is not"):
+        with pytest.raises(RefusedUrl, match=r"port (443|80) is not"):
             check(guard, url)
     extra = UrlGuard.from_config(config, extra_ports=(443,), resolver=resolver_to("8.8.8.8"))
     assert check(extra, "https://api.bfl.ai/x").url.host == "8.8.8.8"

@@ -198,7 +198,7 @@ def test_json_edit_url_redirecting_to_a_private_address_is_refused_unconnected(
 
     async def run(transport: Rerouting, url: str) -> list[Any]:
         config = ImageUrlConfig(enabled=True, allowed_ports=(443, httpx.URL(victim_url).port))
-        guard = UrlGuard(config.allowed_hosts, resolver=resolve)
+        guard = UrlGuard.from_config(config, resolver=resolve)
         async with httpx.AsyncClient(transport=transport) as client:
             reader = JsonEditReader(
                 Limits(),

@@ -3,6 +3,7 @@ test points hostile URLs at, to show that none of them was connected to."""
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 from types import TracebackType
@@ -23,7 +24,7 @@ class CountingListener:
             self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         self._sock.bind((host, port))
         self._sock.listen(64)
-        self._sock.settimeout(0.05)
+        self._sock.setblocking(False)
         self.port: int = self._sock.getsockname()[1]
         self.peers: list[str] = []  # the address each connection was made to
         self._lock = threading.Lock()
@@ -38,9 +39,10 @@ class CountingListener:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            with self._lock:
-                self._accept_waiting()
-            self._stop.wait(0.01)
+            readable, _, _ = select.select([self._sock], [], [], 0.05)
+            if readable:
+                with self._lock:
+                    self._accept_waiting()
 
     def _accept_waiting(self) -> None:
         # Everything the kernel has completed a handshake for, so `count` never misses a
@@ -48,7 +50,7 @@ class CountingListener:
         while True:
             try:
                 connection, _ = self._sock.accept()
-            except (TimeoutError, BlockingIOError):
+            except BlockingIOError:
                 return
             self.peers.append(str(connection.getsockname()[0]))
             connection.close()
