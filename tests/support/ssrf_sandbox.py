@@ -113,15 +113,19 @@ def main() -> None:
     ):
         for case_id, image_url in cases.items():
             before = [listener.count for listener in listeners]
-            response = client.post(
-                "/v1/images/edits",
-                json={"prompt": "x", "images": [{"image_url": image_url}]},
-                headers={"authorization": f"Bearer {CLIENT_KEY}"},
-            )
+            try:
+                response = client.post(
+                    "/v1/images/edits",
+                    json={"prompt": "x", "images": [{"image_url": image_url}]},
+                    headers={"authorization": f"Bearer {CLIENT_KEY}"},
+                )
+                status, body = response.status_code, response.text
+            except httpx.HTTPError as exc:  # a gateway that dropped the connection: a failure
+                status, body = None, f"{type(exc).__name__}: {exc}"
             after = [listener.count for listener in listeners]
             results[case_id] = {
-                "status": response.status_code,
-                "body": response.text,
+                "status": status,
+                "body": body,
                 "connections": sum(after) - sum(before),
                 # Which address and port each connection was made to.
                 "reached": [
