@@ -222,3 +222,23 @@ def test_json_edit_url_redirecting_to_a_private_address_is_refused_unconnected(
     assert caught.value.param == "images[0]"
     assert transport.addresses == ["93.184.216.34"]
     assert hits == []
+
+
+def test_json_edit_plain_http_url_is_the_guards_call(
+    fake_upstream: FakeOpenAIUpstream, upstream: FakeOpenAIUpstream
+) -> None:
+    """Which schemes may be fetched is decided by the guard alone (image_urls.allow_http), so
+    the intake and the guard cannot disagree; the default refuses http with a 400."""
+    settings = gateway_settings(
+        fake_upstream.url,  # type: ignore[attr-defined]
+        GATEWAY_IMAGE_URLS_ENABLED="true",
+    )
+    with serve_in_thread(create_app(settings)) as gateway:
+        response = post_json(
+            gateway, {"prompt": "x", "images": [{"image_url": "http://images.example/a.png"}]}
+        )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("images[0]", "invalid_image_url")
+    assert "scheme 'http' is not allowed (use https)" in error["message"]
+    assert upstream.edits == []
