@@ -193,6 +193,20 @@ def test_url_guard_refuses_before_resolving(url: str, reason: str) -> None:
         check(guard, url)
 
 
+@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "127.1", "0"])
+def test_url_guard_odd_ipv4_spellings_resolve_to_what_they_are(host: str) -> None:
+    # Not IP literals to httpx or ipaddress, but getaddrinfo reads them as 127.0.0.1 (or
+    # 0.0.0.0): the system resolver's answer is what is checked.
+    with pytest.raises(RefusedUrl, match="non-public"):
+        check(UrlGuard(("*",)), f"https://{host}/x")
+
+
+def test_url_guard_refuses_ipv6_zone_ids() -> None:
+    guard = UrlGuard(("*",), resolver=never)
+    with pytest.raises(RefusedUrl, match="names a network interface"):
+        check(guard, "https://[2606:4700::1%25eth0]/x")
+
+
 def test_url_guard_messages_bound_and_escape_what_the_url_says() -> None:
     guard = UrlGuard(("*.bfl.ai",), resolver=never)
     with pytest.raises(RefusedUrl) as caught:

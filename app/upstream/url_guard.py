@@ -172,6 +172,9 @@ class UrlGuard:
         except ValueError:
             literal = None
         if literal is not None:
+            if isinstance(literal, ipaddress.IPv6Address) and literal.scope_id:
+                # `[addr%25eth0]`: no URL from elsewhere has a reason to pick our interface.
+                raise RefusedUrl(f"its host {_shown(host)} names a network interface")
             self._check_address(host, literal)
             return PinnedUrl(url)
         try:
