@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError
 
@@ -32,7 +32,26 @@ class UpstreamTimeouts(_Strict):
     total: float = Field(300.0, gt=0)
 
 
-class BflSettings(_Strict):
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class UrlGuardConfig(_Strict):
+    """Which URLs a fetch the gateway did not choose may reach (app/upstream/url_guard.py): BFL
+    polling and result URLs, upstream result URLs, client-sent image URLs. One set of rules."""
+
+    # Exact host names, `*.example.com` for any subdomain, or `*` for any host.
+    allowed_hosts: tuple[str, ...] = ()
+    # A URL's port, written or implied by its scheme, must be one of these: an allowed host's SSH,
+    # Redis or admin port is no image server.
+    allowed_ports: tuple[Port, ...] = Field((80, 443), min_length=1)
+    # Plain http is refused unless this is true (local test setups).
+    allow_http: bool = False
+    # Loopback, private, link-local and metadata addresses, and IPv6 forms carrying them, are
+    # refused unless this is true (tests and labs only).
+    allow_private_addresses: bool = False
+
+
+class BflSettings(UrlGuardConfig):
     """How a Black Forest Labs upstream polls its tasks and fetches their results."""
 
     # BFL's own examples poll every 0.5 s; a Kontext edit usually takes 5-30 s.
@@ -44,9 +63,6 @@ class BflSettings(_Strict):
     # Hosts the gateway may fetch polling and result URLs from (SSRF guard). `*.bfl.ai` matches
     # any subdomain of bfl.ai; other entries match exactly.
     allowed_hosts: tuple[str, ...] = ("*.bfl.ai",)
-    # Plain http and private/loopback addresses exist for tests and labs, never for production.
-    allow_http: bool = False
-    allow_private_addresses: bool = False
     max_result_bytes: ByteSize = ByteSize(50 * 1024 * 1024)
     # One request with n > 1 runs n tasks, at most this many at once.
     max_parallel_tasks: int = Field(4, ge=1, le=24)
@@ -174,20 +190,16 @@ class ShutdownConfig(_Strict):
     drain_timeout: float = Field(60.0, gt=0)
 
 
-class FetchConfig(_Strict):
+class FetchConfig(UrlGuardConfig):
     """Downloading image URLs an upstream answers with (they expire in 10-60 minutes)."""
 
-    # Exact host names, or `*.example.com` for any subdomain. The hosts of configured upstreams
-    # are always allowed: a reseller serves its own results.
+    # The hosts (and ports) of configured upstreams are always allowed: a reseller serves its own
+    # results.
     allowed_hosts: tuple[str, ...] = (
         "oaidalleapiprodscus.blob.core.windows.net",
         "*.openai.com",
         "*.bfl.ai",
     )
-    # Plain http is refused unless this is true (local test setups).
-    allow_http: bool = False
-    # Loopback, private, link-local and metadata addresses are refused unless this is true.
-    allow_private_addresses: bool = False
     max_bytes: ByteSize = ByteSize(50 * 1024 * 1024)
     timeout: float = Field(30.0, gt=0)
     max_redirects: int = Field(3, ge=0)

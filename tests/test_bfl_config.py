@@ -20,6 +20,7 @@ def test_bfl_config_defaults_are_production_safe(tmp_path: Path) -> None:
     assert bfl.type == "bfl"
     assert bfl.bfl.allowed_hosts == ("*.bfl.ai",)
     assert not bfl.bfl.allow_http and not bfl.bfl.allow_private_addresses
+    assert bfl.bfl.allowed_ports == (80, 443)
     assert [key.get_secret_value() for key in bfl.keys]  # from GATEWAY_BFL_KEYS
 
 

@@ -112,3 +112,18 @@ def test_config_invalid_yaml(tmp_path: Path) -> None:
 def test_config_bad_upstream_url(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"upstreams\.default\.base_url"):
         load_settings(env={**BASE_ENV, "GATEWAY_UPSTREAM_URL": "ftp://x"})
+
+
+@pytest.mark.parametrize("ports", [[0], [65536], [], ["ssh"]])
+def test_config_allowed_ports_are_real_ports(tmp_path: Path, ports: list[object]) -> None:
+    path = write_gateway_config(tmp_path, image_urls={"allowed_ports": ports})
+    with pytest.raises(ConfigError, match=r"image_urls\.allowed_ports"):
+        load_settings(env={**BASE_ENV, "GATEWAY_CONFIG": str(path)})
+
+
+def test_config_allowed_ports_default_to_80_and_443_on_every_fetch_path(tmp_path: Path) -> None:
+    path = write_gateway_config(tmp_path, image_urls={"allowed_ports": [443, 8443]})
+    settings = load_settings(env={**BASE_ENV, "GATEWAY_CONFIG": str(path)})
+    assert settings.image_urls.allowed_ports == (443, 8443)
+    assert settings.cache.fetch.allowed_ports == (80, 443)
+    assert load_settings(env=BASE_ENV).image_urls.allowed_ports == (80, 443)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 
@@ -40,12 +40,14 @@ def open_edit_cache(
             "(up to %d bytes); run a single replica, or configure Redis",
             int(config.embedded_max_bytes),
         )
-    upstream_hosts = [
-        host
-        for upstream in settings.upstreams.values()
-        if (host := urlsplit(upstream.base_url).hostname)
-    ]
-    fetch = ImageFetcher(http, config.fetch, extra_hosts=upstream_hosts)
+    # A reseller serves its results from its own address: its host and port are allowed too.
+    upstream_urls = [urlsplit(upstream.base_url) for upstream in settings.upstreams.values()]
+    fetch = ImageFetcher(
+        http,
+        config.fetch,
+        extra_hosts=[url.hostname for url in upstream_urls if url.hostname],
+        extra_ports=[port for url in upstream_urls if (port := _port(url))],
+    )
 
     def call_seconds(edit: EditRequest) -> float:
         # What app/forwarding.py allows one request upstream: each attempt bounded by the
@@ -68,3 +70,10 @@ def open_edit_cache(
         call_seconds=call_seconds,
         events=events,
     )
+
+
+def _port(url: SplitResult) -> int | None:
+    try:
+        return url.port
+    except ValueError:  # out of range: that upstream fails on its own, its results with it
+        return None

@@ -126,7 +126,9 @@ class JsonEditReader:
             )
         if url[:5].lower() == "data:":
             return _data_url_bytes(url, param, self._max_file_bytes)
-        if url[:8].lower() != "https://":
+        # Only the kind of URL is told apart here: which schemes, hosts, ports and addresses
+        # may be fetched is the SSRF guard's decision (http only where image_urls.allow_http).
+        if url[:8].lower() != "https://" and url[:7].lower() != "http://":
             raise InvalidRequest(
                 f"{param}.image_url must be a data: URL or an https:// URL.",
                 param=param,

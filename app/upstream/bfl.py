@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -73,11 +74,7 @@ class BflUpstream:
         self._bfl = config.bfl
         self._client = client
         self._redact = redactor
-        self._guard = guard or UrlGuard(
-            config.bfl.allowed_hosts,
-            allow_http=config.bfl.allow_http,
-            allow_private_addresses=config.bfl.allow_private_addresses,
-        )
+        self._guard = guard or UrlGuard.from_config(config.bfl)
         self._sleep = sleep
         self._base_url = config.base_url.rstrip("/")
 
@@ -232,11 +229,9 @@ class BflUpstream:
 
     async def _poll(self, task_id: str, polling_url: str, key: UpstreamKey, deadline: float) -> str:
         pinned = await self._pin(polling_url, "polling")
-        url = pinned.url
-        if "id" not in url.params:
-            url = url.copy_merge_params({"id": task_id})
+        if "id" not in pinned.url.params:
+            pinned = dataclasses.replace(pinned, url=pinned.url.copy_merge_params({"id": task_id}))
         headers = {"x-key": key.secret.get_secret_value(), "accept": "application/json"}
-        headers.update(pinned.headers)
         loop = asyncio.get_running_loop()
         while True:
             remaining = deadline - loop.time()
@@ -249,7 +244,7 @@ class BflUpstream:
                     "timeout",
                 )
             await self._sleep(min(self._bfl.poll_interval, remaining))
-            body = await self._poll_once(url, headers, pinned, deadline)
+            body = await self._poll_once(pinned, headers, deadline)
             if body is None:
                 continue
             status = body.get("status")
@@ -283,18 +278,22 @@ class BflUpstream:
             # Pending, and any in-progress status BFL adds later: keep polling.
 
     async def _poll_once(
-        self, url: httpx.URL, headers: dict[str, str], pinned: PinnedUrl, deadline: float
+        self, pinned: PinnedUrl, headers: dict[str, str], deadline: float
     ) -> dict[str, Any] | None:
         """The task's status body, or None for a transient failure worth polling again."""
         remaining = deadline - asyncio.get_running_loop().time()
         timeout = max(min(self._bfl.request_timeout, remaining), 0.001)
         try:
-            response = await self._client.get(
-                url,
-                headers=headers,
-                extensions=pinned.extensions,
-                timeout=httpx.Timeout(timeout, connect=self._config.timeouts.connect),
+            response = await self._send(
+                pinned,
+                "polling",
+                headers,
+                httpx.Timeout(timeout, connect=self._config.timeouts.connect),
             )
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
         except httpx.TransportError as exc:
             # The task is paid for and running: a failed poll is retried until the deadline.
             log.info("bfl poll failed on %s (%s); polling again", self.name, type(exc).__name__)
@@ -350,15 +349,9 @@ class BflUpstream:
     async def _fetch_capped(self, pinned: PinnedUrl, seconds: float) -> bytes | None:
         """The image bytes; None for a 5xx worth retrying; an error for anything unusable."""
         cap = int(self._bfl.max_result_bytes)
-        headers = {"accept": "image/*"}
-        headers.update(pinned.headers)
-        async with self._client.stream(
-            "GET",
-            pinned.url,
-            headers=headers,
-            extensions=pinned.extensions,
-            timeout=httpx.Timeout(seconds, connect=self._config.timeouts.connect),
-        ) as response:
+        timeout = httpx.Timeout(seconds, connect=self._config.timeouts.connect)
+        response = await self._send(pinned, "result", {"accept": "image/*"}, timeout)
+        try:
             if response.status_code >= 500:
                 return None
             if response.status_code != 200:
@@ -374,6 +367,8 @@ class BflUpstream:
                 data += chunk
                 if len(data) > cap:
                     raise _too_large(cap)
+        finally:
+            await response.aclose()
         if not any(data.startswith(magic) for magic, _ in _IMAGE_MAGIC) and not (
             data[:4] == b"RIFF" and data[8:12] == b"WEBP"
         ):
@@ -384,14 +379,27 @@ class BflUpstream:
         try:
             return await self._guard.check(url)
         except RefusedUrl as exc:
-            log.warning("refused the %s URL from upstream %s: %s", what, self.name, exc)
-            raise _failed(
-                UpstreamFailed(
-                    f"The upstream returned a {what} URL the gateway may not fetch: {exc}.",
-                    code="upstream_url_refused",
-                ),
-                "bad_response",
-            ) from None
+            raise self._refused(what, exc) from None
+
+    async def _send(
+        self, pinned: PinnedUrl, what: str, headers: dict[str, str], timeouts: httpx.Timeout
+    ) -> httpx.Response:
+        """A GET of a vetted URL; BFL's URLs are not followed through redirects (a 3xx is an
+        unusable answer), but httpx still reads the Location, which the guard makes safe."""
+        try:
+            return await self._guard.send(self._client, pinned, headers=headers, timeouts=timeouts)
+        except RefusedUrl as exc:
+            raise self._refused(what, exc) from None
+
+    def _refused(self, what: str, exc: RefusedUrl) -> GatewayError:
+        log.warning("refused the %s URL from upstream %s: %s", what, self.name, exc)
+        return _failed(
+            UpstreamFailed(
+                f"The upstream returned a {what} URL the gateway may not fetch: {exc}.",
+                code="upstream_url_refused",
+            ),
+            "bad_response",
+        )
 
     def _unreachable(self, what: str) -> GatewayError:
         return _failed(UpstreamUnreachable(f"The upstream {self.name!r} {what}."), "connect")

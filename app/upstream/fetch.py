@@ -1,15 +1,15 @@
-"""Download an image URL an upstream answered with, safely: the URL comes from a third party.
+"""Download an image URL the gateway did not choose: one an upstream answered with, or one a
+client sent in a JSON edit.
 
-Every URL, and every redirect, goes through the SSRF guard (allowlisted host, resolved once to
-public addresses, connection pinned to the vetted address); size and time are capped while the
-body streams.
+Every URL, and every redirect, goes through the SSRF guard (allowed scheme, host and port,
+resolved once to public addresses, connection pinned to the vetted address); size and time are
+capped while the body streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from urllib.parse import urljoin
 
 import httpx
 
@@ -35,6 +35,7 @@ class ImageFetcher:
         config: FetchConfig,
         *,
         extra_hosts: Iterable[str] = (),
+        extra_ports: Iterable[int] = (),
         guard: UrlGuard | None = None,
         subject: str = "The upstream's image",
     ) -> None:
@@ -43,16 +44,16 @@ class ImageFetcher:
         self._subject = subject
         self._lower_subject = subject[:1].lower() + subject[1:]
         self._config = config
-        self._guard = guard or UrlGuard(
-            (*config.allowed_hosts, *extra_hosts),
-            allow_http=config.allow_http,
-            allow_private_addresses=config.allow_private_addresses,
+        self._guard = guard or UrlGuard.from_config(
+            config, extra_hosts=extra_hosts, extra_ports=extra_ports
         )
 
     async def __call__(self, url: str) -> bytes:
         try:
             async with asyncio.timeout(self._config.timeout):
                 return await self._fetch(url)
+        except RefusedUrl as exc:
+            raise _refused(f"{self._subject} URL was refused: {exc}.") from None
         except TimeoutError:
             raise _refused(
                 f"Downloading {self._lower_subject} took longer than {self._config.timeout:g} s."
@@ -64,11 +65,11 @@ class ImageFetcher:
 
     async def _fetch(self, url: str) -> bytes:
         for _ in range(self._config.max_redirects + 1):
-            request = await self._request(url)
-            response = await self._client.send(request, stream=True)
+            pinned = await self._guard.check(url)
+            response = await self._guard.send(self._client, pinned, headers={"accept": "image/*"})
             try:
                 if response.is_redirect and "location" in response.headers:
-                    url = urljoin(url, response.headers["location"])
+                    url = self._guard.redirect(url, response.headers["location"])
                     continue
                 if response.status_code != 200:
                     raise _refused(f"{self._subject} URL answered HTTP {response.status_code}.")
@@ -76,18 +77,6 @@ class ImageFetcher:
             finally:
                 await response.aclose()
         raise _refused(f"{self._subject} URL redirected too many times.")
-
-    async def _request(self, url: str) -> httpx.Request:
-        try:
-            pinned = await self._guard.check(url)
-        except RefusedUrl as exc:
-            raise _refused(f"{self._subject} URL was refused: {exc}.") from None
-        return self._client.build_request(
-            "GET",
-            pinned.url,
-            headers={**pinned.headers, "accept": "image/*"},
-            extensions=pinned.extensions,
-        )
 
     async def _read_capped(self, response: httpx.Response) -> bytes:
         limit = int(self._config.max_bytes)

@@ -296,6 +296,11 @@ def image_host() -> Iterator[str]:
         yield url
 
 
+def on_port_of(server: str) -> dict[str, Any]:
+    """Fetch settings reaching a plain-http test server: its port allowed, http allowed."""
+    return {"allowed_ports": (httpx.URL(server).port,), "allow_http": True}
+
+
 def _url_answer(url: str) -> Reply:
     return Reply(body={"created": int(time.time()), "data": [{"url": url}]})
 
@@ -304,7 +309,7 @@ def test_cache_b64_json_for_an_upstream_that_answers_only_urls(
     fake_upstream: FakeOpenAIUpstream, upstream: FakeOpenAIUpstream, redis_url: str, image_host: str
 ) -> None:
     settings = cached_settings(
-        fake_upstream, redis_url, fetch={"allow_private_addresses": True, "allow_http": True}
+        fake_upstream, redis_url, fetch={**on_port_of(image_host), "allow_private_addresses": True}
     )
     with gateway(settings) as url:
         client = sdk(url)
@@ -330,7 +335,7 @@ def test_cache_upstream_url_on_loopback_is_refused_unless_allowed(
 ) -> None:
     # The image host is allowed (it is the upstream's own host) and http is allowed here, but
     # it resolves to loopback: refused without allow_private_addresses, never fetched.
-    settings = cached_settings(fake_upstream, redis_url, fetch={"allow_http": True})
+    settings = cached_settings(fake_upstream, redis_url, fetch=on_port_of(image_host))
     with gateway(settings) as url:
         upstream.enqueue(_url_answer(image_host + "/files/result.png"))
         with pytest.raises(openai.APIStatusError) as caught:
@@ -351,7 +356,7 @@ def test_cache_fetch_size_cap_refuses_a_large_upstream_image(
     settings = cached_settings(
         fake_upstream,
         redis_url,
-        fetch={"allow_private_addresses": True, "allow_http": True, "max_bytes": 4096},
+        fetch={**on_port_of(image_host), "allow_private_addresses": True, "max_bytes": 4096},
     )
     with gateway(settings) as url:
         upstream.enqueue(_url_answer(image_host + "/files/large.png"))

@@ -26,6 +26,7 @@ from app.upstream.url_guard import UrlGuard
 from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.fakes.openai_upstream import RESULT_PNG, FakeOpenAIUpstream
 from tests.support import images
+from tests.support.rerouting import Rerouting
 from tests.support.servers import serve_in_thread
 
 PNG = images.png(48, 48)
@@ -159,6 +160,10 @@ def test_json_edit_https_url_to_private_addresses_is_refused_unconnected(
         fake_upstream.url,  # type: ignore[attr-defined]
         GATEWAY_IMAGE_URLS_ENABLED="true",
     )
+    # The victim's port is allowed: its address is what must refuse it.
+    ports = (443, httpx.URL(victim_url).port)
+    image_urls = settings.image_urls.model_copy(update={"allowed_ports": ports})
+    settings = settings.model_copy(update={"image_urls": image_urls})
     url = target.format(victim_host=victim_url.removeprefix("http://"))
     with serve_in_thread(create_app(settings)) as gateway:
         response = post_json(gateway, {"prompt": "x", "images": [{"image_url": url}]})
@@ -168,27 +173,6 @@ def test_json_edit_https_url_to_private_addresses_is_refused_unconnected(
     assert "non-public address" in error["message"]
     assert hits == []
     assert upstream.edits == []
-
-
-class _Rerouting(httpx.AsyncBaseTransport):
-    """Sends what the gateway addresses to the pretend-public 93.184.216.34 to a loopback
-    server (this test's "internet"), and records every address a connection was asked for."""
-
-    def __init__(self, public_server: str) -> None:
-        self.addresses: list[str] = []
-        self._public = httpx.URL(public_server)
-        self._inner = httpx.AsyncHTTPTransport()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.addresses.append(request.url.host)
-        if request.url.host == "93.184.216.34":
-            request.url = request.url.copy_with(
-                scheme="http", host=self._public.host, port=self._public.port
-            )
-        return await self._inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 @pytest.mark.parametrize(
@@ -212,9 +196,9 @@ def test_json_edit_url_redirecting_to_a_private_address_is_refused_unconnected(
     async def resolve(host: str, port: int) -> list[str]:
         return ["93.184.216.34"] if host == "images.example" else ["127.0.0.1"]
 
-    async def run(transport: _Rerouting, url: str) -> list[Any]:
-        config = ImageUrlConfig(enabled=True)
-        guard = UrlGuard(config.allowed_hosts, resolver=resolve)
+    async def run(transport: Rerouting, url: str) -> list[Any]:
+        config = ImageUrlConfig(enabled=True, allowed_ports=(443, httpx.URL(victim_url).port))
+        guard = UrlGuard.from_config(config, resolver=resolve)
         async with httpx.AsyncClient(transport=transport) as client:
             reader = JsonEditReader(
                 Limits(),
@@ -228,13 +212,33 @@ def test_json_edit_url_redirecting_to_a_private_address_is_refused_unconnected(
 
     with serve_in_thread(redirector) as public_url:
         # The same path works for a public image (the reroute is sound)...
-        transport = _Rerouting(public_url)
+        transport = Rerouting(public_url)
         assert asyncio.run(run(transport, "https://images.example/fine.png")) == [len(PNG)]
         # ...and the redirect's target is vetted before any connection is made to it.
-        transport = _Rerouting(public_url)
+        transport = Rerouting(public_url)
         with pytest.raises(InvalidRequest) as caught:
             asyncio.run(run(transport, "https://images.example/redirect.png"))
     assert "non-public address" in caught.value.message
     assert caught.value.param == "images[0]"
     assert transport.addresses == ["93.184.216.34"]
     assert hits == []
+
+
+def test_json_edit_plain_http_url_is_the_guards_call(
+    fake_upstream: FakeOpenAIUpstream, upstream: FakeOpenAIUpstream
+) -> None:
+    """Which schemes may be fetched is decided by the guard alone (image_urls.allow_http), so
+    the intake and the guard cannot disagree; the default refuses http with a 400."""
+    settings = gateway_settings(
+        fake_upstream.url,  # type: ignore[attr-defined]
+        GATEWAY_IMAGE_URLS_ENABLED="true",
+    )
+    with serve_in_thread(create_app(settings)) as gateway:
+        response = post_json(
+            gateway, {"prompt": "x", "images": [{"image_url": "http://images.example/a.png"}]}
+        )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("images[0]", "invalid_image_url")
+    assert "scheme 'http' is not allowed (use https)" in error["message"]
+    assert upstream.edits == []

@@ -74,6 +74,7 @@ class FakeBflUpstream:
         self.hits: list[Hit] = []
         self.tasks: dict[str, BflTask] = {}
         self._counter = itertools.count()
+        self._generation = 0
         self.reset()
         self.app = Starlette(
             routes=[
@@ -86,6 +87,9 @@ class FakeBflUpstream:
         )
 
     def reset(self) -> None:
+        # A submit still sleeping out its delay when a test ends must not take the next test's
+        # scripted statuses: it sees the generation change and gives up.
+        self._generation += 1
         self.hits.clear()
         self.tasks.clear()
         self._counter = itertools.count()
@@ -132,7 +136,10 @@ class FakeBflUpstream:
         if self.submit_replies:
             reply = self.submit_replies.popleft()
             if reply.delay:
+                generation = self._generation
                 await asyncio.sleep(reply.delay)
+                if generation != self._generation:
+                    return JSONResponse({"detail": "stale"}, status_code=503)
             if reply.body is not None or reply.status != 200:
                 return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
         index = next(self._counter)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from openai import OpenAI
@@ -52,7 +53,8 @@ def write_bfl_config(
         "type": "bfl",
         "base_url": bfl_url + "/v1",
         "keys_env": "GATEWAY_BFL_KEYS",
-        "bfl": {**TEST_BFL, **(bfl or {})},
+        # The fake's own port, where its polling and result URLs point.
+        "bfl": {**TEST_BFL, **_ports_of(bfl_url), **(bfl or {})},
     }
     if timeouts:
         upstream["timeouts"] = timeouts
@@ -74,6 +76,11 @@ def write_bfl_config(
     path = directory / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def _ports_of(url: str) -> dict[str, list[int]]:
+    port = urlsplit(url).port
+    return {"allowed_ports": [port]} if port else {}
 
 
 def bfl_settings(config_path: Path) -> Settings:

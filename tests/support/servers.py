@@ -39,13 +39,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_in_thread(app: Any, *, port: int | None = None, **config: Any) -> Iterator[str]:
-    """Serve `app` on 127.0.0.1 until the block exits; yields its base URL."""
+def serve_in_thread(
+    app: Any, *, port: int | None = None, host: str = "127.0.0.1", **config: Any
+) -> Iterator[str]:
+    """Serve `app` on `host` (127.0.0.1 unless a test network namespace has others) until the
+    block exits; yields its base URL."""
     port = port or free_port()
     server = _Server(
         uvicorn.Config(
             app,
-            host="127.0.0.1",
+            host=host,
             port=port,
             log_level="warning",
             lifespan="on",
@@ -61,7 +64,7 @@ def serve_in_thread(app: Any, *, port: int | None = None, **config: Any) -> Iter
             raise RuntimeError(f"server on port {port} did not start")
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{host}:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=15)
