@@ -402,7 +402,7 @@ def sdk_edit_request(image: bytes, prompt: str) -> bytes:
 class FloodRun:
     seconds: float
     status: int
-    probes: list[float]
+    probes: list[float]  # seconds each /healthz took to answer 200
 
 
 def flood(url: str, request: bytes) -> FloodRun:
@@ -414,8 +414,8 @@ def flood(url: str, request: bytes) -> FloodRun:
         with httpx.Client(base_url=url, timeout=30) as http:
             while not done.is_set():
                 started = time.monotonic()
-                assert http.get("/healthz").status_code == 200
-                probes.append(time.monotonic() - started)
+                answered = http.get("/healthz").status_code == 200
+                probes.append(time.monotonic() - started if answered else float("inf"))
                 done.wait(0.02)
 
     prober = threading.Thread(target=probe, daemon=True)
@@ -464,6 +464,6 @@ def test_http_protocol_body_in_2_byte_pieces_is_served_like_stock_uvicorn(
     )
     assert ours <= 2 * theirs
     assert len(probes) >= 10
-    # Well under the 100 ms the gateway answers /healthz in when its loop is free, on a loaded
-    # two-core machine; a loop stalled by the upload takes seconds.
+    # The aim is 100 ms; the bound leaves room for a loaded two-core machine and still fails a
+    # loop that the upload stalls for seconds.
     assert max(probes) < 1.0
