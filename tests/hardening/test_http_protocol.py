@@ -256,6 +256,22 @@ def test_http_protocol_oversized_pipelined_head_is_refused_after_the_earlier_ans
     assert [e.files[0].sha256 for e in upstream.edits] == [sha(image)]
 
 
+def test_http_protocol_endless_pipelined_header_line_is_refused_after_the_earlier_answer(
+    guarded_url: str, upstream: FakeOpenAIUpstream
+) -> None:
+    upstream.enqueue(Reply(delay=0.5))
+    image = images.noise_png(64, 64, seed=17)
+    endless = b"GET /v1/models HTTP/1.1\r\nX-Huge: " + b"a" * (512 * 1024)
+    with connect(guarded_url) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(edit_request(image, "first") + endless)
+        reader = BufferedReader(sock)
+        assert reader.response()[0] == 200
+        status, body = reader.response()
+        assert_refusal(status, body, 431, "headers_too_large")
+        assert closed_by_peer(sock)
+
+
 def test_http_protocol_trickling_pipelined_head_gets_408_after_the_earlier_answer(
     guarded_url: str, upstream: FakeOpenAIUpstream
 ) -> None:
