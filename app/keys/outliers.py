@@ -122,11 +122,12 @@ def overrides(
 ) -> dict[str, Override]:
     """Ejected keys that serve anyway, and why.
 
-    cap: replicas that ejected keys at the same moment can overshoot the limit; the ejections
-    ending soonest beyond it are set aside. panic (asked for once no upstream of the route has a
-    usable key): when no key is usable but some are ejected (the rest cooling after 429s or
-    disabled), the ejected ones serve rather than nobody, as Envoy routes to every host below
-    its panic threshold. Cooling and disabled keys never do.
+    cap: more keys are ejected than the limit allows (replicas that ejected at the same instant,
+    or keys disabled since); the ejections ending soonest beyond it are set aside.
+    panic (asked for once no upstream of the route has a usable key): when no key is usable but
+    some are ejected (the rest cooling after 429s or disabled), the ejected ones serve rather
+    than nobody, as Envoy routes to every host below its panic threshold.
+    Cooling and disabled keys never do.
     """
     in_service = sum(1 for state in states.values() if state.disabled is None)
     ejected = sorted(
