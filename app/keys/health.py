@@ -42,7 +42,8 @@ class HealthPolicy:
     eject_max: float = 300.0
     probe_interval: float = 60.0
     recent_errors: int = 5
-    # At most floor(keys x share) of an upstream's keys ejected at once (never all of them).
+    # At most floor(keys x share) of an upstream's keys ejected at once, never the last one in
+    # service (see app/keys/outliers.py; 1 lifts the limit).
     max_ejected_share: float = 0.5
     # Seconds of this replica's calls over which a key's failure rate is compared with its
     # siblings' before a failure is held against it.
