@@ -122,10 +122,17 @@ class PoolConfig(_Strict):
     cooldown_max: float = Field(60.0, gt=0)
     # The longest cooldown an upstream's own retry-after may impose.
     cooldown_hint_max: float = Field(3600.0, gt=0)
-    # Consecutive 5xx/connection failures that eject a key, for eject_base x times ejected.
+    # Consecutive 5xx/timeout failures held against a key that eject it, for eject_base x times
+    # ejected. A failure is held against a key only when the key fails at more than twice the
+    # rate of its healthiest sibling over the last outlier_window seconds (a storm across every
+    # key is the upstream's); a failed connection never is.
     eject_after: int = Field(5, ge=1)
     eject_base: float = Field(30.0, gt=0)
     eject_max: float = Field(300.0, gt=0)
+    outlier_window: float = Field(30.0, gt=0)
+    # At most floor(keys x share) of an upstream's keys are ejected at once, never all of them:
+    # 1 of 2 or 3 keys, 2 of 4 or 5. 0 turns ejection off.
+    max_ejected_share: float = Field(0.5, ge=0, le=1)
     # How often a disabled key (401/403/402/insufficient_quota) is re-checked by a free probe.
     probe_interval: float = Field(60.0, gt=0)
 

@@ -16,7 +16,8 @@ Retry policy, decided here and nowhere else (a key's own health is the pool's bu
   rejected        never                                    the upstream's 4xx goes back as it is
 Every request is bounded by retry.max_attempts, and retry.deadline covers all of its attempts.
 When no key is left to try: 429 with retry-after if what is left is only cooling; else the last
-attempt's error if this request made one; else (nothing usable at all) 503.
+attempt's error if this request made one; else (nothing usable at all) 503. An ejected key never
+causes that 503: when nothing else is usable the pool lends it anyway (panic routing).
 An error after a failover, or after an attempt that may have been billed, carries
 `x-should-retry: false`, so the SDK does not multiply upstream attempts.
 """
@@ -96,6 +97,8 @@ class Forwarder:
                 self._metrics.record_retry(previous[0], previous[1])
                 if previous[0] != lease.upstream:
                     self._metrics.record_failover(previous[0], lease.upstream)
+            if lease.override is not None:
+                self._metrics.record_ejection_override(lease.upstream, lease.override)
             attempts += 1
             if lease.key is not None:
                 tried.setdefault(lease.upstream, set()).add(lease.key.id)
@@ -159,15 +162,25 @@ class Forwarder:
         return error
 
     async def _lease(self, edit: EditRequest, tried: Mapping[str, set[str]]) -> Lease | Shortage:
-        shortage = Shortage()
         known = [name for name in edit.model.upstreams if name in self._upstreams]
         by_priority = sorted(known, key=lambda name: self._route(name).priority)
-        for _, tier in groupby(by_priority, key=lambda name: self._route(name).priority):
-            for name in self._weighted_order(list(tier)):
-                found = await self._pool.acquire(name, tried.get(name, ()))
-                if isinstance(found, Lease):
-                    return found
-                shortage.add(found)
+        tiers = [
+            self._weighted_order(list(tier))
+            for _, tier in groupby(by_priority, key=lambda name: self._route(name).priority)
+        ]
+        # Every tier's usable keys first; only when there are none anywhere do ejected keys
+        # serve (panic routing), rather than a 503 while keys exist.
+        shortage = Shortage()
+        for panic in (False, True):
+            shortage = Shortage()
+            for tier in tiers:
+                for name in tier:
+                    found = await self._pool.acquire(name, tried.get(name, ()), panic=panic)
+                    if isinstance(found, Lease):
+                        return found
+                    shortage.add(found)
+            if shortage.recovers_at is None:
+                break  # nothing is ejected: panic routing would find what this pass found
         return shortage
 
     def _route(self, upstream: str) -> Route:

@@ -46,6 +46,8 @@ _CACHE_RESULTS: Final = frozenset(CACHE_RESULTS)
 
 # Why a key is not healthy: the upstream failure kinds, plus the pool's own reasons.
 KEY_REASONS: Final = frozenset({"ok", "probe_failed", "manual", *get_args(FailureKind)})
+# Why an ejected key served an attempt (app/keys/outliers.py).
+EJECTION_OVERRIDES: Final = frozenset({"cap", "panic"})
 # What an upstream call ended with: "ok", "cancelled", or one of app.errors.FailureKind.
 UPSTREAM_OUTCOMES: Final = frozenset({"ok", "cancelled", *get_args(FailureKind)})
 # Fields a validation error can name, besides the optional images API fields.
@@ -234,6 +236,13 @@ class GatewayMetrics:
             ["upstream", "reason"],
             registry=r,
         )
+        self._ejection_overrides = Counter(
+            "gateway_upstream_ejection_overrides",
+            "Attempts sent to an ejected key: panic (no key of the upstream was usable) or cap "
+            "(more keys ejected than pool.max_ejected_share allows).",
+            ["upstream", "reason"],
+            registry=r,
+        )
         self._failovers = Counter(
             "gateway_upstream_failovers",
             "Requests moved from one upstream to another.",
@@ -352,6 +361,9 @@ class GatewayMetrics:
 
     def record_retry(self, upstream: str, reason: str) -> None:
         self._retries.labels(upstream, bounded(reason, UPSTREAM_OUTCOMES)).inc()
+
+    def record_ejection_override(self, upstream: str, reason: str) -> None:
+        self._ejection_overrides.labels(upstream, bounded(reason, EJECTION_OVERRIDES)).inc()
 
     def record_failover(self, from_upstream: str, to_upstream: str) -> None:
         self._failovers.labels(from_upstream, to_upstream).inc()

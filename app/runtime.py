@@ -176,6 +176,8 @@ def health_policy(config: PoolConfig) -> HealthPolicy:
         eject_base=config.eject_base,
         eject_max=config.eject_max,
         probe_interval=config.probe_interval,
+        max_ejected_share=config.max_ejected_share,
+        outlier_window=config.outlier_window,
     )
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from app.config import load_settings
 from app.config_file import ConfigError
+from app.runtime import health_policy
 from tests.conftest import CONFIG
 from tests.support.gateway_config import write_gateway_config
 
@@ -69,3 +70,43 @@ def test_config_refuses_keys_written_in_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="keys never go in this file") as caught:
         load_settings(env={"GATEWAY_CONFIG": str(config), "GATEWAY_ALLOW_ANONYMOUS": "true"})
     assert "sk-in-a-file-1111" not in str(caught.value)
+
+
+def test_config_ejection_share_and_outlier_window_reach_the_pool(tmp_path: Path) -> None:
+    upstream = {"base_url": "http://127.0.0.1:9/v1", "keys_env": "POOL_KEYS"}
+    pool = {"max_ejected_share": 0.25, "outlier_window": 12}
+    config = write_gateway_config(tmp_path, {"default": upstream}, pool=pool)
+    env = {
+        "GATEWAY_CONFIG": str(config),
+        "POOL_KEYS": "sk-a-1111",
+        "GATEWAY_ALLOW_ANONYMOUS": "true",
+    }
+    policy = health_policy(load_settings(env=env).pool)
+    assert (policy.max_ejected_share, policy.outlier_window) == (0.25, 12.0)
+    shipped = load_settings(
+        env={
+            "GATEWAY_CONFIG": str(CONFIG),
+            "GATEWAY_UPSTREAM_KEYS": "sk-a-1111",
+            "GATEWAY_ALLOW_ANONYMOUS": "true",
+        }
+    )
+    defaults = health_policy(shipped.pool)
+    assert (defaults.max_ejected_share, defaults.outlier_window) == (0.5, 30.0)
+
+
+@pytest.mark.parametrize(
+    "pool", [{"max_ejected_share": 1.5}, {"max_ejected_share": -0.1}, {"outlier_window": 0}]
+)
+def test_config_refuses_an_ejection_setting_out_of_range(
+    tmp_path: Path, pool: dict[str, float]
+) -> None:
+    upstream = {"base_url": "http://127.0.0.1:9/v1", "keys_env": "POOL_KEYS"}
+    config = write_gateway_config(tmp_path, {"default": upstream}, pool=pool)
+    with pytest.raises(ConfigError, match=next(iter(pool))):
+        load_settings(
+            env={
+                "GATEWAY_CONFIG": str(config),
+                "POOL_KEYS": "sk-a-1111",
+                "GATEWAY_ALLOW_ANONYMOUS": "true",
+            }
+        )

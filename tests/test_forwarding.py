@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -15,9 +16,12 @@ from app.config import KeySpec, RetryConfig
 from app.edit import EditRequest
 from app.errors import FailureKind, GatewayError, RateLimited, UpstreamFailed, UpstreamTimeout
 from app.forwarding import Forwarder, Route
+from app.keys.health import KeyHealth
 from app.keys.pool import KeyPool, PoolUpstream
 from app.keys.store import MemoryStore
+from app.metrics import GatewayMetrics
 from app.upstream.base import UpstreamAnswer, UpstreamKey
+from tests.support.prom import total
 
 ANSWER = UpstreamAnswer(body={"created": 1, "data": []}, request_id=None)
 
@@ -156,3 +160,59 @@ def test_forwarder_non_upstream_errors_are_not_retried() -> None:
     with pytest.raises(GatewayError):
         asyncio.run(forwarder([broken]).edit(make_edit(("up",))))
     assert broken.calls == ["up#1"]
+
+
+def test_forwarder_sends_to_an_ejected_key_rather_than_answer_503() -> None:
+    """Panic routing: one key cools after a 429, the other is ejected; the ejected one serves."""
+    up = ScriptedUpstream("up", lambda _: None)
+    store = MemoryStore()
+    now = time.time()
+    store.put("up", "up#1", KeyHealth(cool_until=now + 300))
+    store.put("up", "up#2", KeyHealth(ejected_until=now + 300, times_ejected=1))
+    metrics = GatewayMetrics(models=("m",))
+    forward = Forwarder(
+        {"up": up}, KeyPool([PoolUpstream("up", specs("up", 2))], store), metrics=metrics
+    )
+    answer, _ = asyncio.run(forward.edit(make_edit(("up",))))
+    assert answer is ANSWER and up.calls == ["up#2"]
+    assert store.get("up", "up#2").usable(time.time())  # it worked: back in rotation
+    scrape = metrics.scrape().decode()
+    assert total(scrape, "gateway_upstream_ejection_overrides_total", reason="panic") == 1
+
+
+def test_forwarder_prefers_a_healthy_fallback_tier_to_panic_routing() -> None:
+    primary = ScriptedUpstream("primary", lambda _: None)
+    secondary = ScriptedUpstream("secondary", lambda _: None)
+    routes = {"primary": Route(priority=0), "secondary": Route(priority=1)}
+    forward = forwarder([primary, secondary], keys=2, routes=routes)
+    store = forward.pool.store
+    assert isinstance(store, MemoryStore)
+    now = time.time()
+    store.put("primary", "primary#1", KeyHealth(cool_until=now + 300))
+    store.put("primary", "primary#2", KeyHealth(ejected_until=now + 300, times_ejected=1))
+    _, served_by = asyncio.run(forward.edit(make_edit(("primary", "secondary"))))
+    assert served_by == "secondary" and not primary.calls
+
+
+@pytest.mark.parametrize("kind", ["server", "connect"])
+def test_forwarder_upstream_failing_on_every_key_is_never_a_503(kind: FailureKind) -> None:
+    """An upstream-wide failure is passed on as the upstream's, and ends when the upstream does."""
+    failing = [True]
+    up = ScriptedUpstream("up", lambda _: kind if failing[0] else None)
+    forward = forwarder([up], keys=3)
+
+    async def run() -> list[str]:
+        seen = []
+        for _ in range(40):
+            try:
+                await forward.edit(make_edit(("up",)))
+            except GatewayError as error:
+                seen.append(error.code)
+        return seen
+
+    codes = asyncio.run(run())
+    assert len(codes) == 40 and "no_upstream_key_available" not in codes
+    failing[0] = False
+    calls_before = len(up.calls)
+    answer, _ = asyncio.run(forward.edit(make_edit(("up",))))
+    assert answer is ANSWER and len(up.calls) == calls_before + 1

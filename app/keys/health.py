@@ -19,9 +19,11 @@ from app.errors import FailureKind
 KeyStatus = Literal["healthy", "cooling", "ejected", "disabled"]
 DisabledReason = Literal["auth", "quota"]
 
-# Failures that say the key (or its upstream) is unwell rather than the request being wrong.
+# Failures that may say the key is unwell (rather than the request being wrong): they count
+# towards an ejection when the pool blames the key (see app/keys/outliers.py). A failed connection
+# is not among them: it happens before any key is sent, so it is always the upstream's.
 OUTLIER_FAILURES: frozenset[FailureKind] = frozenset(
-    {"server", "connect", "timeout", "dropped", "bad_response"}
+    {"server", "timeout", "dropped", "bad_response"}
 )
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
@@ -40,6 +42,12 @@ class HealthPolicy:
     eject_max: float = 300.0
     probe_interval: float = 60.0
     recent_errors: int = 5
+    # At most floor(keys x share) of an upstream's keys ejected at once, never the last one in
+    # service (see app/keys/outliers.py; 1 lifts the limit).
+    max_ejected_share: float = 0.5
+    # Seconds of this replica's calls over which a key's failure rate is compared with its
+    # siblings' before a failure is held against it.
+    outlier_window: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +128,16 @@ def after_failure(
     now: float,
     policy: HealthPolicy,
     rng: Callable[[], float],
+    *,
+    blamed: bool = True,
+    may_eject: bool = True,
 ) -> KeyHealth:
+    """The key's state after a failed call.
+
+    `blamed`: the pool judged an outlier failure the key's own, not the upstream's; only those
+    build the streak that ejects. `may_eject`: the upstream is below its ejection limit; above
+    it the streak keeps growing and the key stays in.
+    """
     if kind == "rejected":
         # The upstream judged the request, which proves the key works.
         return after_success(state, now)
@@ -139,9 +156,9 @@ def after_failure(
         )
     if kind in ("auth", "quota"):
         return replace(noted, disabled=kind, next_probe_at=now + policy.probe_interval, failures=0)
-    if kind in OUTLIER_FAILURES:
+    if kind in OUTLIER_FAILURES and blamed:
         failures = state.failures + 1
-        if failures < policy.eject_after:
+        if failures < policy.eject_after or not may_eject:
             return replace(noted, failures=failures)
         times = _forgiven(state, now, policy) + 1
         until = now + min(policy.eject_base * times, policy.eject_max)
@@ -164,11 +181,24 @@ def _forgiven(state: KeyHealth, now: float, policy: HealthPolicy) -> int:
     return max(0, state.times_ejected - forgiven)
 
 
-def after_success(state: KeyHealth, now: float) -> KeyHealth:
-    if state.failures == 0 and state.cool_streak == 0:
+def after_success(state: KeyHealth, now: float, *, ejection_served: float = 0.0) -> KeyHealth:
+    """The key's state after a successful call.
+
+    `ejection_served`: the call was lent while the key was ejected until then (panic routing or
+    the ejection cap); its success proves the key works, so that ejection ends now. A later
+    ejection, decided while the call ran, stays.
+    """
+    ends_ejection = ejection_served > now and state.ejected_until == ejection_served
+    if state.failures == 0 and state.cool_streak == 0 and not ends_ejection:
         return state
     # A cooldown already set stays: this success may have started before the 429.
-    return replace(state, failures=0, cool_streak=0, changed_at=now)
+    return replace(
+        state,
+        failures=0,
+        cool_streak=0,
+        changed_at=now,
+        ejected_until=now if ends_ejection else state.ejected_until,
+    )
 
 
 def claim_probe(state: KeyHealth, now: float, policy: HealthPolicy) -> KeyHealth:

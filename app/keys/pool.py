@@ -2,11 +2,16 @@
 
 Selection: among usable keys (not disabled, cooling or ejected) below their caps, the one with the
 fewest requests in flight, then the one used least recently. A key at a cap is skipped, never
-queued behind. In-flight counts are this replica's; health and rpm counters live in the store.
+queued behind. Ejection never empties an upstream (app/keys/outliers.py): ejections beyond
+`max_ejected_share` are set aside, and when asked for panic routing (the route has no usable key
+anywhere) the ejected keys serve, the one with fewest requests in flight then the one that failed
+longest ago first. In-flight counts and the outcome window are this replica's; health and rpm
+counters live in the store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -16,12 +21,20 @@ from typing import Any
 from app.config import KeySpec
 from app.errors import FailureKind
 from app.keys.health import (
+    OUTLIER_FAILURES,
     HealthPolicy,
     KeyHealth,
     after_failure,
     after_probe,
     after_success,
     claim_probe,
+)
+from app.keys.outliers import (
+    OutcomeWindow,
+    Override,
+    last_failed_at,
+    may_eject,
+    overrides,
 )
 from app.keys.store import RPM_WINDOW_SECONDS, StateStore, minute_of
 from app.metrics import KeySnapshot
@@ -43,6 +56,8 @@ class Lease:
     key: UpstreamKey | None
     seen: KeyHealth
     _pool: KeyPool
+    # Why the key was lent although ejected (its success then ends the ejection); None if not.
+    override: Override | None = None
     _released: bool = False
 
     def release(self) -> None:
@@ -103,6 +118,11 @@ class KeyPool:
         self._clock = clock
         self._rng = rng
         self._counters = _Counters()
+        self._outcomes = OutcomeWindow(self._policy.outlier_window)
+        # Each key's state as this replica last read or wrote it: a success clears a failure
+        # streak that concurrent calls built after its lease was taken.
+        self._latest: dict[tuple[str, str], KeyHealth] = {}
+        self._deciding = {name: asyncio.Lock() for name in self._upstreams}
 
     @property
     def store(self) -> StateStore:
@@ -119,8 +139,14 @@ class KeyPool:
             return self._counters.upstream_in_flight.get(upstream, 0)
         return self._counters.in_flight.get((upstream, key_id), 0)
 
-    async def acquire(self, upstream: str, exclude: Collection[str] = ()) -> Lease | Shortage:
-        """A lease on the best key of `upstream` not in `exclude`, or why there is none."""
+    async def acquire(
+        self, upstream: str, exclude: Collection[str] = (), *, panic: bool = False
+    ) -> Lease | Shortage:
+        """A lease on the best key of `upstream` not in `exclude`, or why there is none.
+
+        `panic`: lend an ejected key when no key is usable; the caller asks only once every
+        upstream it could use has none, so a healthy fallback tier is preferred.
+        """
         config = self._upstreams[upstream]
         counters = self._counters
         cap = config.max_concurrency
@@ -129,12 +155,13 @@ class KeyPool:
         if not config.keys:
             return self._lend(upstream, None, KeyHealth())
         now = self._clock()
-        states = await self._store.load(upstream, [spec.id for spec in config.keys])
+        states = await self._load(upstream)
+        overridden = overrides(states, now, self._policy.max_ejected_share, panic=panic)
         shortage = Shortage()
         candidates: list[KeySpec] = []
         for spec in config.keys:
-            state = states.get(spec.id, KeyHealth())
-            if not state.usable(now):
+            state = states[spec.id]
+            if not state.usable(now) and spec.id not in overridden:
                 if state.disabled is not None:
                     shortage.disabled += 1
                 elif state.cool_until > now:
@@ -155,11 +182,14 @@ class KeyPool:
         candidates.sort(
             key=lambda spec: (
                 counters.in_flight.get((upstream, spec.id), 0),
+                # An ejected key lent anyway ranks after healthy ones at equal load; among
+                # ejected ones (panic routing) the one that failed longest ago goes first.
+                last_failed_at(states[spec.id]) if spec.id in overridden else 0.0,
                 counters.last_used.get((upstream, spec.id), 0),
             )
         )
         for spec in candidates:
-            lease = self._lend(upstream, spec, states.get(spec.id, KeyHealth()))
+            lease = self._lend(upstream, spec, states[spec.id], overridden.get(spec.id))
             if spec.rpm is None or await self._store.take_rpm(upstream, spec.id, spec.rpm, now):
                 return lease
             # Held from before the await, so no other request took the key meanwhile.
@@ -168,7 +198,22 @@ class KeyPool:
             shortage.rate_limited_until = _earliest(shortage.rate_limited_until, next_window)
         return shortage
 
-    def _lend(self, upstream: str, spec: KeySpec | None, seen: KeyHealth) -> Lease:
+    async def _load(self, upstream: str) -> dict[str, KeyHealth]:
+        """Every key of `upstream` by id, remembered as this replica's latest view."""
+        ids = [spec.id for spec in self._upstreams[upstream].keys]
+        found = await self._store.load(upstream, ids)
+        states = {key_id: found.get(key_id, KeyHealth()) for key_id in ids}
+        for key_id, state in states.items():
+            self._latest[(upstream, key_id)] = state
+        return states
+
+    def _lend(
+        self,
+        upstream: str,
+        spec: KeySpec | None,
+        seen: KeyHealth,
+        override: Override | None = None,
+    ) -> Lease:
         counters = self._counters
         counters.upstream_in_flight[upstream] = counters.upstream_in_flight.get(upstream, 0) + 1
         key = None
@@ -178,7 +223,7 @@ class KeyPool:
             counters.sequence += 1
             counters.last_used[slot] = counters.sequence
             key = UpstreamKey(id=spec.id, secret=spec.secret)
-        return Lease(upstream=upstream, key=key, seen=seen, _pool=self)
+        return Lease(upstream=upstream, key=key, seen=seen, _pool=self, override=override)
 
     def _release(self, lease: Lease) -> None:
         counters = self._counters
@@ -191,22 +236,73 @@ class KeyPool:
     ) -> KeyHealth | None:
         if lease.key is None:
             return None
+        upstream, key_id = lease.upstream, lease.key.id
         now = self._clock()
-        _, after = await self._store.update(
-            lease.upstream,
-            lease.key.id,
-            lambda state: after_failure(state, kind, headers, now, self._policy, self._rng),
-        )
+        if kind == "rejected":
+            # The upstream judged the request: the key works.
+            self._outcomes.record(upstream, key_id, failed=False, now=now)
+        if kind not in OUTLIER_FAILURES:
+            return await self._note_failure(upstream, key_id, kind, headers, now)
+        self._outcomes.record(upstream, key_id, failed=True, now=now)
+        siblings = [
+            spec.id
+            for spec in self._upstreams[upstream].keys
+            if spec.id != key_id
+            and self._latest.get((upstream, spec.id), KeyHealth()).disabled is None
+        ]
+        if not self._outcomes.blames_key(upstream, key_id, siblings, now):
+            # The siblings fail as often: the upstream's failure, noted but not held against it.
+            return await self._note_failure(upstream, key_id, kind, headers, now, blamed=False)
+        # One ejection decision at a time per upstream in this replica, on fresh states, so the
+        # limit also counts what other replicas decided meanwhile. Replicas deciding at the same
+        # instant can still overshoot it; selection sets the excess aside (outliers.overrides).
+        async with self._deciding[upstream]:
+            states = await self._load(upstream)
+            allowed = may_eject(states, key_id, now, self._policy.max_ejected_share)
+            return await self._note_failure(upstream, key_id, kind, headers, now, ejectable=allowed)
+
+    async def _note_failure(
+        self,
+        upstream: str,
+        key_id: str,
+        kind: FailureKind,
+        headers: Mapping[str, str],
+        now: float,
+        *,
+        blamed: bool = True,
+        ejectable: bool = True,
+    ) -> KeyHealth:
+        def change(state: KeyHealth) -> KeyHealth:
+            return after_failure(
+                state,
+                kind,
+                headers,
+                now,
+                self._policy,
+                self._rng,
+                blamed=blamed,
+                may_eject=ejectable,
+            )
+
+        _, after = await self._store.update(upstream, key_id, change)
+        self._latest[(upstream, key_id)] = after
         return after
 
     async def report_success(self, lease: Lease) -> None:
-        if lease.key is None or after_success(lease.seen, 0.0) is lease.seen:
+        if lease.key is None:
+            return
+        upstream, key_id = lease.upstream, lease.key.id
+        now = self._clock()
+        self._outcomes.record(upstream, key_id, failed=False, now=now)
+        served = lease.seen.ejected_until if lease.override is not None else 0.0
+        latest = self._latest.get((upstream, key_id), lease.seen)
+        if after_success(latest, now, ejection_served=served) is latest:
             # Nothing to clear (the common case): no write, no round trip.
             return
-        now = self._clock()
-        await self._store.update(
-            lease.upstream, lease.key.id, lambda state: after_success(state, now)
+        _, after = await self._store.update(
+            upstream, key_id, lambda state: after_success(state, now, ejection_served=served)
         )
+        self._latest[(upstream, key_id)] = after
 
     async def claim_probes(self, upstream: str) -> list[UpstreamKey]:
         """Disabled keys of `upstream` due for a probe, each booked so one replica probes it."""

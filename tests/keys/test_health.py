@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+from dataclasses import replace
 
 import pytest
 
@@ -106,7 +107,7 @@ def test_health_auth_and_quota_disable_until_a_probe_passes(kind: str) -> None:
 
 def test_health_five_consecutive_failures_eject_for_longer_each_time() -> None:
     state = KeyHealth()
-    for kind in ("server", "connect", "timeout", "server"):
+    for kind in ("server", "dropped", "timeout", "server"):
         state = fail(state, kind)
         assert state.usable(NOW)
     state = fail(state, "server")
@@ -139,8 +140,50 @@ def test_health_ejections_are_forgiven_after_time_back_in_service() -> None:
     # Months later it starts over.
     much_later = state.ejected_until + 1_000 * POLICY.eject_max
     for _ in range(5):
-        state = fail(state, "connect", now=much_later)
+        state = fail(state, "dropped", now=much_later)
     assert state.ejected_until - much_later == POLICY.eject_base
+
+
+def test_health_connection_failures_never_count_against_a_key() -> None:
+    # No key was sent: the host is unreachable, whichever key the attempt carried.
+    state = KeyHealth()
+    for step in range(50):
+        state = fail(state, "connect", now=NOW + step)
+    assert state.failures == 0 and state.usable(NOW + 50)
+    assert state.last_failure == "connect" and len(state.recent) == POLICY.recent_errors
+
+
+def test_health_failures_the_pool_does_not_blame_on_the_key_leave_its_streak_alone() -> None:
+    state = fail(fail(KeyHealth(), "server"), "server")
+    for _ in range(20):
+        state = after_failure(state, "server", {}, NOW, POLICY, no_jitter, blamed=False)
+    assert state.failures == 2 and state.usable(NOW)
+    assert [kind for _, kind in state.recent] == ["server"] * POLICY.recent_errors  # still shown
+
+
+def test_health_at_the_ejection_limit_the_streak_grows_but_the_key_stays_in() -> None:
+    state = KeyHealth()
+    for _ in range(8):
+        state = after_failure(state, "server", {}, NOW, POLICY, no_jitter, may_eject=False)
+    assert state.failures == 8 and state.usable(NOW) and state.times_ejected == 0
+    # Room again: the next failure held against it ejects it.
+    state = fail(state, "server", now=NOW + 1)
+    assert state.status(NOW + 1) == ("ejected", "server", POLICY.eject_base)
+
+
+def test_health_success_of_a_call_lent_despite_the_ejection_ends_it() -> None:
+    state = KeyHealth()
+    for _ in range(POLICY.eject_after):
+        state = fail(state, "server")
+    served = state.ejected_until
+    after = after_success(state, NOW + 2, ejection_served=served)
+    assert after.status(NOW + 2) == ("healthy", None, 0.0) and after.usable(NOW + 2)
+    assert after.times_ejected == 1  # still remembered, and forgiven with time as before
+    # A plain success (the call started before the ejection) does not end it.
+    assert not after_success(state, NOW + 2).usable(NOW + 2)
+    # Nor does a panic success end a later, longer ejection decided while the call ran.
+    longer = replace(state, ejected_until=served + 60)
+    assert after_success(longer, NOW + 2, ejection_served=served) == longer
 
 
 def test_health_success_resets_the_failure_streak() -> None:

@@ -1,6 +1,8 @@
 """Acceptance 8: a hypothesis state machine drives the pool through leases, outcomes, probes and
-time, and checks it never hands out a disabled, cooling or ejected key, never loses a key, never
-shortens a cooldown, and that in-flight counts return to zero."""
+time, and checks it never hands out a disabled or cooling key, hands out an ejected one only when
+ejection would otherwise empty the upstream (cap, panic), never loses a key, never shortens a
+cooldown, shortens an ejection only by a success of a key lent despite it, and that in-flight
+counts return to zero."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from hypothesis import HealthCheck, settings
@@ -18,6 +21,7 @@ from pydantic import SecretStr
 from app.config import KeySpec
 from app.errors import FailureKind
 from app.keys.health import HealthPolicy, KeyHealth
+from app.keys.outliers import ejection_limit
 from app.keys.pool import KeyPool, Lease, PoolUpstream, Shortage
 from app.keys.store import MemoryStore
 
@@ -32,6 +36,7 @@ SPECS = {
     "b": (KeySpec(id="b#1", secret=SecretStr("sk-b1-secret"), max_concurrency=1),),
 }
 UPSTREAM_CAPS = {"a": 4, "b": None}
+POLICY = HealthPolicy(eject_after=3, probe_interval=10.0)
 FAILURES: list[FailureKind] = [
     "rate_limited",
     "auth",
@@ -61,7 +66,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool = KeyPool(
             [PoolUpstream(name, SPECS[name], UPSTREAM_CAPS[name]) for name in SPECS],
             self.store,
-            policy=HealthPolicy(eject_after=3, probe_interval=10.0),
+            policy=POLICY,
             clock=lambda: self.now,
             rng=random.Random(7).random,
         )
@@ -75,17 +80,22 @@ class PoolMachine(RuleBasedStateMachine):
     def state(self, upstream: str, key_id: str) -> KeyHealth:
         return self.store.get(upstream, key_id)
 
-    @rule(upstream=st.sampled_from(sorted(SPECS)), exclude_first=st.booleans())
-    def acquire(self, upstream: str, exclude_first: bool) -> None:
+    @rule(upstream=st.sampled_from(sorted(SPECS)), exclude_first=st.booleans(), panic=st.booleans())
+    def acquire(self, upstream: str, exclude_first: bool, panic: bool) -> None:
         exclude = {SPECS[upstream][0].id} if exclude_first else set()
-        result = self.run(self.pool.acquire(upstream, exclude))
+        result = self.run(self.pool.acquire(upstream, exclude, panic=panic))
         if isinstance(result, Shortage):
-            self.check_nothing_was_free(upstream, exclude)
+            self.check_nothing_was_free(upstream, exclude, panic)
             return
         assert result.key is not None
         key_id = result.key.id
         assert key_id not in exclude
-        assert self.state(upstream, key_id).usable(self.now), "lent a key that is not usable"
+        state = self.state(upstream, key_id)
+        if result.override is None:
+            assert state.usable(self.now), "lent a key that is not usable"
+        else:
+            assert panic or result.override == "cap", "panic routing nobody asked for"
+            self.check_override_was_needed(upstream, key_id, result.override)
         spec = next(spec for spec in SPECS[upstream] if spec.id == key_id)
         assert result.key.secret == spec.secret
         if spec.max_concurrency is not None:
@@ -95,10 +105,46 @@ class PoolMachine(RuleBasedStateMachine):
             assert self.pool.in_flight(upstream) <= cap
         self.held.append(result)
 
-    def check_nothing_was_free(self, upstream: str, exclude: set[str]) -> None:
+    def ejected(self, upstream: str) -> list[str]:
+        return [
+            spec.id
+            for spec in SPECS[upstream]
+            if (state := self.state(upstream, spec.id)).disabled is None
+            and state.ejected_until > self.now
+        ]
+
+    def set_aside(self, upstream: str) -> set[str]:
+        """Ejected keys beyond the limit (replicas overshot it), the soonest to end first."""
+        specs = SPECS[upstream]
+        in_service = sum(1 for spec in specs if self.state(upstream, spec.id).disabled is None)
+        limit = ejection_limit(len(specs), in_service, POLICY.max_ejected_share)
+        ejected = sorted(
+            self.ejected(upstream), key=lambda k: self.state(upstream, k).ejected_until
+        )
+        return {
+            key_id
+            for key_id in ejected[: max(0, len(ejected) - limit)]
+            if self.state(upstream, key_id).cool_until <= self.now
+        }
+
+    def panic_routable(self, upstream: str) -> set[str]:
+        """Ejected keys panic routing may lend: nothing else serves and they are not cooling."""
+        usable = any(self.state(upstream, s.id).usable(self.now) for s in SPECS[upstream])
+        if usable or self.set_aside(upstream):
+            return set()
+        return {k for k in self.ejected(upstream) if self.state(upstream, k).cool_until <= self.now}
+
+    def check_override_was_needed(self, upstream: str, key_id: str, override: str) -> None:
+        if override == "panic":
+            assert key_id in self.panic_routable(upstream), "panic routing while keys could serve"
+        else:
+            assert key_id in self.set_aside(upstream), "an ejection within the limit set aside"
+
+    def check_nothing_was_free(self, upstream: str, exclude: set[str], panic: bool) -> None:
         cap = UPSTREAM_CAPS[upstream]
         if cap is not None and self.pool.in_flight(upstream) >= cap:
             return
+        lendable = self.set_aside(upstream) | (self.panic_routable(upstream) if panic else set())
         for spec in SPECS[upstream]:
             if spec.id in exclude or spec.rpm is not None:
                 continue
@@ -106,8 +152,8 @@ class PoolMachine(RuleBasedStateMachine):
                 spec.max_concurrency is None
                 or self.pool.in_flight(upstream, spec.id) < spec.max_concurrency
             )
-            free = self.state(upstream, spec.id).usable(self.now) and below_cap
-            assert not free, f"no key lent while {spec.id} was free"
+            usable = self.state(upstream, spec.id).usable(self.now) or spec.id in lendable
+            assert not (usable and below_cap), f"no key lent while {spec.id} was free"
 
     @precondition(lambda self: bool(self.held))
     @rule(
@@ -119,10 +165,45 @@ class PoolMachine(RuleBasedStateMachine):
         lease = self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
         if outcome == "success":
             self.run(self.pool.report_success(lease))
+            if lease.override is not None and lease.key is not None:
+                # The one way an ejection ends early: a key lent despite it worked.
+                self.ejected_until[lease.key.id] = self.state(
+                    lease.upstream, lease.key.id
+                ).ejected_until
         else:
             self.run(self.pool.report_failure(lease, outcome, hint))  # type: ignore[arg-type]
         lease.release()
         lease.release()  # a second release must not count twice
+
+    @rule(
+        upstream=st.sampled_from(sorted(SPECS)),
+        data=st.data(),
+        seconds=st.floats(1, 300, allow_nan=False),
+    )
+    def ejected_by_another_replica(
+        self, upstream: str, data: st.DataObject, seconds: float
+    ) -> None:
+        """Another replica's ejection lands in the shared store, past this one's limit maybe."""
+        spec = data.draw(st.sampled_from(SPECS[upstream]))
+        state = self.state(upstream, spec.id)
+        until = max(state.ejected_until, self.now + seconds)
+        self.store.put(
+            upstream,
+            spec.id,
+            replace(state, ejected_until=until, times_ejected=state.times_ejected + 1),
+        )
+
+    @rule(
+        upstream=st.sampled_from(sorted(SPECS)),
+        data=st.data(),
+        seconds=st.floats(1, 300, allow_nan=False),
+    )
+    def cooled_by_another_replica(self, upstream: str, data: st.DataObject, seconds: float) -> None:
+        """Another replica's 429 cooldown lands in the shared store."""
+        spec = data.draw(st.sampled_from(SPECS[upstream]))
+        state = self.state(upstream, spec.id)
+        until = max(state.cool_until, self.now + seconds)
+        self.store.put(upstream, spec.id, replace(state, cool_until=until))
 
     @rule(seconds=st.floats(0, 120, allow_nan=False))
     def advance(self, seconds: float) -> None:

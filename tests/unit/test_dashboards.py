@@ -41,6 +41,7 @@ def exported_series() -> dict[str, set[str]]:
     metrics.record_upstream("default", "m", "rate_limited", 1)
     metrics.record_retry("default", "rate_limited")
     metrics.record_failover("default", "backup")
+    metrics.record_ejection_override("default", "panic")
     metrics.watch_keys(lambda: [KeySnapshot("default", "default#1", "cooling", "rate_limited", 3)])
     metrics.record_cache_lookup("m", "hit")
     metrics.record_cache_store("m", 1)
@@ -121,7 +122,12 @@ def app_routes() -> set[str]:
 def test_dashboards_and_alerts_exist() -> None:
     assert DASHBOARDS, "no dashboard under config/grafana/dashboards"
     names = {name for name, _ in alert_expressions()}
-    for alert in ("UpstreamKeyDisabled", "UpstreamAllKeysCooling", "Gateway5xxRatioHigh"):
+    for alert in (
+        "UpstreamKeyDisabled",
+        "UpstreamAllKeysCooling",
+        "UpstreamPanicRouting",
+        "Gateway5xxRatioHigh",
+    ):
         assert any(alert in name for name in names)
     assert any("GatewayP99LatencyHigh" in name for name in names)
     assert any("RedisDown" in name for name in names)
