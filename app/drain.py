@@ -188,9 +188,11 @@ async def _cut_off(answer: _Answer, scope: Scope, receive: Receive, send: Send) 
         code="gateway_shutdown",
         headers=dict(_CLOSE),
     )
+    if answer.complete:
+        return  # answered already; only the app's own work after it was cut short
     current_record().note_error(code=error.code, param=None, failure=None)
-    if answer.complete or answer.client_gone:
-        return  # nothing left to say, or nobody to say it to (logged as 499)
+    if answer.client_gone:
+        return  # nobody to answer: logged as 499
     if not answer.started:
         await error_response(error)(scope, receive, send)
     elif answer.event_stream:
