@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -17,10 +18,13 @@ from app.config import load_settings
 from app.config_file import ConfigError
 from app.http_protocol import GuardedHttpToolsProtocol
 from app.logs import logging_config
+from app.workers import run_workers
 
 # prometheus-client's multiprocess mode: every worker writes its values to files in this
 # directory and a scrape of any worker adds them all up.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Seconds uvicorn waits past the drain limit before cancelling what is left itself.
+SHUTDOWN_BACKSTOP = 5
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,23 +62,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"image-gateway: configuration error:\n{exc}", file=sys.stderr)
         _remove(metrics_dir)
         return 2
+    options: dict[str, Any] = dict(
+        app="app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        loop="uvloop",
+        http=GuardedHttpToolsProtocol,
+        log_config=logging_config(settings.logging),
+        log_level=settings.logging.level,
+        access_log=False,  # app/observe.py writes one richer line per request
+        # A backstop only: the app cuts its own in-flight requests off at the drain limit and
+        # answers them (app/drain.py); uvicorn's cancel would log each as a traceback.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown.drain_timeout) + SHUTDOWN_BACKSTOP,
+    )
     # After a graceful shutdown uvicorn re-raises the signal that stopped it, to the handler
     # that was in place before it started: this one, so a drained shutdown exits 0.
     previous = signal.signal(signal.SIGTERM, _stopped)
     try:
-        uvicorn.run(
-            "app.main:create_app",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            loop="uvloop",
-            http=GuardedHttpToolsProtocol,
-            log_config=logging_config(settings.logging),
-            log_level=settings.logging.level,
-            access_log=False,  # app/observe.py writes one richer line per request
-            timeout_graceful_shutdown=math.ceil(settings.shutdown.drain_timeout),
-        )
+        if args.workers > 1:
+            run_workers(uvicorn.Config(**options))
+        else:
+            uvicorn.run(**options)
     finally:
         signal.signal(signal.SIGTERM, previous)
         _remove(metrics_dir)

@@ -193,7 +193,8 @@ class LoggingConfig(_Strict):
 
 
 class ShutdownConfig(_Strict):
-    # After SIGTERM, in-flight edits get this long to finish before they are cancelled.
+    # After SIGTERM, in-flight edits get this long to finish; any still running is then
+    # answered 503 gateway_shutdown (app/drain.py), and the process exits.
     drain_timeout: float = Field(60.0, gt=0)
 
 

@@ -16,6 +16,8 @@ GatewayError
  ├── UpstreamUnreachable       502 connection failed before the request was delivered
  ├── UpstreamTimeout           504 the upstream did not answer within the model's timeout
  ├── Overloaded                503 the gateway is at its concurrency limit
+ ├── ShuttingDown              503 the gateway is draining: refused at the door, or cut off at
+ │                                 the drain limit
  ├── StoreUnavailable          503 shared state (Redis) is needed and cannot be reached
  └── NoUsableKey               503 every upstream key is disabled, ejected or busy
 """
@@ -172,6 +174,12 @@ class Overloaded(GatewayError):
     status_code = 503
     error_type = "server_error"
     default_code = "gateway_overloaded"
+
+
+class ShuttingDown(GatewayError):
+    status_code = 503
+    error_type = "server_error"
+    default_code = "gateway_draining"
 
 
 class StoreUnavailable(GatewayError):

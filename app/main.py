@@ -45,7 +45,7 @@ def create_app(
             multiprocess_dir=settings.metrics_multiprocess_dir,
             clients=client_names(settings.clients, len(settings.client_keys)),
         )
-    drain = Drain()
+    drain = Drain(settings.shutdown.drain_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,7 +61,7 @@ def create_app(
             await gateway.cache.store.check()
         if gateway.redis is not None:
             await check_redis(gateway.redis, metrics, "health")
-        unhook = drain.hook_signals()
+        unhook = drain.open()
         watcher = (
             asyncio.create_task(watch_redis(gateway.redis, metrics))
             if gateway.redis is not None
@@ -80,7 +80,9 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             unhook()
-            await gateway.aclose()
+            # Whatever is left of the drain limit: one budget for the whole shutdown, not a
+            # second full one for paid calls whose clients have left.
+            await gateway.aclose(grace=drain.remaining())
             metrics.close()
             unredact()
 

@@ -7,6 +7,7 @@ fill in; this is the one place that turns it into metrics and one JSON log line.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from app.logs import ACCESS_LOGGER, FIELDS
 from app.metrics import OTHER, GatewayMetrics
 from app.request_record import RequestRecord, recording
 
+# nginx's "client closed request": logged for a request that ended with nobody to answer.
+CLIENT_GONE = 499
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # Refusals that are the client's to fix (401 is authentication, counted by status only).
 _REJECTION_STATUSES = frozenset({400, 404, 409, 413, 415, 422})
@@ -56,15 +59,18 @@ class ObservabilityMiddleware:
             return
         state = scope.setdefault("state", {})
         start = self._clock()
-        status = 500
+        status: int | None = None
+        abandoned = False
         bytes_in = 0
         bytes_out = 0
 
         async def counting_receive() -> Message:
-            nonlocal bytes_in
+            nonlocal bytes_in, abandoned
             message = await receive()
             if message["type"] == "http.request":
                 bytes_in += len(message.get("body", b""))
+            elif message["type"] == "http.disconnect":
+                abandoned = True
             return message
 
         async def counting_send(message: Message) -> None:
@@ -86,11 +92,20 @@ class ObservabilityMiddleware:
         with recording(state.get("request_id", "")) as record:
             try:
                 await self.app(scope, counting_receive, counting_send)
+            except asyncio.CancelledError:
+                # Cancelled before answering (the server giving up on it at shutdown): nobody
+                # is answered, so no 500 is counted for it.
+                abandoned = True
+                raise
             finally:
                 if counted:
                     self._metrics.request_ended()
                 seconds = self._clock() - start
                 route = self._route(scope)
+                if status is None:
+                    # No answer went out: the client left (or the request was cancelled), as
+                    # nginx's 499; otherwise the server answers 500 for the app.
+                    status = CLIENT_GONE if abandoned else 500
                 self._finish(scope, route, record, status, seconds, bytes_in, bytes_out)
 
     def _finish(

@@ -56,11 +56,12 @@ class Gateway:
         if self.prober is not None:
             self.prober.start()
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, grace: float) -> None:
+        """Close every client; paid upstream calls still running (their clients left) get
+        `grace` seconds to finish and be stored."""
         if self.prober is not None:
             await self.prober.aclose()
-        # Paid upstream calls whose clients left get the drain budget to finish and be stored.
-        await self.cache.aclose(grace=self.settings.shutdown.drain_timeout)
+        await self.cache.aclose(grace=grace)
         await self.cache.store.aclose()
         await self.http.aclose()
         if self.spool_worker is not None:

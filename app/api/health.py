@@ -1,9 +1,12 @@
-"""GET /healthz (the process is alive) and GET /readyz (its dependencies are usable)."""
+"""GET /healthz (the process is alive) and GET /readyz (its dependencies are usable).
+
+While the gateway drains, app/drain.py answers both 503 before they get here.
+"""
 
 from __future__ import annotations
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from starlette.responses import Response
 
 from app.api.deps import GatewayDep
@@ -20,13 +23,9 @@ async def healthz() -> Response:
 
 
 @router.get("/readyz")
-async def readyz(request: Request, gateway: GatewayDep) -> Response:
+async def readyz(gateway: GatewayDep) -> Response:
     problems: list[str] = []
     checks: dict[str, str] = {}
-    if request.app.state.drain.draining:
-        # Shutting down: load balancers must stop sending work here now.
-        checks["shutdown"] = "draining"
-        problems.append("the gateway is shutting down")
     settings = gateway.settings
     key_states = await _key_states(gateway)
     degraded_upstreams = False
@@ -61,7 +60,7 @@ async def readyz(request: Request, gateway: GatewayDep) -> Response:
         checks["cache"] = "degraded"
     status = 503 if problems else 200
     if problems:
-        state = "draining" if request.app.state.drain.draining else "not ready"
+        state = "not ready"
     else:
         degraded = checks["cache"] == "degraded" or degraded_upstreams
         state = "degraded" if degraded else "ready"

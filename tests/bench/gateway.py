@@ -1,9 +1,12 @@
-"""The gateway under test as users run it (`image-gateway serve`, one process, uvloop + httptools),
-and what the benchmark reads about a process from /proc: CPU seconds, peak RSS, open files."""
+"""The gateway under test as users run it (`image-gateway serve`, uvloop + httptools; one process
+unless `workers` says otherwise), and what the benchmark reads about a process from /proc: CPU
+seconds, peak RSS, open files, and the same summed over a process and its workers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -30,8 +33,11 @@ class GatewayProcess:
         *,
         limits: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        workers: int = 1,
+        sections: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.name = name
+        self.workers = workers
         self.port = free_port()
         self.spool_dir = workdir / f"spool-{name}"
         self.spool_dir.mkdir()
@@ -40,6 +46,8 @@ class GatewayProcess:
         config = yaml.safe_load((REPO / "config" / "gateway.yaml").read_text())
         config["catalog"] = str(REPO / "config" / config.get("catalog", "models.yaml"))
         config.setdefault("limits", {}).update({"spool_dir": str(self.spool_dir), **(limits or {})})
+        for section, values in (sections or {}).items():
+            config.setdefault(section, {}).update(values)
         config_path = workdir / f"gateway-{name}.yaml"
         config_path.write_text(yaml.safe_dump(config))
         self._env = {
@@ -62,6 +70,10 @@ class GatewayProcess:
         assert self.process is not None
         return self.process.pid
 
+    @property
+    def log_path(self) -> Path:
+        return self._log
+
     def start(self) -> GatewayProcess:
         self.process = subprocess.Popen(
             [
@@ -73,6 +85,8 @@ class GatewayProcess:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
+                "--workers",
+                str(self.workers),
             ],
             env=self._env,
             cwd=REPO,
@@ -98,9 +112,18 @@ class GatewayProcess:
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+                self.kill()
         self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL the parent and every worker: a worker whose event loop is stuck outlives both
+        SIGTERM and its parent."""
+        if self.process is None:
+            return
+        for pid in reversed(process_tree(self.process.pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
 
     def spooled_files_open(self) -> int:
         """Spool files the process still holds (unnamed temp files show as `(deleted)`)."""
@@ -116,13 +139,43 @@ class GatewayProcess:
         return count + len(os.listdir(self.spool_dir))
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (with --workers: the parent and its workers)."""
+    found = [pid]
+    for parent in found:
+        children = Path(f"/proc/{parent}/task/{parent}/children")
+        try:
+            found += [int(child) for child in children.read_text().split()]
+        except OSError:
+            continue  # exited meanwhile
+    return found
+
+
+def tree_rss_bytes(pid: int) -> int:
+    return sum(_status_kib(p, "VmRSS") * 1024 for p in process_tree(pid))
+
+
+def tree_open_fds(pid: int) -> int:
+    total = 0
+    for p in process_tree(pid):
+        try:
+            total += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            continue
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0  # exited meanwhile
+    for line in lines:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0

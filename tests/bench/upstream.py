@@ -2,6 +2,11 @@
 canned ImagesResponse after reading the whole body; a uvloop + httptools server does the same,
 optionally after a delay, where nginx is missing or a slow upstream is wanted.
 
+The asyncio one also takes faults at run time (the soak's seam, tests/bench/soak.py): `PUT
+/_faults` with a JSON `Faults` sets a delay, a share of calls answered with an error status, and
+the same per upstream key; `AsyncioUpstream.set_faults()` sends it. Stop and start the process to
+have the upstream refuse connections for a while.
+
 Run the asyncio one alone: `python -m tests.bench.upstream --port 9000 --delay 2`.
 """
 
@@ -11,13 +16,16 @@ import argparse
 import asyncio
 import base64
 import os
+import random
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
+import httpx
 import orjson
 
 from tests.support import images
@@ -162,6 +170,7 @@ class AsyncioUpstream(Upstream):
         self.delay = delay
 
     def start(self) -> AsyncioUpstream:
+        """Start (or start again, on the same port, with no faults) the upstream process."""
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -177,6 +186,11 @@ class AsyncioUpstream(Upstream):
         wait_for_port(self.port)
         return self
 
+    def set_faults(self, faults: Faults) -> None:
+        """Replace what the upstream does to each call from now on."""
+        base = self.url.removesuffix("/v1")
+        httpx.put(base + FAULTS_PATH, json=asdict(faults), timeout=10).raise_for_status()
+
 
 def fast_upstream(prefer_nginx: bool = True) -> Upstream:
     if prefer_nginx and nginx_available():
@@ -186,21 +200,65 @@ def fast_upstream(prefer_nginx: bool = True) -> Upstream:
 
 # --- the asyncio server itself -------------------------------------------------------------------
 
-_RESPONSE = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-    + str(len(IMAGES_RESPONSE)).encode()
-    + b"\r\n\r\n"
-    + IMAGES_RESPONSE
-)
+FAULTS_PATH = "/_faults"
+
+
+@dataclass
+class Faults:
+    """What the asyncio upstream does to a call: wait `delay` seconds, then answer
+    `error_status` to a share `error_rate` of calls (429s carry `retry_after`), else succeed.
+    `keys` overrides any of these per upstream key (the bearer token the call carried)."""
+
+    delay: float = 0.0
+    error_rate: float = 0.0
+    error_status: int = 500
+    retry_after: float = 1.0
+    keys: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def for_key(self, key: str | None) -> Faults:
+        override = self.keys.get(key or "")
+        if not override:
+            return self
+        return Faults(**{**asdict(self), **override, "keys": {}})
+
+
+def _response(status: int, body: bytes, *headers: str) -> bytes:
+    reason = {200: "OK", 204: "No Content", 429: "Too Many Requests"}.get(status, "Error")
+    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json"]
+    head += [*headers, f"content-length: {len(body)}"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def _error_response(faults: Faults) -> bytes:
+    status = faults.error_status
+    body = orjson.dumps(
+        {
+            "error": {
+                "message": f"injected failure {status}",
+                "type": "rate_limit_exceeded" if status == 429 else "server_error",
+                "param": None,
+                "code": "rate_limit_exceeded" if status == 429 else None,
+            }
+        }
+    )
+    extra = [f"retry-after: {faults.retry_after:g}"] if status == 429 else []
+    return _response(status, body, *extra)
+
+
+_RESPONSE = _response(200, IMAGES_RESPONSE)
+_NO_CONTENT = b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n"
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, delay: float) -> None:
+    def __init__(self, state: _State) -> None:
         import httptools
 
-        self._delay = delay
+        self._state = state
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
+        self._url = b""
+        self._key: str | None = None
+        self._control: list[bytes] | None = None  # the body of a PUT /_faults
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -212,25 +270,61 @@ class _Protocol(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.close()
 
-    def on_message_complete(self) -> None:
-        # The body was read (and dropped) chunk by chunk; answer once it is all in.
-        if self._delay > 0:
-            asyncio.get_running_loop().call_later(self._delay, self._reply)
-        else:
-            self._reply()
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._key = None
+        self._control = None
 
-    def _reply(self) -> None:
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"authorization":
+            self._key = value.decode("latin-1").removeprefix("Bearer ")
+
+    def on_headers_complete(self) -> None:
+        if self._url == FAULTS_PATH.encode():
+            self._control = []
+
+    def on_body(self, body: bytes) -> None:
+        # An edit's body is read (and dropped) chunk by chunk; only a control body is kept.
+        if self._control is not None:
+            self._control.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._control is not None:
+            raw: dict[str, Any] = orjson.loads(b"".join(self._control))
+            self._state.faults = Faults(**raw)
+            self._write(_NO_CONTENT)
+            return
+        faults = self._state.faults.for_key(self._key)
+        failing = faults.error_rate > 0 and self._state.rng.random() < faults.error_rate
+        answer = _error_response(faults) if failing else _RESPONSE
+        # Answer once the body is all in, after the delay.
+        if faults.delay > 0:
+            asyncio.get_running_loop().call_later(faults.delay, self._write, answer)
+        else:
+            self._write(answer)
+
+    def _write(self, answer: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(_RESPONSE)
+            self._transport.write(answer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
 
 
+@dataclass
+class _State:
+    faults: Faults
+    rng: random.Random
+
+
 async def _serve(port: int, delay: float) -> None:
     loop = asyncio.get_running_loop()
+    state = _State(Faults(delay=delay), random.Random(port))
     server = await loop.create_server(
-        lambda: _Protocol(delay), "127.0.0.1", port, backlog=4096, reuse_address=True
+        lambda: _Protocol(state), "127.0.0.1", port, backlog=4096, reuse_address=True
     )
     async with server:
         await server.serve_forever()
