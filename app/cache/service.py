@@ -219,6 +219,11 @@ class EditCache:
         pause = _POLL_FIRST
         while True:
             flight = self._flights.get(key)
+            # A call that has failed stays here until its done-callbacks run. Awaiting it would
+            # raise without yielding, so retrying it would spin and those callbacks never run:
+            # a failed call is not shared, the lookup below elects a new leader.
+            if flight is not None and flight.done() and not _succeeded(flight):
+                flight = None
             if flight is not None:
                 try:
                     paid = await asyncio.shield(flight)
@@ -412,3 +417,7 @@ def _retrieve(task: asyncio.Task[_Paid]) -> None:
     # A paid call nobody awaits any more (its client left) still logs its failure.
     if not task.cancelled() and task.exception() is not None:
         log.info("upstream edit failed: %s", type(task.exception()).__name__)
+
+
+def _succeeded(task: asyncio.Task[_Paid]) -> bool:
+    return not task.cancelled() and task.exception() is None

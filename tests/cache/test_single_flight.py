@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -345,3 +346,46 @@ def test_store_renew_extends_its_own_lease_retakes_a_lost_one_and_never_anothers
             await store.aclose()
 
     asyncio.run(scenario())
+
+
+def test_single_flight_request_arriving_as_a_failed_call_ends_does_not_spin() -> None:
+    """A failed call stays in the flights table until its done-callbacks run. A request that
+    arrives in between must not join it: awaiting a finished task raises without yielding, so the
+    old loop retried it forever and the callbacks that would have removed it never ran (a worker
+    stuck at 100% CPU, deaf to SIGTERM, seen in the soak after a Redis restart)."""
+
+    class FailsOnce:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def __call__(self, request: EditRequest) -> UpstreamAnswer:
+            self.calls += 1
+            if self.calls == 1:
+                raise UpstreamFailed("upstream answered 500")
+            return await Upstream()(request)
+
+    async def scenario() -> EditOutcome:
+        request, _ = unique_edit()
+        upstream = FailsOnce()
+        service = replica(MemoryStore(max_bytes=1 << 20), upstream)
+        ended = asyncio.Event()
+
+        async def late() -> EditOutcome:
+            await ended.wait()
+            return await service.run(
+                request, release=lambda: None, policy="normal", client_scope=None
+            )
+
+        arrival = asyncio.create_task(late())
+        # The leader's release runs in the paid call's last step: setting the event there wakes
+        # `late` before the failed task's done-callbacks, every time.
+        leader = service.run(request, release=ended.set, policy="normal", client_scope=None)
+        assert isinstance((await asyncio.gather(leader, return_exceptions=True))[0], UpstreamFailed)
+        return await arrival
+
+    outcome: list[EditOutcome] = []
+    worker = threading.Thread(target=lambda: outcome.append(asyncio.run(scenario())), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the late request spun on the failed call"
+    assert outcome and outcome[0].x_cache == "miss"
