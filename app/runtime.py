@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
-import aiohttp
 import httpx
 import redis.asyncio as aioredis
 from pydantic import SecretStr
@@ -28,7 +27,7 @@ from app.keys.store import FailoverStore, MemoryStore, RedisStore, StateStore
 from app.metrics import GatewayMetrics
 from app.redaction import Redactor
 from app.redis_client import open_redis
-from app.upstream.aiohttp_transport import AiohttpTransport, open_session
+from app.upstream.aiohttp_transport import AiohttpTransport, UpstreamPool
 from app.upstream.base import Upstream, UpstreamAnswer
 from app.upstream.bfl import BflUpstream
 from app.upstream.demo import DemoUpstream
@@ -50,8 +49,8 @@ class UpstreamHttp:
     by_upstream: dict[str, httpx.AsyncClient]
     # Client-supplied image URLs: direct, or image_urls.proxy; never the environment's.
     image_urls: httpx.AsyncClient
-    # The connection pool under all of them; None when a test hands in its own transport.
-    session: aiohttp.ClientSession | None
+    # The connections under all of them; None when a test hands in its own transport.
+    pool: UpstreamPool | None
 
     def for_upstream(self, name: str) -> httpx.AsyncClient:
         return self.by_upstream.get(name, self.default)
@@ -59,8 +58,8 @@ class UpstreamHttp:
     async def aclose(self) -> None:
         for client in (self.default, self.image_urls, *self.by_upstream.values()):
             await client.aclose()
-        if self.session is not None:
-            await self.session.close()
+        if self.pool is not None:
+            await self.pool.aclose()
 
 
 @dataclass
@@ -132,7 +131,7 @@ def open_http(
 ) -> UpstreamHttp:
     """The upstream clients over one aiohttp pool, or over `transport` (a test's seam, which
     then sees every request, proxies aside). Needs the running event loop."""
-    session = None
+    pool = None
     if transport is None:
         in_use = [settings.upstreams[name] for name in settings.catalog.upstreams_in_use()]
         # Loading the CA bundle takes tens of milliseconds: done here, not inside the first
@@ -141,7 +140,7 @@ def open_http(
         https = settings.image_urls.enabled or any(
             upstream.base_url.startswith("https:") for upstream in in_use if not settings.demo
         )
-        session = open_session(
+        pool = UpstreamPool(
             max_connections=settings.http.max_connections,
             keepalive_expiry=settings.http.keepalive_expiry,
             ssl_context=httpx.create_ssl_context() if https else None,
@@ -150,8 +149,8 @@ def open_http(
 
     def client(egress: Egress) -> httpx.AsyncClient:
         route: httpx.AsyncBaseTransport
-        if session is not None:
-            route = AiohttpTransport(session, egress=egress, max_response_bytes=max_response_bytes)
+        if pool is not None:
+            route = AiohttpTransport(pool, egress=egress, max_response_bytes=max_response_bytes)
         else:
             assert transport is not None
             route = transport
@@ -179,7 +178,7 @@ def open_http(
             if image_urls.proxy is not None
             else Egress.direct()
         ),
-        session=session,
+        pool=pool,
     )
 
 

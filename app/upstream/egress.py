@@ -10,6 +10,7 @@ URLs go direct unless `image_urls.proxy` names a proxy for them.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ PROXY_VARIABLES = (
     "no_proxy",
     "NO_PROXY",
 )
+
+
+# A host name or IPv4 address (httpx checks IPv6 ones itself).
+_HOST = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class ProxyUrlError(ValueError):
@@ -59,6 +64,8 @@ class Proxy:
             )
         if not url.host:
             raise ProxyUrlError("names no host")
+        if not (_HOST.fullmatch(url.host) or ":" in url.host) or (url.port or 80) > 65535:
+            raise ProxyUrlError("is not a valid URL")
         if url.path not in ("", "/") or url.query or url.fragment:
             raise ProxyUrlError("must be http://host:port, without a path")
         inline = (
