@@ -80,7 +80,7 @@ def test_image_urls_have_a_proxy_of_their_own(tmp_path: Path) -> None:
     assert settings.image_urls.proxy == "http://fetch.proxy:3128"
     assert "fetch-secret" in secrets_of(settings)
     bad = write_gateway_config(tmp_path, image_urls={"proxy": "ftp://fetch.proxy"})
-    with pytest.raises(ConfigError, match="image_urls.proxy: only http:// proxies"):
+    with pytest.raises(ConfigError, match=r"image_urls\.proxy: only http:// proxies"):
         load_settings(env={**BASE_ENV, "GATEWAY_CONFIG": str(bad)})
 
 

@@ -97,7 +97,9 @@ def reset(writer: asyncio.StreamWriter) -> None:
 def answering(*answers: bytes) -> Script:
     """Each request on a connection gets the next answer (the last one repeats)."""
 
-    async def script(upstream: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def script(
+        upstream: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         count = 0
         while True:
             await upstream.read_request(reader)

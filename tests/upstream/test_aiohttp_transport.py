@@ -340,7 +340,9 @@ def test_an_answer_over_the_cap_is_cut_off_as_an_error() -> None:
 
 
 def test_the_gateways_clients_never_send_a_cookie_an_answer_set() -> None:
-    with_cookie = b"HTTP/1.1 200 OK\r\nset-cookie: session=abc; Path=/\r\ncontent-length: 2\r\n\r\nok"
+    with_cookie = (
+        b"HTTP/1.1 200 OK\r\nset-cookie: session=abc; Path=/\r\ncontent-length: 2\r\n\r\nok"
+    )
     settings = load_settings(
         env={"GATEWAY_CONFIG": str(CONFIG), "GATEWAY_ALLOW_ANONYMOUS": "true"}, demo=True
     )

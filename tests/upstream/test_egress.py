@@ -53,8 +53,9 @@ def test_lower_case_wins_even_when_empty_and_all_proxy_covers_both() -> None:
 def test_no_proxy_matches_hosts_and_their_subdomains(
     no_proxy: str, url: str, host: str | None, bypassed: bool
 ) -> None:
+    proxy = "http://proxy:3128"
     egress = Egress.from_environment(
-        {"HTTPS_PROXY": "http://proxy:3128", "HTTP_PROXY": "http://proxy:3128", "NO_PROXY": no_proxy}
+        {"HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "NO_PROXY": no_proxy}
     )
     assert (egress.proxy_for(request(url, host)) is None) is bypassed
 
