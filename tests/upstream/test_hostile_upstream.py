@@ -181,7 +181,8 @@ CASES = [
     Case(
         "chunked-trailers",
         answering(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-t: 1\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nx-t: 1\r\n\r\n"
         ),
         requests=2,
     ),
