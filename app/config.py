@@ -17,6 +17,7 @@ from app.catalog import Catalog, load_catalog
 from app.clients.config import ClientsConfig
 from app.config_file import ConfigError, format_validation_error, read_yaml
 from app.redis_client import RedisTarget, RedisUrlError
+from app.upstream.egress import PROXY_VARIABLES, Egress, Proxy, ProxyUrlError
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 DEFAULT_UPSTREAM = "default"
@@ -110,6 +111,13 @@ class UpstreamConfig(_Strict):
     # Filled at load time from keys_env and named_keys (with ids and caps); `keys` holds the same
     # secrets, in the same order.
     key_specs: tuple[KeySpec, ...] = ()
+    # The egress proxy for every call to this upstream (edits, probes, BFL polls and results),
+    # instead of the environment's HTTPS_PROXY/HTTP_PROXY/NO_PROXY: http://host:port. Its
+    # credentials, if it takes any, come from the variable proxy_auth_env names (user:password).
+    proxy: str | None = None
+    proxy_auth_env: str | None = None
+    # Filled at load time from proxy_auth_env.
+    proxy_auth: SecretStr | None = None
 
 
 class PoolConfig(_Strict):
@@ -170,9 +178,18 @@ class Limits(_Strict):
 
 
 class HttpClientConfig(_Strict):
+    """Connections to upstreams (app/upstream/aiohttp_transport.py), per process."""
+
+    # Open at once, all upstreams together; beyond it calls wait.
     max_connections: int = Field(512, gt=0)
+    # No longer used: idle connections are bounded by max_connections and keepalive_expiry.
+    # Accepted so that existing files still load.
     max_keepalive_connections: int = Field(128, ge=0)
-    keepalive_expiry: float = Field(30.0, gt=0)
+    # Seconds an idle connection is kept. Short on purpose: an upstream that closes an idle
+    # connection just as it is reused loses that request, which is never sent again (it may have
+    # been billed). Below the 5 s idle timeout of uvicorn and Node servers; a new connection costs
+    # a few milliseconds beside an edit's minute.
+    keepalive_expiry: float = Field(4.0, gt=0)
     # An upstream answer larger than this is cut off (a broken upstream must not take the memory).
     max_response_bytes: ByteSize = ByteSize(1024 * 1024 * 1024)
 
@@ -221,6 +238,13 @@ class ImageUrlConfig(FetchConfig):
     allowed_hosts: tuple[str, ...] = ("*",)
     max_bytes: ByteSize = ByteSize(25 * 1024 * 1024)
     timeout: float = Field(15.0, gt=0)
+    # Client-supplied URLs never go through the environment's proxy: only through this one, if
+    # set (http://host:port; credentials from the variable proxy_auth_env names). The SSRF guard
+    # still resolves and checks the host first, and the proxy is handed the vetted address.
+    proxy: str | None = None
+    proxy_auth_env: str | None = None
+    # Filled at load time from proxy_auth_env.
+    proxy_auth: SecretStr | None = None
 
 
 class CacheConfig(_Strict):
@@ -298,6 +322,9 @@ class Settings(_Strict):
     image_urls: ImageUrlConfig = ImageUrlConfig()
     pool: PoolConfig = PoolConfig()
     retry: RetryConfig = RetryConfig()
+    # The environment's HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY (either case), read once
+    # at startup (app/upstream/egress.py); values may carry proxy credentials.
+    proxy_environment: dict[str, SecretStr] = Field(default_factory=dict)
 
 
 def _env_list(value: str | None) -> tuple[SecretStr, ...]:
@@ -329,6 +356,12 @@ def _pool_config(pool: PoolConfig, namespace: str | None) -> PoolConfig:
 
 
 def _refuse_secrets_in_file(source: str, raw: dict[str, object]) -> None:
+    image_urls = raw.get("image_urls")
+    if isinstance(image_urls, dict) and "proxy_auth" in image_urls:
+        raise ConfigError(
+            f"{source}: image_urls.proxy_auth: credentials never go in this file; name the "
+            "environment variable holding user:password with proxy_auth_env"
+        )
     upstreams = raw.get("upstreams")
     if not isinstance(upstreams, dict):
         return
@@ -339,6 +372,48 @@ def _refuse_secrets_in_file(source: str, raw: dict[str, object]) -> None:
                     f"{source}: upstreams.{name}.{field}: keys never go in this file; name the "
                     "environment variable holding them with keys_env or named_keys"
                 )
+        if isinstance(body, dict) and "proxy_auth" in body:
+            raise ConfigError(
+                f"{source}: upstreams.{name}.proxy_auth: credentials never go in this file; name "
+                "the environment variable holding user:password with proxy_auth_env"
+            )
+
+
+def _proxy_auth(
+    source: str, key: str, proxy: str | None, auth_env: str | None, env: Mapping[str, str]
+) -> SecretStr | None:
+    """The credentials of a configured proxy, from the variable its proxy_auth_env names; the
+    proxy URL itself is checked here too (a YAML file never carries credentials)."""
+    if proxy is not None:
+        try:
+            parsed = Proxy.parse(proxy)
+        except ProxyUrlError as exc:
+            raise ConfigError(f"{source}: {key}.proxy: {exc}") from None
+        if parsed.credentials is not None:
+            raise ConfigError(
+                f"{source}: {key}.proxy: credentials never go in this file; put user:password "
+                "in an environment variable and name it with proxy_auth_env"
+            )
+    if auth_env is None:
+        return None
+    if proxy is None:
+        raise ConfigError(f"{source}: {key}.proxy_auth_env: set, but {key}.proxy is not")
+    value = (env.get(auth_env) or "").strip()
+    if not value:
+        raise ConfigError(
+            f"environment: {auth_env}: the credentials of {key}.proxy are not set; set it to "
+            "user:password"
+        )
+    return SecretStr(value)
+
+
+def _proxy_environment(env: Mapping[str, str]) -> dict[str, SecretStr]:
+    values = {name: env[name] for name in PROXY_VARIABLES if name in env}
+    try:
+        Egress.from_environment(values)
+    except ProxyUrlError as exc:
+        raise ConfigError(f"environment: {exc}") from None
+    return {name: SecretStr(value) for name, value in values.items()}
 
 
 def _key_specs(
@@ -398,11 +473,15 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
             "GATEWAY_UPSTREAM_KEYS" if name == DEFAULT_UPSTREAM else None
         )
         specs = _key_specs(name, upstream, env, keys_env)
+        proxy_auth = _proxy_auth(
+            str(config_path), f"upstreams.{name}", upstream.proxy, upstream.proxy_auth_env, env
+        )
         resolved[name] = upstream.model_copy(
             update={
                 "keys": tuple(spec.secret for spec in specs),
                 "keys_env": keys_env,
                 "key_specs": specs,
+                "proxy_auth": proxy_auth,
             }
         )
 
@@ -434,6 +513,13 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
     if env.get("GATEWAY_IMAGE_URLS_ENABLED"):
         enabled = _env_bool("GATEWAY_IMAGE_URLS_ENABLED", env["GATEWAY_IMAGE_URLS_ENABLED"])
         image_urls = image_urls.model_copy(update={"enabled": enabled})
+    image_urls = image_urls.model_copy(
+        update={
+            "proxy_auth": _proxy_auth(
+                str(config_path), "image_urls", image_urls.proxy, image_urls.proxy_auth_env, env
+            )
+        }
+    )
     settings = Settings(
         config_path=config_path,
         demo=demo,
@@ -457,6 +543,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = N
         image_urls=image_urls,
         pool=_pool_config(file_config.pool, env.get("GATEWAY_POOL_NAMESPACE")),
         retry=file_config.retry,
+        proxy_environment=_proxy_environment(env),
     )
     _check(settings)
     return settings

@@ -92,7 +92,8 @@ def logging_config(config: LoggingConfig) -> dict[str, Any]:
             "uvicorn.access": {"handlers": [], "propagate": False, "level": "WARNING"},
             # httpx logs every upstream call at INFO, URL included; the access line covers it.
             "httpx": {"level": "WARNING"},
-            "httpcore": {"level": "WARNING"},
+            # aiohttp's client logs little, but at debug it can name hosts and connections.
+            "aiohttp": {"level": "WARNING"},
         },
     }
 

@@ -10,6 +10,7 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 import redis.asyncio as aioredis
+from pydantic import SecretStr
 
 from app.cache.service import EditCache
 from app.cache.setup import open_edit_cache
@@ -26,20 +27,45 @@ from app.keys.store import FailoverStore, MemoryStore, RedisStore, StateStore
 from app.metrics import GatewayMetrics
 from app.redaction import Redactor
 from app.redis_client import open_redis
+from app.upstream.aiohttp_transport import AiohttpTransport, UpstreamPool
 from app.upstream.base import Upstream, UpstreamAnswer
 from app.upstream.bfl import BflUpstream
 from app.upstream.demo import DemoUpstream
+from app.upstream.egress import Egress, Proxy
 from app.upstream.fetch import ImageFetcher
 from app.upstream.openai import OpenAIUpstream
-from app.upstream.transport import Http1Transport
 
 log = logging.getLogger("gateway")
 
 
 @dataclass
+class UpstreamHttp:
+    """The httpx clients upstream calls go through, one per egress route, over one pool."""
+
+    # The environment's proxies (or none): upstreams without their own `proxy:`, and the
+    # downloads of result URLs upstreams answer with.
+    default: httpx.AsyncClient
+    # Upstreams that name their own `proxy:`.
+    by_upstream: dict[str, httpx.AsyncClient]
+    # Client-supplied image URLs: direct, or image_urls.proxy; never the environment's.
+    image_urls: httpx.AsyncClient
+    # The connections under all of them; None when a test hands in its own transport.
+    pool: UpstreamPool | None
+
+    def for_upstream(self, name: str) -> httpx.AsyncClient:
+        return self.by_upstream.get(name, self.default)
+
+    async def aclose(self) -> None:
+        for client in (self.default, self.image_urls, *self.by_upstream.values()):
+            await client.aclose()
+        if self.pool is not None:
+            await self.pool.aclose()
+
+
+@dataclass
 class Gateway:
     settings: Settings
-    http: httpx.AsyncClient
+    http: UpstreamHttp
     forwarder: Forwarder
     redactor: Redactor
     redis: aioredis.Redis | None
@@ -78,7 +104,83 @@ def secrets_of(settings: Settings) -> list[str]:
         values += [key.get_secret_value() for key in client.keys]
     for upstream in settings.upstreams.values():
         values += [key.get_secret_value() for key in upstream.keys]
+    for proxy in _proxies(settings):
+        values += proxy.secrets()
     return values
+
+
+def environment_egress(settings: Settings) -> Egress:
+    return Egress.from_environment(
+        {name: value.get_secret_value() for name, value in settings.proxy_environment.items()}
+    )
+
+
+def _configured_proxy(url: str, auth: SecretStr | None) -> Proxy:
+    return Proxy.parse(url, auth.get_secret_value() if auth is not None else None)
+
+
+def _proxies(settings: Settings) -> list[Proxy]:
+    configured = [(upstream.proxy, upstream.proxy_auth) for upstream in settings.upstreams.values()]
+    configured.append((settings.image_urls.proxy, settings.image_urls.proxy_auth))
+    proxies = environment_egress(settings).proxies
+    proxies += [_configured_proxy(url, auth) for url, auth in configured if url is not None]
+    return proxies
+
+
+def open_http(
+    settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+) -> UpstreamHttp:
+    """The upstream clients over one aiohttp pool, or over `transport` (a test's seam, which
+    then sees every request, proxies aside). Needs the running event loop."""
+    pool = None
+    if transport is None:
+        in_use = [settings.upstreams[name] for name in settings.catalog.upstreams_in_use()]
+        # Loading the CA bundle takes tens of milliseconds: done here, not inside the first
+        # https request (where it would stall every request on the event loop). Without an https
+        # upstream or image URLs, aiohttp's own verified context (built at its import) serves.
+        https = settings.image_urls.enabled or any(
+            upstream.base_url.startswith("https:") for upstream in in_use if not settings.demo
+        )
+        pool = UpstreamPool(
+            max_connections=settings.http.max_connections,
+            keepalive_expiry=settings.http.keepalive_expiry,
+            ssl_context=httpx.create_ssl_context() if https else None,
+        )
+    max_response_bytes = int(settings.http.max_response_bytes)
+
+    def client(egress: Egress) -> httpx.AsyncClient:
+        route: httpx.AsyncBaseTransport
+        if pool is not None:
+            route = AiohttpTransport(pool, egress=egress, max_response_bytes=max_response_bytes)
+        else:
+            assert transport is not None
+            route = transport
+        # Per-request timeouts are set by each upstream; this default only guards stray calls.
+        # trust_env=False: httpx reads the environment only for transports of its own; its
+        # proxies reach ours through Egress. No cookie jar: one upstream answer's Set-Cookie
+        # must not ride along on every later request, whichever client sent it.
+        return httpx.AsyncClient(
+            timeout=httpx.Timeout(300.0, connect=5.0),
+            transport=route,
+            trust_env=False,
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+        )
+
+    image_urls = settings.image_urls
+    return UpstreamHttp(
+        default=client(environment_egress(settings)),
+        by_upstream={
+            name: client(Egress.through(_configured_proxy(config.proxy, config.proxy_auth)))
+            for name, config in settings.upstreams.items()
+            if config.proxy is not None
+        },
+        image_urls=client(
+            Egress.through(_configured_proxy(image_urls.proxy, image_urls.proxy_auth))
+            if image_urls.proxy is not None
+            else Egress.direct()
+        ),
+        pool=pool,
+    )
 
 
 def open_gateway(
@@ -92,30 +194,7 @@ def open_gateway(
             models=settings.catalog.models,
             clients=client_names(settings.clients, len(settings.client_keys)),
         )
-    if transport is None:
-        in_use = [settings.upstreams[name] for name in settings.catalog.upstreams_in_use()]
-        # Loading the CA bundle takes ~20 ms: done here, not inside the first https request
-        # (where it would stall every request on the event loop).
-        https = settings.image_urls.enabled or any(
-            upstream.base_url.startswith("https:") for upstream in in_use if not settings.demo
-        )
-        transport = Http1Transport(
-            max_connections=settings.http.max_connections,
-            max_keepalive_connections=settings.http.max_keepalive_connections,
-            keepalive_expiry=settings.http.keepalive_expiry,
-            ssl_context=httpx.create_ssl_context() if https else None,
-            max_response_bytes=int(settings.http.max_response_bytes),
-        )
-    # Per-request timeouts are set by each upstream; this default only guards stray calls.
-    # trust_env=False: proxies come from config, never from whatever the environment holds.
-    # No cookie jar: one upstream answer's Set-Cookie must not ride along on every later request,
-    # whichever client sent it.
-    http = httpx.AsyncClient(
-        timeout=httpx.Timeout(300.0, connect=5.0),
-        transport=transport,
-        trust_env=False,
-        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-    )
+    http = open_http(settings, transport)
     redactor = Redactor(secrets_of(settings))
     upstreams: dict[str, Upstream] = {}
     pooled: list[PoolUpstream] = []
@@ -127,10 +206,10 @@ def open_gateway(
             upstreams[name] = DemoUpstream(name)
             pooled.append(PoolUpstream(name, (), config.max_concurrency))
         elif config.type == "bfl":
-            upstreams[name] = BflUpstream(name, config, http, redactor)
+            upstreams[name] = BflUpstream(name, config, http.for_upstream(name), redactor)
             pooled.append(PoolUpstream(name, config.key_specs, config.max_concurrency))
         else:
-            upstreams[name] = OpenAIUpstream(name, config, http, redactor)
+            upstreams[name] = OpenAIUpstream(name, config, http.for_upstream(name), redactor)
             pooled.append(PoolUpstream(name, config.key_specs, config.max_concurrency))
     if settings.demo:
         log.warning("demo mode: every model is served by the built-in demo upstream")
@@ -156,11 +235,11 @@ def open_gateway(
         redactor=redactor,
         redis=redis,
         metrics=metrics,
-        cache=open_edit_cache(settings, http=http, forward=forward, events=metrics),
+        cache=open_edit_cache(settings, http=http.default, forward=forward, events=metrics),
         clients=open_client_services(settings, redis, metrics),
         spool_worker=SpoolWorker(),
         image_urls=(
-            ImageFetcher(http, settings.image_urls, subject="The image")
+            ImageFetcher(http.image_urls, settings.image_urls, subject="The image")
             if settings.image_urls.enabled
             else None
         ),

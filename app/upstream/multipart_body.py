@@ -69,7 +69,8 @@ class MultipartBody:
 
     async def stream(self) -> AsyncIterator[bytes]:
         # The pieces go out as they are (the uploads as the views of the chunks that arrived):
-        # the transport gathers them into a few vectored writes, so nothing is joined here.
+        # how they are batched into writes is the transport's business
+        # (app/upstream/aiohttp_transport.py joins the small ones).
         for piece in self._pieces():
             yield cast(bytes, piece)
 
