@@ -330,9 +330,9 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    # The process environment as read at startup (a test hands in its own mapping). Filled by
-    # the environment source itself, never from a variable or the file; NoDecode keeps an
-    # unrelated GATEWAY_ENVIRONMENT=production from being parsed as JSON.
+    # The environment the settings are read from: the process's own, or a mapping handed in
+    # (`Settings(environment=...)`, a test's seam). Never from a variable or the file; NoDecode
+    # keeps an unrelated GATEWAY_ENVIRONMENT=production from being parsed as JSON.
     environment: Annotated[dict[str, SecretStr], NoDecode] = Field(
         default_factory=dict, repr=False, exclude=True
     )
@@ -372,9 +372,20 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """`Settings()` reads what load_settings() reads (no .env file, no secrets directory);
-        load_settings() builds the same sources over a mapping it is given."""
-        return init_settings, *_sources(settings_cls, os.environ)
+        """Values passed in, then the environment (the `environment=` passed in, else the
+        process's own), then gateway.yaml at GATEWAY_CONFIG. No .env file, no secrets directory."""
+        given = init_settings.init_kwargs if isinstance(init_settings, InitSettingsSource) else {}
+        environ = given.get("environment")
+        return (
+            init_settings,
+            GatewayEnvironment(settings_cls, os.environ if environ is None else environ),
+            YamlFileSource(
+                settings_cls,
+                path_field="config",
+                default=Path(DEFAULT_CONFIG_PATH),
+                refused=NOT_IN_FILE,
+            ),
+        )
 
     @property
     def proxy_environment(self) -> dict[str, SecretStr]:
@@ -573,14 +584,17 @@ class Settings(BaseSettings):
 def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = None) -> Settings:
     """Read the environment (`env`, else the process's own) and gateway.yaml with its catalog,
     and validate the result. Raises ConfigError phrased `file: key: what is wrong`."""
-    init = {} if demo is None else {"demo": demo}
-    environment, file = _sources(Settings, os.environ if env is None else env)
-    sources = (InitSettingsSource(Settings, init_kwargs=init), environment, file)
+    given: dict[str, Any] = {} if env is None else {"environment": env}
+    if demo is not None:
+        given["demo"] = demo
     try:
-        return Settings(_build_sources=(sources, init))
+        return Settings(**given)
     except ValidationError as exc:
+        # The sources again, to say which variable or which file set each value at fault.
+        environment = GatewayEnvironment(Settings, os.environ if env is None else env)
+        file = environment().get("config") or DEFAULT_CONFIG_PATH
         raise ConfigError(
-            format_validation_error(str(file.path), exc, variable_for=environment.variable_for)
+            format_validation_error(str(file), exc, variable_for=environment.variable_for)
         ) from None
 
 
@@ -641,15 +655,6 @@ class GatewayEnvironment(EnvSettingsSource):
                 if key[: len(path)] == path:
                     return name.upper()
         return None
-
-
-def _sources(
-    settings_cls: type[BaseSettings], environ: Mapping[str, str]
-) -> tuple[GatewayEnvironment, YamlFileSource]:
-    """The environment over gateway.yaml (at GATEWAY_CONFIG, which the environment gives)."""
-    return GatewayEnvironment(settings_cls, environ), YamlFileSource(
-        settings_cls, path_field="config", default=Path(DEFAULT_CONFIG_PATH), refused=NOT_IN_FILE
-    )
 
 
 def _generic_name(path: tuple[str, ...]) -> str:
