@@ -14,15 +14,12 @@ from typing import Any
 
 import uvicorn
 
-from app.config import load_settings
+from app.config import MULTIPROC_VARIABLE, load_settings
 from app.config_file import ConfigError
 from app.http_protocol import GuardedHttpToolsProtocol
 from app.logs import logging_config
 from app.workers import run_workers
 
-# prometheus-client's multiprocess mode: every worker writes its values to files in this
-# directory and a scrape of any worker adds them all up.
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Seconds uvicorn waits past the drain limit before cancelling what is left itself.
 SHUTDOWN_BACKSTOP = 5
 
@@ -50,18 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print("image-gateway: --workers must be at least 1", file=sys.stderr)
         return 2
-    metrics_dir = None
-    if args.workers > 1 and not os.environ.get(MULTIPROC_ENV):
-        # Fresh per run: stale files from an earlier run would be added to this run's totals.
-        metrics_dir = tempfile.mkdtemp(prefix="image-gateway-metrics-")
-        os.environ[MULTIPROC_ENV] = metrics_dir
     try:
         # Fail here, with a readable message, rather than inside every worker.
         settings = load_settings()
     except ConfigError as exc:
         print(f"image-gateway: configuration error:\n{exc}", file=sys.stderr)
-        _remove(metrics_dir)
         return 2
+    metrics_dir = None
+    if args.workers > 1 and settings.metrics_multiprocess_dir is None:
+        # prometheus-client's multiprocess mode: every worker writes its values to files in this
+        # directory and a scrape of any worker adds them all up. Fresh per run: stale files from
+        # an earlier run would be added to this run's totals. Written for the workers, whose
+        # settings read it back.
+        metrics_dir = tempfile.mkdtemp(prefix="image-gateway-metrics-")
+        os.environ[MULTIPROC_VARIABLE] = metrics_dir
     options: dict[str, Any] = dict(
         app="app.main:create_app",
         factory=True,

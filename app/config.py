@@ -1,7 +1,9 @@
-"""Settings: config/gateway.yaml validated at startup, with GATEWAY_* environment overrides.
+"""Settings: one pydantic-settings class, read from the environment over config/gateway.yaml.
 
-Secrets only ever come from the environment (an upstream names the variable holding its keys),
-so committed YAML never holds a key.
+Sources, highest first: values passed in (`--demo`), GATEWAY_* variables, the YAML file, the
+field defaults. Secrets only ever come from the environment (an upstream or client names the
+variable holding its keys), so committed YAML never holds a key. This module is the only reader
+of the process environment.
 """
 
 from __future__ import annotations
@@ -9,18 +11,45 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
 from app.catalog import Catalog, load_catalog
 from app.clients.config import ClientsConfig
-from app.config_file import ConfigError, format_validation_error, read_yaml
+from app.config_file import ConfigError, YamlFileSource, find_paths, format_validation_error
 from app.redis_client import RedisTarget, RedisUrlError
+from app.upstream.bfl import check_catalog as check_bfl_catalog
 from app.upstream.egress import PROXY_VARIABLES, Egress, Proxy, ProxyUrlError
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 DEFAULT_UPSTREAM = "default"
+# The default upstream's keys when its keys_env names no other variable.
+DEFAULT_UPSTREAM_KEYS = "GATEWAY_UPSTREAM_KEYS"
+ENV_PREFIX = "GATEWAY_"
+NESTED_DELIMITER = "__"
+# Written by `image-gateway serve --workers N` (prometheus-client's own variable).
+MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class _Strict(BaseModel):
@@ -274,47 +303,84 @@ class CacheConfig(_Strict):
     fetch: FetchConfig = FetchConfig()
 
 
-class FileConfig(_Strict):
-    """The shape of gateway.yaml."""
+# Flat names earlier releases documented for nested keys. Each stays an override of its key; the
+# generic spelling (GATEWAY_CACHE__ENABLED) works too, and setting both is refused as ambiguous.
+FLAT_VARIABLES: dict[str, tuple[str, ...]] = {
+    "GATEWAY_UPSTREAM_URL": ("upstreams", DEFAULT_UPSTREAM, "base_url"),
+    "GATEWAY_CACHE_ENABLED": ("cache", "enabled"),
+    "GATEWAY_METRICS_PUBLIC": ("metrics", "public"),
+    "GATEWAY_IMAGE_URLS_ENABLED": ("image_urls", "enabled"),
+    "GATEWAY_POOL_NAMESPACE": ("pool", "namespace"),
+}
 
-    catalog: str = "models.yaml"
+# Fields filled at load time from the variables the config names (`*` is any name): no source
+# may set them, so a secret can never reach them except through its named variable.
+_KEYS_HINT = "name the environment variable holding them with keys_env or named_keys"
+_PROXY_AUTH_HINT = "name the environment variable holding user:password with proxy_auth_env"
+READ_FROM_NAMED_VARIABLES: dict[tuple[str, ...], tuple[str, str]] = {
+    ("upstreams", "*", "keys"): ("keys", _KEYS_HINT),
+    ("upstreams", "*", "key_specs"): ("keys", _KEYS_HINT),
+    ("upstreams", "*", "proxy_auth"): ("credentials", _PROXY_AUTH_HINT),
+    ("image_urls", "proxy_auth"): ("credentials", _PROXY_AUTH_HINT),
+    ("clients", "named", "*", "keys"): (
+        "keys",
+        "name the environment variable holding them with keys_env, or give their SHA-256 with "
+        "key_sha256",
+    ),
+}
+# Top-level fields only the environment (or `--demo`) sets, and why not the file.
+NOT_IN_FILE: dict[tuple[str, ...], str] = {
+    ("client_keys",): "keys never go in this file; set GATEWAY_CLIENT_KEYS",
+    ("admin_keys",): "keys never go in this file; set GATEWAY_ADMIN_KEYS",
+    ("metrics_token",): "tokens never go in this file; set GATEWAY_METRICS_TOKEN",
+    ("config",): "not a key of this file; GATEWAY_CONFIG names the file",
+    ("demo",): "not a key of this file; set GATEWAY_DEMO or pass --demo",
+    ("environment",): "not a key of this file",
+    **{
+        path: f"{what} never go in this file; {hint}"
+        for path, (what, hint) in READ_FROM_NAMED_VARIABLES.items()
+    },
+}
+
+
+class Settings(BaseSettings):
+    """Every setting, declared once. Field order matters: a validator sees the fields above it
+    (`environment` first, so that the variables the file names can be read)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=NESTED_DELIMITER,
+        # An empty variable is unset (docker-compose passes `${X:-}` through as "").
+        env_ignore_empty=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+    # The environment the settings are read from: the process's own, or a mapping handed in
+    # (`Settings(environment=...)`, a test's seam). Never from a variable or the file; NoDecode
+    # keeps an unrelated GATEWAY_ENVIRONMENT=production from being parsed as JSON.
+    environment: Annotated[dict[str, SecretStr], NoDecode] = Field(
+        default_factory=dict, repr=False, exclude=True
+    )
+    # GATEWAY_CONFIG: the YAML file these settings were read from.
+    config: Path = Path(DEFAULT_CONFIG_PATH)
+    demo: bool = False
+    client_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # Keys for /admin/*; with none, the admin endpoints do not exist (404).
+    admin_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    # In the file, the catalog's path (relative to the file); loaded here.
+    catalog: Catalog = Field("models.yaml", validate_default=True)
     default_model: str = "gpt-image-1.5"
     allow_anonymous: bool = False
-    redis_url: str | None = None
-    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    redis_url: SecretStr | None = None
     limits: Limits = Limits()
     http: HttpClientConfig = HttpClientConfig()
     metrics: MetricsConfig = MetricsConfig()
+    metrics_token: SecretStr | None = None
     logging: LoggingConfig = LoggingConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     # Base of the image URLs the gateway hands out; null derives it from each request's own URL.
-    public_base_url: str | None = None
-    cache: CacheConfig = CacheConfig()
-    clients: ClientsConfig = ClientsConfig()
-    image_urls: ImageUrlConfig = ImageUrlConfig()
-    pool: PoolConfig = PoolConfig()
-    retry: RetryConfig = RetryConfig()
-
-
-class Settings(_Strict):
-    config_path: Path
-    demo: bool
-    default_model: str
-    allow_anonymous: bool
-    client_keys: tuple[SecretStr, ...]
-    # Keys for /admin/*; with none, the admin endpoints do not exist (404).
-    admin_keys: tuple[SecretStr, ...]
-    redis_url: SecretStr | None
-    upstreams: dict[str, UpstreamConfig]
-    limits: Limits
-    http: HttpClientConfig
-    catalog: Catalog
-    metrics: MetricsConfig = MetricsConfig()
-    metrics_token: SecretStr | None = None
-    # Set (by `image-gateway serve --workers N`) when worker processes share their metrics.
-    metrics_multiprocess_dir: str | None = None
-    logging: LoggingConfig = LoggingConfig()
-    shutdown: ShutdownConfig = ShutdownConfig()
     public_base_url: str | None = None
     cache: CacheConfig = CacheConfig()
     # Named clients with their keys read from the environment (see app/clients/config.py).
@@ -322,65 +388,330 @@ class Settings(_Strict):
     image_urls: ImageUrlConfig = ImageUrlConfig()
     pool: PoolConfig = PoolConfig()
     retry: RetryConfig = RetryConfig()
-    # The environment's HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY (either case), read once
-    # at startup (app/upstream/egress.py); values may carry proxy credentials.
-    proxy_environment: dict[str, SecretStr] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Values passed in, then the environment (the `environment=` passed in, else the
+        process's own), then gateway.yaml at GATEWAY_CONFIG. No .env file, no secrets directory."""
+        given = init_settings.init_kwargs if isinstance(init_settings, InitSettingsSource) else {}
+        environ = given.get("environment")
+        return (
+            init_settings,
+            GatewayEnvironment(settings_cls, os.environ if environ is None else environ),
+            YamlFileSource(
+                settings_cls,
+                path_field="config",
+                default=Path(DEFAULT_CONFIG_PATH),
+                refused=NOT_IN_FILE,
+            ),
+        )
+
+    @property
+    def proxy_environment(self) -> dict[str, SecretStr]:
+        """HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY (either case) as the environment has
+        them (app/upstream/egress.py reads them); values may carry proxy credentials."""
+        return {
+            name: self.environment[name] for name in PROXY_VARIABLES if name in self.environment
+        }
+
+    @property
+    def metrics_multiprocess_dir(self) -> str | None:
+        """Set (by `image-gateway serve --workers N`) when worker processes share their metrics."""
+        value = self.environment.get(MULTIPROC_VARIABLE)
+        if value is None:
+            return None
+        return value.get_secret_value() or None
+
+    @field_validator("client_keys", "admin_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstream_keys_and_proxies(
+        cls, upstreams: dict[str, UpstreamConfig], info: ValidationInfo
+    ) -> dict[str, UpstreamConfig]:
+        """The `default` upstream always exists; keys and proxy credentials come from the
+        variables each upstream names."""
+        environment: dict[str, SecretStr] = info.data.get("environment", {})
+        source = str(info.data.get("config", DEFAULT_CONFIG_PATH))
+        if DEFAULT_UPSTREAM not in upstreams:
+            upstreams = {**upstreams, DEFAULT_UPSTREAM: UpstreamConfig()}
+        resolved: dict[str, UpstreamConfig] = {}
+        for name, upstream in upstreams.items():
+            keys_env = upstream.keys_env or (
+                DEFAULT_UPSTREAM_KEYS if name == DEFAULT_UPSTREAM else None
+            )
+            specs = _key_specs(name, upstream, environment, keys_env)
+            proxy_auth = _proxy_auth(
+                source, f"upstreams.{name}", upstream.proxy, upstream.proxy_auth_env, environment
+            )
+            resolved[name] = upstream.model_copy(
+                update={
+                    "keys": tuple(spec.secret for spec in specs),
+                    "keys_env": keys_env,
+                    "key_specs": specs,
+                    "proxy_auth": proxy_auth,
+                }
+            )
+        return resolved
+
+    @field_validator("catalog", mode="before")
+    @classmethod
+    def _load_catalog(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, str | Path):
+            return value
+        if "upstreams" not in info.data:
+            raise ValueError("not read while `upstreams` has errors")
+        config = Path(info.data.get("config", DEFAULT_CONFIG_PATH))
+        return load_catalog(config.parent / value, known_upstreams=set(info.data["upstreams"]))
+
+    @field_validator("allow_anonymous")
+    @classmethod
+    def _demo_serves_anyone(cls, allow: bool, info: ValidationInfo) -> bool:
+        # The demo runs without keys so a newcomer needs nothing; configured keys still apply.
+        return allow or bool(info.data.get("demo") and not info.data.get("client_keys"))
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is not None:
+            try:
+                RedisTarget.parse(url.get_secret_value())
+            except RedisUrlError as exc:
+                raise ValueError(str(exc)) from None
+        return url
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_base_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http(s) URL, got {url!r}")
+        return url.rstrip("/")
+
+    @field_validator("clients")
+    @classmethod
+    def _client_keys_from_environment(
+        cls, clients: ClientsConfig, info: ValidationInfo
+    ) -> ClientsConfig:
+        environment: dict[str, SecretStr] = info.data.get("environment", {})
+        named = {}
+        for name, client in clients.named.items():
+            if client.keys_env:
+                keys = _split(_variable(environment, client.keys_env))
+                # A variable named but empty is a deployment slip, not a wish for no keys.
+                if not keys:
+                    raise ConfigError(
+                        f"environment: {client.keys_env}: client {name!r} takes its keys from "
+                        "this variable, but it is empty; set it to a comma-separated list of keys"
+                    )
+                client = client.model_copy(update={"keys": keys})
+            named[name] = client
+        return clients.model_copy(update={"named": named})
+
+    @field_validator("image_urls")
+    @classmethod
+    def _image_url_proxy_credentials(
+        cls, image_urls: ImageUrlConfig, info: ValidationInfo
+    ) -> ImageUrlConfig:
+        source = str(info.data.get("config", DEFAULT_CONFIG_PATH))
+        proxy_auth = _proxy_auth(
+            source,
+            "image_urls",
+            image_urls.proxy,
+            image_urls.proxy_auth_env,
+            info.data.get("environment", {}),
+        )
+        return image_urls.model_copy(update={"proxy_auth": proxy_auth})
+
+    @model_validator(mode="after")
+    def _models_in_the_catalog(self) -> Self:
+        source = str(self.config)
+        if self.default_model not in self.catalog.models:
+            raise ConfigError(
+                f"{source}: default_model: {self.default_model!r} is not in the catalog"
+            )
+        for name in self.cache.model_ttl_seconds:
+            if name not in self.catalog.models:
+                raise ConfigError(
+                    f"{source}: cache.model_ttl_seconds: {name!r} is not in the catalog"
+                )
+        for name, client in self.clients.named.items():
+            for model in client.models or ():
+                if model not in self.catalog.models:
+                    raise ConfigError(
+                        f"{source}: clients.named.{name}.models: {model!r} is not in the catalog"
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _clients_can_be_served(self) -> Self:
+        clients = self.clients
+        limited = clients.default_limits.any_set() or any(
+            client.limits.any_set() for client in clients.named.values()
+        )
+        # Limits held per process would multiply with every replica: they need the shared store.
+        if limited and self.redis_url is None:
+            raise ConfigError(
+                f"{self.config}: clients: limits are set but no Redis is configured; set "
+                "redis_url (or GATEWAY_REDIS_URL) so that every replica counts against the same "
+                "limits"
+            )
+        if not self.client_keys and not clients.named and not self.allow_anonymous:
+            raise ConfigError(
+                "environment: GATEWAY_CLIENT_KEYS: no client keys configured; set it, declare "
+                "clients under `clients.named`, or set GATEWAY_ALLOW_ANONYMOUS=true to serve "
+                "without client authentication"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _upstreams_usable(self) -> Self:
+        try:
+            Egress.from_environment(
+                {name: value.get_secret_value() for name, value in self.proxy_environment.items()}
+            )
+        except ProxyUrlError as exc:
+            raise ConfigError(f"environment: {exc}") from None
+        if self.demo:
+            return self
+        for name in self.catalog.upstreams_in_use():
+            upstream = self.upstreams[name]
+            if upstream.type == "demo":
+                continue
+            if not upstream.base_url.startswith(("http://", "https://")):
+                hint = " (or GATEWAY_UPSTREAM_URL)" if name == DEFAULT_UPSTREAM else ""
+                raise ConfigError(
+                    f"{self.config}: upstreams.{name}.base_url: expected an http(s) URL{hint}, "
+                    f"got {upstream.base_url!r}"
+                )
+            if upstream.type == "bfl":
+                check_bfl_catalog(self.catalog, name)
+            if not upstream.keys:
+                raise ConfigError(
+                    f"environment: {upstream.keys_env or '(no keys_env)'}: upstream {name!r} "
+                    "has no keys; set the variable to a comma-separated list of API keys"
+                )
+        return self
 
 
-def _env_list(value: str | None) -> tuple[SecretStr, ...]:
-    if not value:
-        return ()
-    return tuple(SecretStr(item.strip()) for item in value.split(",") if item.strip())
-
-
-def _env_bool(name: str, value: str | None) -> bool:
-    if value is None or value == "":
-        return False
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"environment: {name}: expected true or false, got {value!r}")
-
-
-def _pool_config(pool: PoolConfig, namespace: str | None) -> PoolConfig:
-    if not namespace:
-        return pool
+def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = None) -> Settings:
+    """Read the environment (`env`, else the process's own) and gateway.yaml with its catalog,
+    and validate the result. Raises ConfigError phrased `file: key: what is wrong`."""
+    given: dict[str, Any] = {} if env is None else {"environment": env}
+    if demo is not None:
+        given["demo"] = demo
     try:
-        return PoolConfig.model_validate({**pool.model_dump(), "namespace": namespace})
+        return Settings(**given)
     except ValidationError as exc:
+        # The sources again, to say which variable or which file set each value at fault.
+        environment = GatewayEnvironment(Settings, os.environ if env is None else env)
+        file = environment().get("config") or DEFAULT_CONFIG_PATH
         raise ConfigError(
-            format_validation_error("environment: GATEWAY_POOL_NAMESPACE", exc)
+            format_validation_error(str(file), exc, variable_for=environment.variable_for)
         ) from None
 
 
-def _refuse_secrets_in_file(source: str, raw: dict[str, object]) -> None:
-    image_urls = raw.get("image_urls")
-    if isinstance(image_urls, dict) and "proxy_auth" in image_urls:
-        raise ConfigError(
-            f"{source}: image_urls.proxy_auth: credentials never go in this file; name the "
-            "environment variable holding user:password with proxy_auth_env"
+class GatewayEnvironment(EnvSettingsSource):
+    """The environment source: GATEWAY_<FIELD> and GATEWAY_<SECTION>__<KEY> as pydantic-settings
+    reads them, the flat names of FLAT_VARIABLES, and the whole mapping as `environment` for the
+    variables the file names. Reads `environ`, not necessarily the process's own."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.environ = dict(environ)
+        # The source's own reading of os.environ, replaced by the mapping it was handed.
+        self.env_vars = parse_env_vars(
+            self.environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
         )
-    upstreams = raw.get("upstreams")
-    if not isinstance(upstreams, dict):
-        return
-    for name, body in upstreams.items():
-        for field in ("keys", "key_specs"):
-            if isinstance(body, dict) and field in body:
-                raise ConfigError(
-                    f"{source}: upstreams.{name}.{field}: keys never go in this file; name the "
-                    "environment variable holding them with keys_env or named_keys"
-                )
-        if isinstance(body, dict) and "proxy_auth" in body:
+
+    def prepare_field_value(
+        self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
+    ) -> Any:
+        try:
+            return super().prepare_field_value(field_name, field, value, value_is_complex)
+        except ValueError as exc:
+            # Only JSON gets here (a section or list given whole); its error never echoes the value.
+            name = (ENV_PREFIX + field_name).upper()
             raise ConfigError(
-                f"{source}: upstreams.{name}.proxy_auth: credentials never go in this file; name "
-                "the environment variable holding user:password with proxy_auth_env"
-            )
+                f"environment: {name} (or {name}{NESTED_DELIMITER}...): not valid JSON: {exc}"
+            ) from None
+
+    def __call__(self) -> dict[str, Any]:
+        values = super().__call__()
+        for name, path in FLAT_VARIABLES.items():
+            value = self.env_vars.get(name.lower())
+            if value is None:
+                continue
+            generic = _generic_name(path)
+            if generic.lower() in self.env_vars:
+                raise ConfigError(f"environment: {name}: {generic} is set too; set one of them")
+            _put(values, path, value)
+        for pattern, (what, hint) in READ_FROM_NAMED_VARIABLES.items():
+            for path in find_paths(values, pattern):
+                raise ConfigError(
+                    f"environment: {self.variable_for(path)}: {what} are only read from the "
+                    f"variable the config names; {hint}"
+                )
+        values["environment"] = self.environ
+        return values
+
+    def variable_for(self, loc: tuple[int | str, ...]) -> str | None:
+        """The variable that set the value at `loc` (or a section holding it), if one did."""
+        key = tuple(str(part).lower() for part in loc)
+        for name, path in FLAT_VARIABLES.items():
+            if name.lower() in self.env_vars and key[: len(path)] == path:
+                return name
+        prefix = ENV_PREFIX.lower()
+        for name in self.env_vars:
+            if name.startswith(prefix):
+                path = tuple(name[len(prefix) :].split(NESTED_DELIMITER))
+                if key[: len(path)] == path:
+                    return name.upper()
+        return None
+
+
+def _generic_name(path: tuple[str, ...]) -> str:
+    return (ENV_PREFIX + NESTED_DELIMITER.join(path)).upper()
+
+
+def _put(values: dict[str, Any], path: tuple[str, ...], value: str) -> None:
+    *parents, last = path
+    for part in parents:
+        child = values.setdefault(part, {})
+        if not isinstance(child, dict):
+            return  # a section given whole and not as a mapping: validation names it
+        values = child
+    values[last] = value
+
+
+def _variable(environment: Mapping[str, SecretStr], name: str) -> str:
+    value = environment.get(name)
+    return value.get_secret_value().strip() if value is not None else ""
+
+
+def _split(value: str) -> tuple[SecretStr, ...]:
+    return tuple(SecretStr(item.strip()) for item in value.split(",") if item.strip())
 
 
 def _proxy_auth(
-    source: str, key: str, proxy: str | None, auth_env: str | None, env: Mapping[str, str]
+    source: str,
+    key: str,
+    proxy: str | None,
+    auth_env: str | None,
+    environment: Mapping[str, SecretStr],
 ) -> SecretStr | None:
     """The credentials of a configured proxy, from the variable its proxy_auth_env names; the
     proxy URL itself is checked here too (a YAML file never carries credentials)."""
@@ -398,7 +729,7 @@ def _proxy_auth(
         return None
     if proxy is None:
         raise ConfigError(f"{source}: {key}.proxy_auth_env: set, but {key}.proxy is not")
-    value = (env.get(auth_env) or "").strip()
+    value = _variable(environment, auth_env)
     if not value:
         raise ConfigError(
             f"environment: {auth_env}: the credentials of {key}.proxy are not set; set it to "
@@ -407,19 +738,14 @@ def _proxy_auth(
     return SecretStr(value)
 
 
-def _proxy_environment(env: Mapping[str, str]) -> dict[str, SecretStr]:
-    values = {name: env[name] for name in PROXY_VARIABLES if name in env}
-    try:
-        Egress.from_environment(values)
-    except ProxyUrlError as exc:
-        raise ConfigError(f"environment: {exc}") from None
-    return {name: SecretStr(value) for name, value in values.items()}
-
-
 def _key_specs(
-    upstream_name: str, upstream: UpstreamConfig, env: Mapping[str, str], keys_env: str | None
+    upstream_name: str,
+    upstream: UpstreamConfig,
+    environment: Mapping[str, SecretStr],
+    keys_env: str | None,
 ) -> tuple[KeySpec, ...]:
     limits = upstream.key_limits
+    pooled = _split(_variable(environment, keys_env)) if keys_env else ()
     specs = [
         KeySpec(
             id=f"{upstream_name}#{index}",
@@ -427,10 +753,10 @@ def _key_specs(
             max_concurrency=limits.max_concurrency,
             rpm=limits.rpm,
         )
-        for index, secret in enumerate(_env_list(env.get(keys_env) if keys_env else None), 1)
+        for index, secret in enumerate(pooled, 1)
     ]
     for named in upstream.named_keys:
-        value = (env.get(named.env) or "").strip()
+        value = _variable(environment, named.env)
         if not value:
             raise ConfigError(
                 f"environment: {named.env}: upstream {upstream_name!r} key {named.name!r} "
@@ -448,202 +774,3 @@ def _key_specs(
     if len(set(ids)) != len(ids):
         raise ConfigError(f"upstreams.{upstream_name}.named_keys: key names must be unique")
     return tuple(specs)
-
-
-def load_settings(env: Mapping[str, str] | None = None, *, demo: bool | None = None) -> Settings:
-    """Read gateway.yaml and the catalog, apply GATEWAY_* overrides, and validate the result."""
-    env = os.environ if env is None else env
-    config_path = Path(env.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH)
-    raw = read_yaml(config_path)
-    _refuse_secrets_in_file(str(config_path), raw)
-    try:
-        file_config = FileConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(str(config_path), exc)) from None
-
-    demo = _env_bool("GATEWAY_DEMO", env.get("GATEWAY_DEMO")) if demo is None else demo
-    upstreams = dict(file_config.upstreams)
-    default = upstreams.get(DEFAULT_UPSTREAM, UpstreamConfig(keys_env="GATEWAY_UPSTREAM_KEYS"))
-    if env.get("GATEWAY_UPSTREAM_URL"):
-        default = default.model_copy(update={"base_url": env["GATEWAY_UPSTREAM_URL"]})
-    upstreams[DEFAULT_UPSTREAM] = default
-    resolved: dict[str, UpstreamConfig] = {}
-    for name, upstream in upstreams.items():
-        keys_env = upstream.keys_env or (
-            "GATEWAY_UPSTREAM_KEYS" if name == DEFAULT_UPSTREAM else None
-        )
-        specs = _key_specs(name, upstream, env, keys_env)
-        proxy_auth = _proxy_auth(
-            str(config_path), f"upstreams.{name}", upstream.proxy, upstream.proxy_auth_env, env
-        )
-        resolved[name] = upstream.model_copy(
-            update={
-                "keys": tuple(spec.secret for spec in specs),
-                "keys_env": keys_env,
-                "key_specs": specs,
-                "proxy_auth": proxy_auth,
-            }
-        )
-
-    catalog_path = config_path.parent / file_config.catalog
-    catalog = load_catalog(catalog_path, known_upstreams=set(resolved))
-    allow_anonymous = file_config.allow_anonymous or _env_bool(
-        "GATEWAY_ALLOW_ANONYMOUS", env.get("GATEWAY_ALLOW_ANONYMOUS")
-    )
-    client_keys = _env_list(env.get("GATEWAY_CLIENT_KEYS"))
-    # The demo runs without keys so a newcomer needs nothing; configured keys still apply.
-    allow_anonymous = allow_anonymous or (demo and not client_keys)
-    redis_url = env.get("GATEWAY_REDIS_URL") or file_config.redis_url
-    if redis_url:
-        try:
-            RedisTarget.parse(redis_url)
-        except RedisUrlError as exc:
-            raise ConfigError(f"GATEWAY_REDIS_URL: {exc}") from None
-    metrics = file_config.metrics
-    if env.get("GATEWAY_METRICS_PUBLIC"):
-        public = _env_bool("GATEWAY_METRICS_PUBLIC", env.get("GATEWAY_METRICS_PUBLIC"))
-        metrics = metrics.model_copy(update={"public": public})
-    metrics_token = env.get("GATEWAY_METRICS_TOKEN")
-    cache = file_config.cache
-    if env.get("GATEWAY_CACHE_ENABLED"):
-        enabled = _env_bool("GATEWAY_CACHE_ENABLED", env["GATEWAY_CACHE_ENABLED"])
-        cache = cache.model_copy(update={"enabled": enabled})
-    public_base_url = env.get("GATEWAY_PUBLIC_BASE_URL") or file_config.public_base_url
-    image_urls = file_config.image_urls
-    if env.get("GATEWAY_IMAGE_URLS_ENABLED"):
-        enabled = _env_bool("GATEWAY_IMAGE_URLS_ENABLED", env["GATEWAY_IMAGE_URLS_ENABLED"])
-        image_urls = image_urls.model_copy(update={"enabled": enabled})
-    image_urls = image_urls.model_copy(
-        update={
-            "proxy_auth": _proxy_auth(
-                str(config_path), "image_urls", image_urls.proxy, image_urls.proxy_auth_env, env
-            )
-        }
-    )
-    settings = Settings(
-        config_path=config_path,
-        demo=demo,
-        default_model=file_config.default_model,
-        allow_anonymous=allow_anonymous,
-        client_keys=client_keys,
-        admin_keys=_env_list(env.get("GATEWAY_ADMIN_KEYS")),
-        redis_url=SecretStr(redis_url) if redis_url else None,
-        upstreams=resolved,
-        limits=file_config.limits,
-        http=file_config.http,
-        catalog=catalog,
-        metrics=metrics,
-        metrics_token=SecretStr(metrics_token) if metrics_token else None,
-        metrics_multiprocess_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
-        logging=file_config.logging,
-        shutdown=file_config.shutdown,
-        public_base_url=public_base_url.rstrip("/") if public_base_url else None,
-        cache=cache,
-        clients=_with_client_keys(file_config.clients, env),
-        image_urls=image_urls,
-        pool=_pool_config(file_config.pool, env.get("GATEWAY_POOL_NAMESPACE")),
-        retry=file_config.retry,
-        proxy_environment=_proxy_environment(env),
-    )
-    _check(settings)
-    return settings
-
-
-def _check(settings: Settings) -> None:
-    source = str(settings.config_path)
-    if settings.default_model not in settings.catalog.models:
-        raise ConfigError(
-            f"{source}: default_model: {settings.default_model!r} is not in the catalog"
-        )
-    _check_clients(settings)
-    if not settings.client_keys and not settings.clients.named and not settings.allow_anonymous:
-        raise ConfigError(
-            "environment: GATEWAY_CLIENT_KEYS: no client keys configured; set it, declare "
-            "clients under `clients.named`, or set GATEWAY_ALLOW_ANONYMOUS=true to serve "
-            "without client authentication"
-        )
-    for name in settings.cache.model_ttl_seconds:
-        if name not in settings.catalog.models:
-            raise ConfigError(f"{source}: cache.model_ttl_seconds: {name!r} is not in the catalog")
-    if settings.public_base_url is not None and not settings.public_base_url.startswith(
-        ("http://", "https://")
-    ):
-        raise ConfigError(
-            f"{source}: public_base_url: expected an http(s) URL, got {settings.public_base_url!r}"
-        )
-    if settings.demo:
-        return
-    for name in settings.catalog.upstreams_in_use():
-        upstream = settings.upstreams[name]
-        if upstream.type == "demo":
-            continue
-        if not upstream.base_url.startswith(("http://", "https://")):
-            hint = " (or GATEWAY_UPSTREAM_URL)" if name == DEFAULT_UPSTREAM else ""
-            raise ConfigError(
-                f"{source}: upstreams.{name}.base_url: expected an http(s) URL{hint}, "
-                f"got {upstream.base_url!r}"
-            )
-        if upstream.type == "bfl":
-            _check_bfl_models(settings, name)
-        if not upstream.keys:
-            raise ConfigError(
-                f"environment: {upstream.keys_env or '(no keys_env)'}: upstream {name!r} "
-                "has no keys; set the variable to a comma-separated list of API keys"
-            )
-
-
-# What BFL's Kontext endpoints take at most; rules beyond these would fail only once paid for.
-BFL_MAX_IMAGES = 4
-
-
-def _check_bfl_models(settings: Settings, upstream: str) -> None:
-    source = "catalog"
-    for model in settings.catalog.models.values():
-        if upstream not in model.upstreams:
-            continue
-        if model.mask.allowed:
-            raise ConfigError(
-                f"{source}: models.{model.name}.mask.allowed: must be false, the bfl upstream "
-                f"{upstream!r} takes no mask"
-            )
-        if model.images.max_count > BFL_MAX_IMAGES:
-            raise ConfigError(
-                f"{source}: models.{model.name}.images.max_count: at most {BFL_MAX_IMAGES} for "
-                f"the bfl upstream {upstream!r}"
-            )
-
-
-def _with_client_keys(clients: ClientsConfig, env: Mapping[str, str]) -> ClientsConfig:
-    named = {}
-    for name, client in clients.named.items():
-        if client.keys_env:
-            keys = _env_list(env.get(client.keys_env))
-            # A variable named but empty is a deployment slip, not a wish for no keys.
-            if not keys:
-                raise ConfigError(
-                    f"environment: {client.keys_env}: client {name!r} takes its keys from this "
-                    "variable, but it is empty; set it to a comma-separated list of keys"
-                )
-            client = client.model_copy(update={"keys": keys})
-        named[name] = client
-    return clients.model_copy(update={"named": named})
-
-
-def _check_clients(settings: Settings) -> None:
-    source = str(settings.config_path)
-    clients = settings.clients
-    for name, client in clients.named.items():
-        for model in client.models or ():
-            if model not in settings.catalog.models:
-                raise ConfigError(
-                    f"{source}: clients.named.{name}.models: {model!r} is not in the catalog"
-                )
-    limited = clients.default_limits.any_set() or any(
-        client.limits.any_set() for client in clients.named.values()
-    )
-    # Limits held per process would multiply with every replica: they need the shared store.
-    if limited and settings.redis_url is None:
-        raise ConfigError(
-            f"{source}: clients: limits are set but no Redis is configured; set redis_url "
-            "(or GATEWAY_REDIS_URL) so that every replica counts against the same limits"
-        )

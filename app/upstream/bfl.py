@@ -13,12 +13,13 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import orjson
 
-from app.config import BFL_MAX_IMAGES, UpstreamConfig
+from app.catalog import Catalog
+from app.config_file import ConfigError
 from app.edit import EditRequest, ParamValue
 from app.errors import (
     FailureKind,
@@ -40,12 +41,19 @@ from app.upstream.failures import (
 )
 from app.upstream.url_guard import PinnedUrl, RefusedUrl, UrlGuard
 
+if TYPE_CHECKING:
+    # Only a type here: settings validation imports this module (check_catalog).
+    from app.config import UpstreamConfig
+
 log = logging.getLogger("gateway.upstream.bfl")
 
 # Request fields BFL's Kontext endpoints document. Nothing else is sent: the schema also has
 # webhook_url, and a client must not choose where BFL calls back.
 _FLUX_PARAMS = ("aspect_ratio", "output_format", "safety_tolerance", "prompt_upsampling")
 _IMAGE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
+# One field above per image. Catalog rules beyond what BFL takes would fail only once paid for:
+# settings validation refuses them at startup (check_catalog).
+BFL_MAX_IMAGES = len(_IMAGE_FIELDS)
 _POOL_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-reset", "x-ratelimit-remaining")
 _MODERATED = ("Request Moderated", "Content Moderated")
 # Result downloads retried on transport errors and 5xx: the task is paid for, the URL lasts ~10 min.
@@ -403,6 +411,23 @@ class BflUpstream:
 
     def _unreachable(self, what: str) -> GatewayError:
         return _failed(UpstreamUnreachable(f"The upstream {self.name!r} {what}."), "connect")
+
+
+def check_catalog(catalog: Catalog, upstream: str) -> None:
+    """Refuse catalog rules the BFL upstream `upstream` cannot honour, for the models it serves."""
+    for model in catalog.models.values():
+        if upstream not in model.upstreams:
+            continue
+        if model.mask.allowed:
+            raise ConfigError(
+                f"catalog: models.{model.name}.mask.allowed: must be false, the bfl upstream "
+                f"{upstream!r} takes no mask"
+            )
+        if model.images.max_count > BFL_MAX_IMAGES:
+            raise ConfigError(
+                f"catalog: models.{model.name}.images.max_count: at most {BFL_MAX_IMAGES} for "
+                f"the bfl upstream {upstream!r}"
+            )
 
 
 def _check_request(edit: EditRequest) -> None:

@@ -13,10 +13,12 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import httpx
 
-from app.config import UrlGuardConfig
+if TYPE_CHECKING:  # settings import the BFL dialect, which imports this guard
+    from app.config import UrlGuardConfig
 
 # host, port -> the addresses it resolves to.
 Resolver = Callable[[str, int], Awaitable[list[str]]]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from openai import OpenAI
 from PIL import Image, ImageChops
 
@@ -76,3 +77,34 @@ def test_cli_refuses_to_start_without_client_keys(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "GATEWAY_CLIENT_KEYS" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"GATEWAY_CACHE_ENABLED": "maybe"}, "environment: GATEWAY_CACHE_ENABLED: "),
+        ({"GATEWAY_LIMITS__MAX_PARTS": "lots"}, "environment: GATEWAY_LIMITS__MAX_PARTS: "),
+        ({"GATEWAY_CACHE": "{oops"}, "environment: GATEWAY_CACHE (or GATEWAY_CACHE__...): "),
+        ({"GATEWAY_CONFIG": "gateway-with-a-key.yaml"}, ": client_keys: keys never go in"),
+    ],
+)
+def test_cli_names_a_bad_setting_and_exits_2(
+    tmp_path: Path, variables: dict[str, str], message: str
+) -> None:
+    (tmp_path / "gateway-with-a-key.yaml").write_text(
+        f"catalog: {REPO / 'config' / 'models.yaml'}\nclient_keys: [igw-in-a-file-1111]\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(GATEWAY_UPSTREAM_KEYS="sk-something", GATEWAY_CLIENT_KEYS="igw-client")
+    env.update(variables)
+    result = subprocess.run(
+        [*cli(), "serve", "--port", str(free_port())],
+        cwd=REPO if "GATEWAY_CONFIG" not in variables else tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and "igw-in-a-file-1111" not in result.stderr
