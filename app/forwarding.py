@@ -12,7 +12,7 @@ Retry policy, decided here and nowhere else (a key's own health is the pool's bu
   server,         at most retry.server_error_retries       may be transient; default once
   bad_response      times, on another key
   timeout,        only if the model sets                   the edit may be running, and billed
-  dropped           resend_after_timeout
+  dropped           resend_after_timeout                   (OUTCOME_UNKNOWN, app/errors.py)
   rejected        never                                    the upstream's 4xx goes back as it is
 Every request is bounded by retry.max_attempts, and retry.deadline covers all of its attempts.
 When no key is left to try: 429 with retry-after if what is left is only cooling; else the last
@@ -34,7 +34,14 @@ from itertools import groupby
 
 from app.config import RetryConfig
 from app.edit import EditRequest
-from app.errors import FailureKind, GatewayError, NoUsableKey, RateLimited, UpstreamTimeout
+from app.errors import (
+    OUTCOME_UNKNOWN,
+    FailureKind,
+    GatewayError,
+    NoUsableKey,
+    RateLimited,
+    UpstreamTimeout,
+)
 from app.keys.pool import KeyPool, Lease, Shortage
 from app.metrics import GatewayMetrics
 from app.request_record import current_record
@@ -42,7 +49,6 @@ from app.upstream.base import Upstream, UpstreamAnswer
 
 _ANOTHER_KEY: frozenset[FailureKind] = frozenset({"rate_limited", "auth", "quota", "connect"})
 _SERVER: frozenset[FailureKind] = frozenset({"server", "bad_response"})
-_MAYBE_BILLED: frozenset[FailureKind] = frozenset({"timeout", "dropped"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,14 +157,14 @@ class Forwarder:
             return True
         if failure in _SERVER:
             return server_retries < self._retry.server_error_retries
-        if failure in _MAYBE_BILLED:
+        if failure in OUTCOME_UNKNOWN:
             return edit.model.resend_after_timeout
         return False
 
     def _final(self, edit: EditRequest, error: GatewayError, attempts: int) -> GatewayError:
-        maybe_billed = error.failure in _MAYBE_BILLED and not edit.model.resend_after_timeout
-        if attempts >= 2 or maybe_billed:
-            error.headers = {**error.headers, "x-should-retry": "false"}
+        unknown = error.failure in OUTCOME_UNKNOWN and not edit.model.resend_after_timeout
+        if attempts >= 2 or unknown:
+            return error.with_headers({"x-should-retry": "false"})
         return error
 
     async def _lease(self, edit: EditRequest, tried: Mapping[str, set[str]]) -> Lease | Shortage:
@@ -233,6 +239,6 @@ class Forwarder:
 
 
 def _deadline_error(deadline: float) -> GatewayError:
-    error = UpstreamTimeout(f"The upstream did not answer within the {deadline:g} s deadline.")
-    error.failure = "timeout"
-    return error
+    return UpstreamTimeout(
+        f"The upstream did not answer within the {deadline:g} s deadline.", failure="timeout"
+    )

@@ -27,15 +27,11 @@ ANSWER = UpstreamAnswer(body={"created": 1, "data": []}, request_id=None)
 
 
 def failure(kind: FailureKind) -> GatewayError:
-    error: GatewayError
     if kind == "rate_limited":
-        error = RateLimited("limited")
-    elif kind == "timeout":
-        error = UpstreamTimeout("slow")
-    else:
-        error = UpstreamFailed(kind)
-    error.failure = kind
-    return error
+        return RateLimited("limited", failure=kind)
+    if kind == "timeout":
+        return UpstreamTimeout("slow", failure=kind)
+    return UpstreamFailed(kind, failure=kind)
 
 
 class ScriptedUpstream:

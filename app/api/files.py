@@ -14,7 +14,7 @@ from starlette.responses import Response
 from app.api.deps import GatewayDep
 from app.cache.entry import content_type_of
 from app.cache.store import CacheUnavailable
-from app.errors import InvalidRequest, Overloaded
+from app.errors import NotFound, Overloaded
 
 router = APIRouter()
 
@@ -27,13 +27,11 @@ def file_url(base_url: str, file_id: str, ext: str) -> str:
     return f"{base_url}/v1/images/files/{file_id}.{ext}"
 
 
-def _not_found() -> InvalidRequest:
-    error = InvalidRequest(
+def _not_found() -> NotFound:
+    return NotFound(
         "No such image file; gateway image URLs expire with their cache entry.",
         code="file_not_found",
     )
-    error.status_code = 404
-    return error
 
 
 @router.get("/v1/images/files/{name}")

@@ -21,13 +21,11 @@ from app.clients.directory import ClientPolicy
 from app.clients.limiter import Limiter, Slot
 from app.clients.usage import Usage, UsageLedger, estimate_cost_nanos, tokens_of
 from app.edit import EditRequest
-from app.errors import GatewayError, PermissionDenied
+from app.errors import MAYBE_BILLED, GatewayError, PermissionDenied
 from app.metrics import GatewayMetrics
 from app.upstream.base import UpstreamAnswer
 
 Send = Callable[[EditRequest], Awaitable[tuple[UpstreamAnswer, str]]]
-# Failures after which the upstream may have done (and billed) the work: the charge stays.
-_MAYBE_BILLED = frozenset({"timeout", "dropped", "bad_response"})
 
 
 class ClientGate:
@@ -143,7 +141,7 @@ class MeteredEdit:
     async def failed(self, edit: EditRequest, error: GatewayError) -> None:
         """Account a failed upstream call: the charge is given back unless the upstream may
         have done (and billed) the work."""
-        await self._slot.settle(None if error.failure in _MAYBE_BILLED else 0)
+        await self._slot.settle(None if error.failure in MAYBE_BILLED else 0)
         await self._gate._record(self.policy, edit, Usage(errors=1, input_bytes=_input_bytes(edit)))
         self._gate.metrics.record_client_edit(
             self.policy.name, edit.model.name, outcome="error", images=0, cost_usd=0.0

@@ -30,8 +30,8 @@ from app.redaction import Redactor
 from app.upstream.base import UpstreamAnswer, UpstreamKey
 from app.upstream.failures import (
     credentials_rejected,
-    failed,
     json_object,
+    picked_headers,
     quota_exhausted,
     rate_limited,
 )
@@ -90,20 +90,17 @@ class OpenAIUpstream:
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, httpx.ConnectTimeout):
                 raise self._unreachable("timed out connecting") from None
-            raise failed(
-                UpstreamTimeout(f"The upstream did not answer within {total:g} seconds."),
-                "timeout",
+            raise UpstreamTimeout(
+                f"The upstream did not answer within {total:g} seconds.", failure="timeout"
             ) from None
         except httpx.ConnectError:
             raise self._unreachable("refused the connection") from None
         except httpx.TransportError as exc:
             # The request may have been delivered and may be running (and billed) upstream.
-            raise failed(
-                UpstreamFailed(
-                    f"The connection to the upstream failed mid-request ({type(exc).__name__}).",
-                    code="upstream_connection_lost",
-                ),
-                "dropped",
+            raise UpstreamFailed(
+                f"The connection to the upstream failed mid-request ({type(exc).__name__}).",
+                code="upstream_connection_lost",
+                failure="dropped",
             ) from None
         return self._interpret(response)
 
@@ -159,12 +156,10 @@ class OpenAIUpstream:
                 detail = error if isinstance(error, dict) else {"message": str(error)}
                 message = self._redact(str(detail.get("message") or "stream error")[:500])
                 # After a partial image the client has seen progress: never resent silently.
-                raise failed(
-                    UpstreamFailed(
-                        f"The upstream failed mid-stream: {message}",
-                        code="upstream_stream_error",
-                    ),
-                    "dropped" if relayed else "server",
+                raise UpstreamFailed(
+                    f"The upstream failed mid-stream: {message}",
+                    code="upstream_stream_error",
+                    failure="dropped" if relayed else "server",
                 )
             kind = str(event.get("type", ""))
             if kind.endswith(".partial_image"):
@@ -173,65 +168,66 @@ class OpenAIUpstream:
             elif kind.endswith(".completed"):
                 completed.append(event)
         if not completed:
-            raise failed(
-                UpstreamFailed(
-                    "The upstream's stream ended before its completed event.",
-                    code="upstream_connection_lost",
-                ),
-                "dropped",
+            raise UpstreamFailed(
+                "The upstream's stream ended before its completed event.",
+                code="upstream_connection_lost",
+                failure="dropped",
             )
         return UpstreamAnswer(body=_images_response(completed), request_id=request_id)
 
     def _unreachable(self, what: str) -> GatewayError:
-        return failed(UpstreamUnreachable(f"The upstream {self.name!r} {what}."), "connect")
+        return UpstreamUnreachable(f"The upstream {self.name!r} {what}.", failure="connect")
 
     def _interpret(self, response: httpx.Response) -> UpstreamAnswer:
         request_id = response.headers.get("x-request-id")
         if response.status_code == 200:
             body = json_object(response.content)
             if body is None or not isinstance(body.get("data"), list):
-                raise failed(
-                    UpstreamFailed(
-                        "The upstream answered 200 with a body that is not an ImagesResponse.",
-                        code="upstream_bad_response",
-                    ),
-                    "bad_response",
+                raise UpstreamFailed(
+                    "The upstream answered 200 with a body that is not an ImagesResponse.",
+                    code="upstream_bad_response",
+                    failure="bad_response",
                 )
             return UpstreamAnswer(body=body, request_id=request_id)
-        error = self._error(response)
-        error.upstream_headers = {
-            name: response.headers[name] for name in _POOL_HEADERS if name in response.headers
-        }
-        if request_id:
-            # The client quotes this id to support; the upstream's is the one that helps.
-            error.headers["x-request-id"] = request_id
-        raise error
+        # The client quotes this id to support; the upstream's is the one that helps.
+        headers = {"x-request-id": request_id} if request_id else {}
+        raise self._error(response, headers, picked_headers(response, _POOL_HEADERS))
 
     def _optional(self, value: object) -> str | None:
         return None if value is None else self._redact(str(value)[:200])
 
-    def _error(self, response: httpx.Response) -> GatewayError:
+    def _error(
+        self, response: httpx.Response, headers: dict[str, str], upstream_headers: dict[str, str]
+    ) -> GatewayError:
+        """The failure an error status stands for; `headers` go to the client, and
+        `upstream_headers` to the key pool."""
         status = response.status_code
         detail = _error_detail(response.content)
         message = self._redact(str(detail.get("message") or f"HTTP {status}"))
         code = detail.get("code")
         if status in (401, 403):
-            return credentials_rejected()
+            return credentials_rejected(headers=headers, upstream_headers=upstream_headers)
         if status == 402 or code == "insufficient_quota":
-            return quota_exhausted()
+            return quota_exhausted(headers=headers, upstream_headers=upstream_headers)
         if status == 429:
-            return rate_limited(message, response)
+            return rate_limited(
+                message, response, headers=headers, upstream_headers=upstream_headers
+            )
         if 400 <= status < 500:
-            rejected = UpstreamRejected(
+            return UpstreamRejected(
                 status,
                 message,
                 error_type=self._redact(str(detail.get("type") or "invalid_request_error")),
                 param=self._optional(detail.get("param")),
                 code=self._optional(code),
+                headers=headers,
+                upstream_headers=upstream_headers,
             )
-            return failed(rejected, "rejected")
-        return failed(
-            UpstreamFailed(f"The upstream failed with HTTP {status}: {message}"), "server"
+        return UpstreamFailed(
+            f"The upstream failed with HTTP {status}: {message}",
+            headers=headers,
+            failure="server",
+            upstream_headers=upstream_headers,
         )
 
 
@@ -244,12 +240,10 @@ async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]
             piece = line[5:].removeprefix(" ")
             size += len(piece)
             if size > MAX_EVENT_BYTES:
-                raise failed(
-                    UpstreamFailed(
-                        "The upstream sent a stream event larger than the gateway accepts.",
-                        code="upstream_bad_response",
-                    ),
-                    "bad_response",
+                raise UpstreamFailed(
+                    "The upstream sent a stream event larger than the gateway accepts.",
+                    code="upstream_bad_response",
+                    failure="bad_response",
                 )
             data.append(piece)
         elif line == "" and data:
@@ -259,12 +253,10 @@ async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]
                 continue
             event = json_object(text.encode())
             if event is None:
-                raise failed(
-                    UpstreamFailed(
-                        "The upstream sent a stream event that is not a JSON object.",
-                        code="upstream_bad_response",
-                    ),
-                    "bad_response",
+                raise UpstreamFailed(
+                    "The upstream sent a stream event that is not a JSON object.",
+                    code="upstream_bad_response",
+                    failure="bad_response",
                 )
             yield event
 

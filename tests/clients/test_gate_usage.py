@@ -111,9 +111,7 @@ def test_gate_cache_hits_do_not_use_quota_and_timeouts_keep_the_charge(
 
         async def slow(edit: EditRequest) -> tuple[UpstreamAnswer, str]:
             # The upstream may still be making (and billing) the images.
-            error = UpstreamTimeout("late")
-            error.failure = "timeout"  # as the OpenAI dialect tags it
-            raise error
+            raise UpstreamTimeout("late", failure="timeout")  # as the OpenAI dialect tags it
 
         for number in range(3):
             async with gate.enter(team, f"req_c{number}") as metered:
