@@ -228,12 +228,19 @@ class ShuttingDown(GatewayError):
 
 
 class StoreUnavailable(GatewayError):
-    """Raised by the stores (app/shared_state/translate.py), never by Redis itself: stores that
-    fail open catch this one error, and one that cannot answers 503."""
+    """Shared state could not be reached. The stores raise it in place of Redis's own errors
+    (app/shared_state/failures.py); the ones that fail open catch it, the others answer 503."""
 
     status_code = 503
     error_type = "server_error"
     default_code = "store_unavailable"
+
+    def __init__(
+        self, message: str, *, action: str | None = None, cause: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.action = action  # what could not be done ("admit a request"), for the log
+        self.cause = cause  # the type of the store's own error, for the log
 
 
 class NoUsableKey(GatewayError):

@@ -14,11 +14,10 @@ from app.admission import ConcurrencyLimitMiddleware
 from app.api import admin, files, health, images, models
 from app.api import metrics as metrics_api
 from app.auth import PUBLIC_PATHS, ClientAuthMiddleware
-from app.cache.store import CacheUnavailable
 from app.clients.directory import ClientDirectory, client_names
 from app.config import Settings, load_settings
 from app.drain import Drain, DrainMiddleware
-from app.errors import install_error_handlers
+from app.errors import StoreUnavailable, install_error_handlers
 from app.logs import install_redaction
 from app.memory import keep_freed_heap, malloc_trim, trim_heap_periodically
 from app.metrics import GatewayMetrics
@@ -57,7 +56,7 @@ def create_app(
         # burst of first requests at once. Both clients: the cache's, and the one the key pool and
         # client limits share. Failing here only means Redis is down now; requests then fail open
         # as usual.
-        with contextlib.suppress(CacheUnavailable):
+        with contextlib.suppress(StoreUnavailable):
             await gateway.cache.store.check()
         if gateway.redis is not None:
             await check_redis(gateway.redis, metrics, "health")

@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from app.api.deps import GatewayDep
 from app.clients.config import CLIENT_NAME, RESERVED_NAME
-from app.clients.keystore import REDIS_DOWN, RuntimeKeyStore
+from app.clients.keystore import RuntimeKeyStore
 from app.clients.usage import MAX_REPORT_DAYS, UsageLedger
 from app.errors import InvalidRequest, NotFound, StoreUnavailable
 from app.runtime import Gateway
@@ -67,10 +67,7 @@ async def show_client(name: str, gateway: GatewayDep) -> Response:
     if not directory.knows(name):
         raise NotFound(f"No client named {name[:64]!r} is configured.")
     policy = directory.policy(name)
-    try:
-        used = await gateway.clients.gate.limiter.quota_used(name)
-    except REDIS_DOWN:
-        raise StoreUnavailable("Cannot read quotas now: the shared store is unreachable.") from None
+    used = await gateway.clients.gate.limiter.quota_used(name)  # 503 when Redis is down
     return _json(
         {
             "object": "client",
@@ -145,11 +142,7 @@ async def usage(
         clients = [client]
     else:
         clients = gateway.clients.directory.names
-    try:
-        report = await ledger.report(clients, start, end)
-    except REDIS_DOWN:
-        raise StoreUnavailable("Cannot read usage now: the shared store is unreachable.") from None
-    return _json(report)
+    return _json(await ledger.report(clients, start, end))  # 503 when Redis is down
 
 
 def _date(value: str, param: str) -> date:

@@ -13,8 +13,7 @@ from starlette.responses import Response
 
 from app.api.deps import GatewayDep
 from app.cache.entry import content_type_of
-from app.cache.store import CacheUnavailable
-from app.errors import NotFound, Overloaded
+from app.errors import NotFound, Overloaded, StoreUnavailable
 
 router = APIRouter()
 
@@ -42,7 +41,7 @@ async def get_image_file(name: str, gateway: GatewayDep) -> Response:
     file_id, ext = match.groups()
     try:
         found = await gateway.cache.store.get_file(file_id, ext)
-    except CacheUnavailable:
+    except StoreUnavailable:
         raise Overloaded(
             "The image store is unavailable; retry shortly.", code="image_store_unavailable"
         ) from None

@@ -23,9 +23,10 @@ from typing import Any, Literal, Protocol
 from app.cache.entry import CachedEdit, EntryMeta, FetchImage, from_upstream
 from app.cache.fingerprint import fingerprint
 from app.cache.lease import Lease
-from app.cache.store import CacheStore, CacheUnavailable, MarkedDown
+from app.cache.store import CacheStore, MarkedDown
 from app.config import CacheConfig
 from app.edit import EditRequest
+from app.errors import StoreUnavailable
 from app.images_response import normalize_images_response
 from app.upstream.base import UpstreamAnswer
 
@@ -243,7 +244,7 @@ class EditCache:
             except MarkedDown:
                 self._store_failed()
                 return await self._uncached(edit, owner, key)
-            except CacheUnavailable:
+            except StoreUnavailable:
                 # Redis may have taken the lease for this token after the wait for it ended.
                 self._give_back_later(self._lease(edit, key, token))
                 self._store_failed()
@@ -289,7 +290,7 @@ class EditCache:
     async def _complete(self, meta: EntryMeta) -> CachedEdit | None:
         try:
             blobs = await self.store.get_files([(file_id, ext) for file_id, ext, _ in meta.files])
-        except CacheUnavailable:
+        except StoreUnavailable:
             self._store_failed()
             return None
         if any(blob is None for blob in blobs):
@@ -374,7 +375,7 @@ class EditCache:
             if cacheable and key is not None:
                 await self.store.put_entry(key, hosted.meta(), ttl)
                 self.events.record_cache_store(edit.model.name, result.image_bytes)
-        except CacheUnavailable:
+        except StoreUnavailable:
             self._store_failed()
             return result
         return hosted
