@@ -24,6 +24,7 @@ from app.keys.health import (
     OUTLIER_FAILURES,
     HealthPolicy,
     KeyHealth,
+    KeySnapshot,
     after_failure,
     after_probe,
     after_success,
@@ -37,7 +38,6 @@ from app.keys.outliers import (
     overrides,
 )
 from app.keys.store import RPM_WINDOW_SECONDS, StateStore, minute_of
-from app.metrics import KeySnapshot
 from app.upstream.base import UpstreamKey
 
 
