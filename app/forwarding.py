@@ -63,12 +63,12 @@ class Forwarder:
         upstreams: Mapping[str, Upstream],
         pool: KeyPool,
         *,
+        metrics: GatewayMetrics,
         routes: Mapping[str, Route] | None = None,
         retry: RetryConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
-        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._upstreams = upstreams
         self._pool = pool
@@ -77,7 +77,7 @@ class Forwarder:
         self._clock = clock
         self._wall_clock = wall_clock
         self._rng = rng
-        self._metrics = metrics if metrics is not None else GatewayMetrics(models=())
+        self._metrics = metrics
 
     @property
     def pool(self) -> KeyPool:

@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 
 from app.cache.service import EditCache
 from app.cache.setup import open_edit_cache
-from app.clients.directory import client_names
 from app.clients.services import ClientServices, open_client_services
 from app.config import PoolConfig, Settings
 from app.edit import EditRequest
@@ -84,14 +83,9 @@ def secrets_of(settings: Settings) -> list[str]:
 def open_gateway(
     settings: Settings,
     *,
+    metrics: GatewayMetrics,
     transport: httpx.AsyncBaseTransport | None = None,
-    metrics: GatewayMetrics | None = None,
 ) -> Gateway:
-    if metrics is None:
-        metrics = GatewayMetrics(
-            models=settings.catalog.models,
-            clients=client_names(settings.clients, len(settings.client_keys)),
-        )
     if transport is None:
         in_use = [settings.upstreams[name] for name in settings.catalog.upstreams_in_use()]
         # Loading the CA bundle takes ~20 ms: done here, not inside the first https request

@@ -86,6 +86,7 @@ def forwarder(
     return Forwarder(
         {u.name: u for u in upstreams},
         pool,
+        metrics=GatewayMetrics(models=("m",)),
         routes=routes,
         retry=retry,
         rng=random.Random(seed).random,
