@@ -26,10 +26,8 @@ from app.metrics import GatewayMetrics
 from app.redaction import Redactor
 from app.redis_client import open_redis
 from app.upstream.base import Upstream, UpstreamAnswer
-from app.upstream.bfl import BflUpstream
-from app.upstream.demo import DemoUpstream
 from app.upstream.fetch import ImageFetcher
-from app.upstream.openai import OpenAIUpstream
+from app.upstream.registry import DIALECTS
 from app.upstream.transport import Http1Transport
 
 log = logging.getLogger("gateway")
@@ -117,15 +115,10 @@ def open_gateway(
     for name in sorted(settings.catalog.upstreams_in_use()):
         config = settings.upstreams[name]
         routes[name] = Route(priority=config.priority, weight=config.weight)
-        if settings.demo or config.type == "demo":
-            upstreams[name] = DemoUpstream(name)
-            pooled.append(PoolUpstream(name, (), config.max_concurrency))
-        elif config.type == "bfl":
-            upstreams[name] = BflUpstream(name, config, http, redactor)
-            pooled.append(PoolUpstream(name, config.key_specs, config.max_concurrency))
-        else:
-            upstreams[name] = OpenAIUpstream(name, config, http, redactor)
-            pooled.append(PoolUpstream(name, config.key_specs, config.max_concurrency))
+        dialect = DIALECTS["demo" if settings.demo else config.type]
+        upstreams[name] = dialect.build(name, config, http, redactor)
+        keys = config.key_specs if dialect.keyed else ()
+        pooled.append(PoolUpstream(name, keys, config.max_concurrency))
     if settings.demo:
         log.warning("demo mode: every model is served by the built-in demo upstream")
     redis = (
