@@ -131,9 +131,6 @@ class KeyPool:
     def upstream_names(self) -> list[str]:
         return list(self._upstreams)
 
-    def keys_of(self, upstream: str) -> tuple[KeySpec, ...]:
-        return self._upstreams[upstream].keys
-
     def in_flight(self, upstream: str, key_id: str | None = None) -> int:
         if key_id is None:
             return self._counters.upstream_in_flight.get(upstream, 0)
