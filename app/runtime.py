@@ -25,6 +25,7 @@ from app.keys.store import FailoverStore, MemoryStore, RedisStore, StateStore
 from app.metrics import GatewayMetrics
 from app.redaction import Redactor
 from app.redis_client import open_redis
+from app.service.edits import ImageService
 from app.upstream.base import Upstream, UpstreamAnswer
 from app.upstream.fetch import ImageFetcher
 from app.upstream.registry import DIALECTS
@@ -43,6 +44,7 @@ class Gateway:
     metrics: GatewayMetrics
     cache: EditCache
     clients: ClientServices
+    images: ImageService
     spool_worker: SpoolWorker | None = None
     # Fetches https image URLs of JSON edits; None unless image_urls.enabled.
     image_urls: ImageFetcher | None = None
@@ -136,6 +138,22 @@ def open_gateway(
         answer, _upstream = await forwarder.edit(edit)
         return answer
 
+    cache = open_edit_cache(settings, http=http, forward=forward, events=metrics)
+    clients = open_client_services(settings, redis, metrics)
+    spool_worker = SpoolWorker()
+    image_urls = (
+        ImageFetcher(http, settings.image_urls, subject="The image")
+        if settings.image_urls.enabled
+        else None
+    )
+    images = ImageService(
+        settings,
+        cache=cache,
+        gate=clients.gate,
+        redact=redactor,
+        spool_worker=spool_worker,
+        image_urls=image_urls,
+    )
     return Gateway(
         settings=settings,
         http=http,
@@ -143,14 +161,11 @@ def open_gateway(
         redactor=redactor,
         redis=redis,
         metrics=metrics,
-        cache=open_edit_cache(settings, http=http, forward=forward, events=metrics),
-        clients=open_client_services(settings, redis, metrics),
-        spool_worker=SpoolWorker(),
-        image_urls=(
-            ImageFetcher(http, settings.image_urls, subject="The image")
-            if settings.image_urls.enabled
-            else None
-        ),
+        cache=cache,
+        clients=clients,
+        images=images,
+        spool_worker=spool_worker,
+        image_urls=image_urls,
         prober=Prober(pool, upstreams, tick=min(1.0, settings.pool.probe_interval)),
     )
 

@@ -17,13 +17,10 @@ from app.errors import NotFound, Overloaded, StoreUnavailable
 
 router = APIRouter()
 
-# The raw paths the auth middleware may let through without a key (and nothing else).
+# The raw paths the auth middleware may let through without a key (and nothing else). The URLs
+# are built by app/service/edits.file_url.
 FILE_PATH = re.compile(r"/v1/images/files/[A-Za-z0-9_-]{32}\.(?:png|jpeg|webp)")
 _NAME = re.compile(r"([A-Za-z0-9_-]{32})\.(png|jpeg|webp)")
-
-
-def file_url(base_url: str, file_id: str, ext: str) -> str:
-    return f"{base_url}/v1/images/files/{file_id}.{ext}"
 
 
 def _not_found() -> NotFound:
