@@ -45,7 +45,7 @@ from app.errors import (
 from app.keys.pool import KeyPool, Lease, Shortage
 from app.metrics import GatewayMetrics
 from app.request_record import current_record
-from app.upstream.base import Upstream, UpstreamAnswer
+from app.upstream.base import PartialSink, Upstream, UpstreamAnswer
 
 _ANOTHER_KEY: frozenset[FailureKind] = frozenset({"rate_limited", "auth", "quota", "connect"})
 _SERVER: frozenset[FailureKind] = frozenset({"server", "bad_response"})
@@ -83,8 +83,11 @@ class Forwarder:
     def pool(self) -> KeyPool:
         return self._pool
 
-    async def edit(self, edit: EditRequest) -> tuple[UpstreamAnswer, str]:
-        """The upstream's answer and the name of the upstream that gave it."""
+    async def edit(
+        self, edit: EditRequest, *, on_partial: PartialSink | None = None
+    ) -> tuple[UpstreamAnswer, str]:
+        """The upstream's answer and the name of the upstream that gave it. Each attempt hands
+        its partial images (if its upstream streams them) to `on_partial`."""
         deadline = self._clock() + self._retry.deadline
         tried: dict[str, set[str]] = {}
         attempts = 0
@@ -109,7 +112,7 @@ class Forwarder:
             if lease.key is not None:
                 tried.setdefault(lease.upstream, set()).add(lease.key.id)
             try:
-                answer = await self._attempt(edit, lease, remaining)
+                answer = await self._attempt(edit, lease, remaining, on_partial)
             except GatewayError as error:
                 if error.failure is None:
                     raise
@@ -129,7 +132,9 @@ class Forwarder:
             last_error = _deadline_error(self._retry.deadline)
         raise self._final(edit, last_error, attempts)
 
-    async def _attempt(self, edit: EditRequest, lease: Lease, remaining: float) -> UpstreamAnswer:
+    async def _attempt(
+        self, edit: EditRequest, lease: Lease, remaining: float, on_partial: PartialSink | None
+    ) -> UpstreamAnswer:
         """One call to one upstream with one key, timed and counted whatever its outcome."""
         upstream = self._upstreams[lease.upstream]
         current_record().note_attempt(upstream.name, lease.key.id if lease.key else None)
@@ -137,7 +142,7 @@ class Forwarder:
         outcome = "ok"
         try:
             async with asyncio.timeout(remaining):
-                return await upstream.edit(edit, lease.key)
+                return await upstream.edit(edit, lease.key, on_partial=on_partial)
         except TimeoutError:
             outcome = "timeout"
             raise _deadline_error(self._retry.deadline) from None

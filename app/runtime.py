@@ -26,7 +26,7 @@ from app.metrics import GatewayMetrics
 from app.redaction import Redactor
 from app.redis_client import open_redis
 from app.service.edits import ImageService
-from app.upstream.base import Upstream, UpstreamAnswer
+from app.upstream.base import PartialSink, Upstream, UpstreamAnswer
 from app.upstream.fetch import ImageFetcher
 from app.upstream.registry import DIALECTS
 from app.upstream.transport import Http1Transport
@@ -134,8 +134,8 @@ def open_gateway(
     metrics.watch_keys(pool.snapshots)
     forwarder = Forwarder(upstreams, pool, routes=routes, retry=settings.retry, metrics=metrics)
 
-    async def forward(edit: EditRequest) -> UpstreamAnswer:
-        answer, _upstream = await forwarder.edit(edit)
+    async def forward(edit: EditRequest, *, on_partial: PartialSink | None) -> UpstreamAnswer:
+        answer, _upstream = await forwarder.edit(edit, on_partial=on_partial)
         return answer
 
     cache = open_edit_cache(settings, http=http, forward=forward, events=metrics)

@@ -20,7 +20,7 @@ from app.keys.health import KeyHealth
 from app.keys.pool import KeyPool, PoolUpstream
 from app.keys.store import MemoryStore
 from app.metrics import GatewayMetrics
-from app.upstream.base import UpstreamAnswer, UpstreamKey
+from app.upstream.base import PartialSink, UpstreamAnswer, UpstreamKey
 from tests.support.prom import total
 
 ANSWER = UpstreamAnswer(body={"created": 1, "data": []}, request_id=None)
@@ -42,7 +42,9 @@ class ScriptedUpstream:
         self.script = script
         self.calls: list[str] = []
 
-    async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer:
+    async def edit(
+        self, edit: EditRequest, key: UpstreamKey | None, *, on_partial: PartialSink | None = None
+    ) -> UpstreamAnswer:
         key_id = key.id if key else "-"
         self.calls.append(key_id)
         outcome = self.script(key_id)

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from starlette.types import Receive
@@ -29,6 +30,7 @@ from app.intake.json_body import JsonEditReader, is_json, read_json_object, text
 from app.intake.spool import SpoolWorker
 from app.request_record import RequestRecord
 from app.streaming import event_stream, prepend
+from app.upstream.base import PartialSink
 from app.upstream.fetch import ImageFetcher
 from app.validation import validate_edit, validate_generation
 
@@ -113,7 +115,7 @@ class ImageService:
                 owned = held.pop_all()  # the stream releases the slot once it ends
                 stream = event_stream(
                     edit,
-                    lambda: self._body(call, metered, form, edit, "b64_json"),
+                    partial(self._body, call, metered, form, edit),
                     redact=self._redact,
                     finish=owned.aclose,
                     raise_before_events=True,
@@ -126,7 +128,9 @@ class ImageService:
                     headers={"cache-control": "no-cache", **metered.headers},
                     close=owned.aclose,
                 )
-            outcome, body = await self._answer(call, metered, form, edit, response_format_of(edit))
+            outcome, body = await self._answer(
+                call, metered, form, edit, response_format_of(edit), on_partial=None
+            )
             headers = {"x-cache": outcome.x_cache, "age": str(outcome.age), **metered.headers}
             if outcome.upstream_request_id:
                 headers["x-request-id"] = outcome.upstream_request_id
@@ -192,11 +196,17 @@ class ImageService:
         form: IntakeForm,
         edit: EditRequest,
         response_format: str,
+        *,
+        on_partial: PartialSink | None,
     ) -> tuple[EditOutcome, dict[str, Any]]:
         """Cache (-> forwarding), usage, and the ImagesResponse in the format asked for."""
         # From here the cache owns the uploads: a paid upstream call may outlive this request.
         run = self._cache.run(
-            edit, release=form.close, policy=call.cache_policy, client_scope=call.client_scope
+            edit,
+            release=form.close,
+            policy=call.cache_policy,
+            client_scope=call.client_scope,
+            on_partial=on_partial,
         )
         read_timeout = call.read_timeout
         try:
@@ -240,9 +250,12 @@ class ImageService:
         metered: MeteredEdit,
         form: IntakeForm,
         edit: EditRequest,
-        response_format: str,
+        on_partial: PartialSink,
     ) -> dict[str, Any]:
-        _outcome, body = await self._answer(call, metered, form, edit, response_format)
+        """The streamed answer's ImagesResponse (b64_json: the events carry the bytes)."""
+        _outcome, body = await self._answer(
+            call, metered, form, edit, "b64_json", on_partial=on_partial
+        )
         return body
 
 

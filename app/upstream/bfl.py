@@ -31,7 +31,7 @@ from app.errors import (
     UpstreamUnreachable,
 )
 from app.redaction import Redactor
-from app.upstream.base import UpstreamAnswer, UpstreamKey
+from app.upstream.base import PartialSink, UpstreamAnswer, UpstreamKey
 from app.upstream.failures import (
     credentials_rejected,
     json_object,
@@ -100,7 +100,10 @@ class BflUpstream:
             and credits > 0
         )
 
-    async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer:
+    async def edit(
+        self, edit: EditRequest, key: UpstreamKey | None, *, on_partial: PartialSink | None = None
+    ) -> UpstreamAnswer:
+        # BFL makes no partial images: a streaming client gets keep-alives, then the result.
         _check_request(edit)
         if key is None:
             raise _failure(UpstreamFailed, f"The upstream {self.name!r} has no key to use.", "auth")

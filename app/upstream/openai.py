@@ -1,6 +1,6 @@
 """The OpenAI-compatible dialect (OpenAI itself and resellers): multipart POST {base}/images/edits,
 JSON POST {base}/images/generations; with `stream`, the upstream's SSE is read as it arrives and
-its partial images relayed at once (app/upstream/progress.py), the completed event kept as the
+its partial images handed to the caller's `on_partial` at once, the completed event kept as the
 answer.
 
 Transport failures and upstream statuses are translated into gateway errors here, once.
@@ -27,7 +27,7 @@ from app.errors import (
     UpstreamUnreachable,
 )
 from app.redaction import Redactor
-from app.upstream.base import UpstreamAnswer, UpstreamKey
+from app.upstream.base import PartialSink, UpstreamAnswer, UpstreamKey
 from app.upstream.failures import (
     credentials_rejected,
     json_object,
@@ -36,7 +36,6 @@ from app.upstream.failures import (
     rate_limited,
 )
 from app.upstream.multipart_body import openai_edit_body
-from app.upstream.progress import relay_partial
 
 _PROBE_TIMEOUT = 10.0
 # What the key pool reads to time a cooldown.
@@ -76,7 +75,9 @@ class OpenAIUpstream:
         # 429 means the key authenticated; its rate limit is the pool's business, not the probe's.
         return response.status_code in (200, 429)
 
-    async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer:
+    async def edit(
+        self, edit: EditRequest, key: UpstreamKey | None, *, on_partial: PartialSink | None = None
+    ) -> UpstreamAnswer:
         """An edit or a generation (by `edit.operation`), streamed when the client streams and
         the model's upstream can."""
         streaming = edit.stream and "stream" in edit.model.params
@@ -85,7 +86,7 @@ class OpenAIUpstream:
         try:
             async with asyncio.timeout(total):
                 if streaming:
-                    return await self._streamed(request)
+                    return await self._streamed(request, on_partial)
                 response = await self._client.send(request)
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, httpx.ConnectTimeout):
@@ -134,7 +135,9 @@ class OpenAIUpstream:
             "POST", self._edits_url, content=body.stream(), headers=headers, timeout=timeout
         )
 
-    async def _streamed(self, request: httpx.Request) -> UpstreamAnswer:
+    async def _streamed(
+        self, request: httpx.Request, on_partial: PartialSink | None
+    ) -> UpstreamAnswer:
         response = await self._client.send(request, stream=True)
         try:
             content_type = response.headers.get("content-type", "")
@@ -142,11 +145,13 @@ class OpenAIUpstream:
                 # An error, or an upstream that ignored `stream`: one JSON body either way.
                 await response.aread()
                 return self._interpret(response)
-            return await self._read_events(response)
+            return await self._read_events(response, on_partial)
         finally:
             await response.aclose()
 
-    async def _read_events(self, response: httpx.Response) -> UpstreamAnswer:
+    async def _read_events(
+        self, response: httpx.Response, on_partial: PartialSink | None
+    ) -> UpstreamAnswer:
         request_id = response.headers.get("x-request-id")
         completed: list[dict[str, Any]] = []
         relayed = 0
@@ -163,7 +168,8 @@ class OpenAIUpstream:
                 )
             kind = str(event.get("type", ""))
             if kind.endswith(".partial_image"):
-                relay_partial(event)
+                if on_partial is not None:
+                    on_partial(event)
                 relayed += 1
             elif kind.endswith(".completed"):
                 completed.append(event)
