@@ -39,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from app.request_record import current_record
+from app.request_record import record_in
 
 log = logging.getLogger("gateway.errors")
 
@@ -297,9 +297,9 @@ def _validation_param(exc: RequestValidationError) -> str | None:
 def install_error_handlers(app: FastAPI, *, redact: Callable[[str], str] | None = None) -> None:
     """Every error leaves the gateway in OpenAI's envelope; FastAPI's 422 shape never does."""
 
-    async def on_gateway_error(_: Request, exc: Exception) -> Response:
+    async def on_gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
-        current_record().note_error(code=exc.code, param=exc.param, failure=exc.failure)
+        record_in(request.scope).note_error(code=exc.code, param=exc.param, failure=exc.failure)
         return error_response(exc, redact)
 
     async def on_validation_error(_: Request, exc: Exception) -> Response:

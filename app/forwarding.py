@@ -44,11 +44,14 @@ from app.errors import (
 )
 from app.keys.pool import KeyPool, Lease, Shortage
 from app.metrics import GatewayMetrics
-from app.request_record import current_record
 from app.upstream.base import PartialSink, Upstream, UpstreamAnswer
 
 _ANOTHER_KEY: frozenset[FailureKind] = frozenset({"rate_limited", "auth", "quota", "connect"})
 _SERVER: frozenset[FailureKind] = frozenset({"server", "bad_response"})
+
+
+# Told of each attempt as it starts: the upstream's name and the key's id (None: keyless).
+AttemptNote = Callable[[str, str | None], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +87,15 @@ class Forwarder:
         return self._pool
 
     async def edit(
-        self, edit: EditRequest, *, on_partial: PartialSink | None = None
+        self,
+        edit: EditRequest,
+        *,
+        on_partial: PartialSink | None = None,
+        on_attempt: AttemptNote | None = None,
     ) -> tuple[UpstreamAnswer, str]:
-        """The upstream's answer and the name of the upstream that gave it. Each attempt hands
-        its partial images (if its upstream streams them) to `on_partial`."""
+        """The upstream's answer and the name of the upstream that gave it. Each attempt is
+        noted with `on_attempt` (its upstream and key id) as it starts, and hands its partial
+        images (if its upstream streams them) to `on_partial`."""
         deadline = self._clock() + self._retry.deadline
         tried: dict[str, set[str]] = {}
         attempts = 0
@@ -112,7 +120,7 @@ class Forwarder:
             if lease.key is not None:
                 tried.setdefault(lease.upstream, set()).add(lease.key.id)
             try:
-                answer = await self._attempt(edit, lease, remaining, on_partial)
+                answer = await self._attempt(edit, lease, remaining, on_partial, on_attempt)
             except GatewayError as error:
                 if error.failure is None:
                     raise
@@ -133,11 +141,17 @@ class Forwarder:
         raise self._final(edit, last_error, attempts)
 
     async def _attempt(
-        self, edit: EditRequest, lease: Lease, remaining: float, on_partial: PartialSink | None
+        self,
+        edit: EditRequest,
+        lease: Lease,
+        remaining: float,
+        on_partial: PartialSink | None,
+        on_attempt: AttemptNote | None,
     ) -> UpstreamAnswer:
         """One call to one upstream with one key, timed and counted whatever its outcome."""
         upstream = self._upstreams[lease.upstream]
-        current_record().note_attempt(upstream.name, lease.key.id if lease.key else None)
+        if on_attempt is not None:
+            on_attempt(upstream.name, lease.key.id if lease.key else None)
         start = time.perf_counter()
         outcome = "ok"
         try:

@@ -16,7 +16,7 @@ from app.cache.setup import open_edit_cache
 from app.clients.services import ClientServices, open_client_services
 from app.config import PoolConfig, Settings
 from app.edit import EditRequest
-from app.forwarding import Forwarder, Route
+from app.forwarding import AttemptNote, Forwarder, Route
 from app.intake.spool import SpoolWorker
 from app.keys.health import HealthPolicy
 from app.keys.pool import KeyPool, PoolUpstream
@@ -134,8 +134,10 @@ def open_gateway(
     metrics.watch_keys(pool.snapshots)
     forwarder = Forwarder(upstreams, pool, routes=routes, retry=settings.retry, metrics=metrics)
 
-    async def forward(edit: EditRequest, *, on_partial: PartialSink | None) -> UpstreamAnswer:
-        answer, _upstream = await forwarder.edit(edit, on_partial=on_partial)
+    async def forward(
+        edit: EditRequest, *, on_partial: PartialSink | None, on_attempt: AttemptNote | None
+    ) -> UpstreamAnswer:
+        answer, _upstream = await forwarder.edit(edit, on_partial=on_partial, on_attempt=on_attempt)
         return answer
 
     cache = open_edit_cache(settings, http=http, forward=forward, events=metrics)

@@ -16,7 +16,7 @@ from starlette.types import Scope
 from app.api.deps import client_of, gateway_of
 from app.cache.service import policy_from_header
 from app.client_wait import client_read_timeout
-from app.request_record import current_record
+from app.request_record import record_in
 from app.runtime import Gateway
 from app.service.edits import Answer, ImageCall, JsonAnswer
 
@@ -70,7 +70,7 @@ def _call(request: Request, gateway: Gateway) -> ImageCall:
         read_timeout=client_read_timeout(headers),
         base_url=str(request.base_url).rstrip("/"),
         receive=request.receive,
-        record=current_record(),
+        record=record_in(request.scope),
     )
 
 

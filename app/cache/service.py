@@ -27,6 +27,7 @@ from app.cache.store import CacheStore, MarkedDown
 from app.config import CacheConfig
 from app.edit import EditRequest
 from app.errors import StoreUnavailable
+from app.forwarding import AttemptNote
 from app.images_response import normalize_images_response
 from app.upstream.base import PartialSink, UpstreamAnswer
 
@@ -127,10 +128,14 @@ def for_upstream(edit: EditRequest) -> EditRequest:
 
 class Forward(Protocol):
     """The paid upstream call behind the cache (app/forwarding.py). `on_partial` is handed each
-    partial image as the upstream streams it."""
+    partial image as the upstream streams it, `on_attempt` each attempt's upstream and key."""
 
     def __call__(
-        self, edit: EditRequest, *, on_partial: PartialSink | None
+        self,
+        edit: EditRequest,
+        *,
+        on_partial: PartialSink | None,
+        on_attempt: AttemptNote | None,
     ) -> Awaitable[UpstreamAnswer]: ...
 
 
@@ -177,14 +182,15 @@ class EditCache:
         policy: Policy,
         client_scope: str | None,
         on_partial: PartialSink | None = None,
+        on_attempt: AttemptNote | None = None,
     ) -> EditOutcome:
         """Answer `edit`. `release` frees its uploads: called once, when nothing needs them.
 
         `client_scope` identifies the client for `scope: client` (a digest, never its key).
-        `on_partial` gets the partial images of the upstream call this request pays for (none
-        when the answer comes from the cache or from another request's call).
+        `on_partial` and `on_attempt` hear from the upstream call this request pays for (not
+        when the answer comes from the cache, or from another request's call).
         """
-        caller = _Caller(release, on_partial)
+        caller = _Caller(release, on_partial, on_attempt)
         try:
             outcome = await self._answer(edit, caller, policy, client_scope)
         finally:
@@ -321,7 +327,15 @@ class EditCache:
         from now on) and wait."""
         wants_files = response_format_of(edit) == "url"
         task = asyncio.create_task(
-            self._paid_call(edit, caller.hand_over(), caller.on_partial, key, lease, wants_files),
+            self._paid_call(
+                edit,
+                caller.hand_over(),
+                key,
+                lease,
+                wants_files,
+                on_partial=caller.on_partial,
+                on_attempt=caller.on_attempt,
+            ),
             name="upstream-edit",
         )
         self._tasks.add(task)
@@ -345,10 +359,12 @@ class EditCache:
         self,
         edit: EditRequest,
         release: Callable[[], None],
-        on_partial: PartialSink | None,
         key: str | None,
         lease: Lease | None,
         wants_files: bool,
+        *,
+        on_partial: PartialSink | None,
+        on_attempt: AttemptNote | None,
     ) -> _Paid:
         # The lease is renewed while the call runs and given back however it ends (an answer,
         # an upstream error, Redis unavailable, cancellation at shutdown): after the entry is
@@ -358,7 +374,9 @@ class EditCache:
         )
         try:
             async with held:
-                answer = await self._forward(for_upstream(edit), on_partial=on_partial)
+                answer = await self._forward(
+                    for_upstream(edit), on_partial=on_partial, on_attempt=on_attempt
+                )
                 release()  # the uploads are no longer needed once the upstream has answered
                 body = normalize_images_response(answer.body)
                 result = await from_upstream(body, self._fetch, self._clock())
@@ -406,11 +424,17 @@ class EditCache:
 
 class _Caller:
     """One request's side of the upstream call it may pay for: who frees its uploads (the
-    request, or the paid call once it takes them over), and where its partial images go."""
+    request, or the paid call once it takes them over), and who hears from that call."""
 
-    def __init__(self, release: Callable[[], None], on_partial: PartialSink | None) -> None:
+    def __init__(
+        self,
+        release: Callable[[], None],
+        on_partial: PartialSink | None,
+        on_attempt: AttemptNote | None,
+    ) -> None:
         self._release = release
         self.on_partial = on_partial
+        self.on_attempt = on_attempt
         self._handed = False
         self._done = False
 

@@ -207,6 +207,7 @@ class ImageService:
             policy=call.cache_policy,
             client_scope=call.client_scope,
             on_partial=on_partial,
+            on_attempt=call.record.note_attempt,
         )
         read_timeout = call.read_timeout
         try:

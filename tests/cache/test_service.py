@@ -14,6 +14,7 @@ from app.cache.store import MemoryStore
 from app.config import CacheConfig, load_settings
 from app.config_file import ConfigError
 from app.edit import EditRequest
+from app.forwarding import AttemptNote
 from app.upstream.base import PartialSink, UpstreamAnswer
 from tests.cache.builders import edit
 from tests.conftest import CONFIG, gateway_env
@@ -29,7 +30,11 @@ class ScriptedUpstream:
         self.gate.set()
 
     async def __call__(
-        self, request: EditRequest, *, on_partial: PartialSink | None = None
+        self,
+        request: EditRequest,
+        *,
+        on_partial: PartialSink | None = None,
+        on_attempt: AttemptNote | None = None,
     ) -> UpstreamAnswer:
         self.calls.append(request)
         await self.gate.wait()

@@ -32,6 +32,7 @@ from app.cache.store import (
 from app.config import CacheConfig
 from app.edit import EditRequest
 from app.errors import UpstreamFailed
+from app.forwarding import AttemptNote
 from app.redis_client import open_redis
 from app.upstream.base import PartialSink, UpstreamAnswer
 from tests.cache.builders import edit
@@ -53,7 +54,11 @@ class Upstream:
         self.error = error
 
     async def __call__(
-        self, request: EditRequest, *, on_partial: PartialSink | None = None
+        self,
+        request: EditRequest,
+        *,
+        on_partial: PartialSink | None = None,
+        on_attempt: AttemptNote | None = None,
     ) -> UpstreamAnswer:
         self.calls.append(request)
         await self.gate.wait()
@@ -152,7 +157,10 @@ def test_single_flight_leader_gives_its_lease_back_while_redis_is_marked_down() 
         slow, quick = Upstream(open_=False), Upstream()
 
         def by_prompt(
-            call: EditRequest, *, on_partial: PartialSink | None = None
+            call: EditRequest,
+            *,
+            on_partial: PartialSink | None = None,
+            on_attempt: AttemptNote | None = None,
         ) -> Awaitable[UpstreamAnswer]:
             return slow(call) if call.prompt == request.prompt else quick(call)
 
@@ -363,7 +371,11 @@ def test_single_flight_request_arriving_as_a_failed_call_ends_does_not_spin() ->
             self.calls = 0
 
         async def __call__(
-            self, request: EditRequest, *, on_partial: PartialSink | None = None
+            self,
+            request: EditRequest,
+            *,
+            on_partial: PartialSink | None = None,
+            on_attempt: AttemptNote | None = None,
         ) -> UpstreamAnswer:
             self.calls += 1
             if self.calls == 1:
