@@ -215,3 +215,17 @@ def test_forwarder_upstream_failing_on_every_key_is_never_a_503(kind: FailureKin
     calls_before = len(up.calls)
     answer, _ = asyncio.run(forward.edit(make_edit(("up",))))
     assert answer is ANSWER and len(up.calls) == calls_before + 1
+
+
+@pytest.mark.parametrize(("kind", "should_retry"), [("bad_response", None), ("dropped", "false")])
+def test_forwarder_tells_the_sdk_not_to_retry_only_when_the_outcome_is_unknown(
+    kind: FailureKind, should_retry: str | None
+) -> None:
+    """An unusable answer was billed but is over; a dropped call may still be running, so a
+    retry by the SDK could pay for it twice."""
+    failing = ScriptedUpstream("up", lambda _: kind)
+    forward = forwarder([failing], keys=1, retry=RetryConfig(server_error_retries=0))
+    with pytest.raises(GatewayError) as caught:
+        asyncio.run(forward.edit(make_edit(("up",))))
+    assert failing.calls == ["up#1"]
+    assert caught.value.headers.get("x-should-retry") == should_retry

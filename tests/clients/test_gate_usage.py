@@ -153,6 +153,38 @@ def test_gate_cache_hits_do_not_use_quota_and_timeouts_keep_the_charge(
     asyncio.run(scenario())
 
 
+def test_gate_keeps_the_charge_only_when_the_upstream_may_have_billed(
+    clients_redis_url: str,
+) -> None:
+    async def scenario() -> None:
+        redis = redis_client(clients_redis_url)
+        gate = ClientGate(Limiter(redis, namespace=fresh_namespace()), None, gateway_metrics())
+        team = policy("team", images_per_day=2)
+
+        async def server_error(edit: EditRequest) -> tuple[UpstreamAnswer, str]:
+            raise UpstreamFailed("HTTP 500", failure="server")  # nothing was made
+
+        async def unusable(edit: EditRequest) -> tuple[UpstreamAnswer, str]:
+            # A 200 the gateway could not use: the upstream made, and billed, the images.
+            raise UpstreamFailed("not an ImagesResponse", failure="bad_response")
+
+        async def ok(edit: EditRequest) -> tuple[UpstreamAnswer, str]:
+            return answer(edit.n), "default"
+
+        async with gate.enter(team, "req_s") as metered:
+            with pytest.raises(UpstreamFailed):
+                await forward(metered, edit_request(n=2), server_error)  # given back
+        async with gate.enter(team, "req_b") as metered:
+            with pytest.raises(UpstreamFailed):
+                await forward(metered, edit_request(n=2), unusable)  # kept: 2 of 2 used
+        async with gate.enter(team, "req_after") as metered:
+            with pytest.raises(QuotaExceeded):
+                await forward(metered, edit_request(n=1), ok)
+        await redis.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_gate_refuses_a_model_the_client_may_not_use(clients_redis_url: str) -> None:
     metrics = gateway_metrics()
 
