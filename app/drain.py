@@ -27,7 +27,7 @@ from types import FrameType
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ShuttingDown, error_response
-from app.request_record import current_record
+from app.request_record import record_in
 from app.streaming import sse
 
 log = logging.getLogger("gateway")
@@ -178,7 +178,7 @@ async def _refuse(scope: Scope, receive: Receive, send: Send) -> None:
         await _probe_draining(send)
         return
     error = ShuttingDown("The gateway is shutting down; retry the request.", headers=dict(_CLOSE))
-    current_record().note_error(code=error.code, param=None, failure=None)
+    record_in(scope).note_error(code=error.code, param=None, failure=None)
     await error_response(error)(scope, receive, send)
 
 
@@ -190,7 +190,7 @@ async def _cut_off(answer: _Answer, scope: Scope, receive: Receive, send: Send) 
     )
     if answer.complete:
         return  # answered already; only the app's own work after it was cut short
-    current_record().note_error(code=error.code, param=None, failure=None)
+    record_in(scope).note_error(code=error.code, param=None, failure=None)
     if answer.client_gone:
         return  # nobody to answer: logged as 499
     if not answer.started:

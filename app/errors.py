@@ -2,7 +2,8 @@
 
 GatewayError
  ├── InvalidRequest            400 invalid_request_error (a field the client can fix)
- │    └── ModelNotFound        404 model_not_found
+ │    └── NotFound             404 no such file, client, key or endpoint
+ │         └── ModelNotFound   404 model_not_found
  ├── AuthenticationFailed      401 invalid_api_key
  ├── PermissionDenied          403 the client may not use this model
  ├── RequestTimeout            408 the client stopped sending its body
@@ -18,15 +19,19 @@ GatewayError
  ├── Overloaded                503 the gateway is at its concurrency limit
  ├── ShuttingDown              503 the gateway is draining: refused at the door, or cut off at
  │                                 the drain limit
- ├── StoreUnavailable          503 shared state (Redis) is needed and cannot be reached
+ ├── StoreUnavailable          503 shared state (Redis) is needed and cannot be reached: every
+ │                                 store translates Redis's own errors into this, once
  └── NoUsableKey               503 every upstream key is disabled, ejected or busy
+
+An error says everything about itself when it is built: its status (by class), headers, and for
+an upstream failure its kind and the upstream's rate-limit headers (for the key pool).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Self
 
 import orjson
 from fastapi import FastAPI, Request
@@ -34,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from app.request_record import current_record
+from app.request_record import record_in
 
 log = logging.getLogger("gateway.errors")
 
@@ -55,13 +60,27 @@ FailureKind = Literal[
     "bad_response",
 ]
 
+# Two questions about a failed upstream call, so two sets (FailureKind lives here, not in
+# app/upstream/failures.py, because every GatewayError carries one).
+#
+# Did the upstream run the edit? Unknown after these: the request was delivered and no answer
+# came back, so the edit may be running and billed. Sending it again may pay twice, so it is
+# resent only for models that allow it (routing), and the SDK is told not to retry.
+#   timeout   no answer within the time allowed
+#   dropped   the connection broke after the request went out (or a stream broke mid-way)
+OUTCOME_UNKNOWN: frozenset[FailureKind] = frozenset({"timeout", "dropped"})
+# May the upstream have billed for it? After these the client's image charge is kept (tenants):
+#   timeout, dropped   as above: the edit may have been made
+#   bad_response       the upstream answered 200, so it made (and billed) the images, but the
+#                      answer could not be used (routing still retries it: only a new call can
+#                      give the client its images)
+MAYBE_BILLED: frozenset[FailureKind] = OUTCOME_UNKNOWN | {"bad_response"}
+
 
 class GatewayError(Exception):
     status_code: int = 500
     error_type: str = "server_error"
     default_code: str | None = None
-    # Set by upstream dialects only; None for errors the gateway found itself.
-    failure: FailureKind | None = None
 
     def __init__(
         self,
@@ -69,15 +88,28 @@ class GatewayError(Exception):
         *,
         param: str | None = None,
         code: str | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        failure: FailureKind | None = None,
+        upstream_headers: Mapping[str, str] | None = None,
     ) -> None:
+        """`failure` is set by upstream dialects only (None: the gateway found the error
+        itself); `upstream_headers` are the upstream's rate-limit headers (retry-after,
+        x-ratelimit-*), for the key pool, never sent to the client."""
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
-        self.headers = headers or {}
-        # The upstream's rate-limit headers (retry-after, x-ratelimit-*), for the key pool.
-        self.upstream_headers: dict[str, str] = {}
+        self.headers = dict(headers or {})
+        self.failure = failure
+        self.upstream_headers = dict(upstream_headers or {})
+
+    def with_headers(self, headers: Mapping[str, str]) -> Self:
+        """This error, answered with `headers` as well. A copy: the error as raised by the
+        layer below stays as it was."""
+        clone = type(self).__new__(type(self), *self.args)
+        clone.__dict__.update(self.__dict__)
+        clone.headers = {**self.headers, **headers}
+        return clone
 
     def envelope(self) -> dict[str, Any]:
         return error_envelope(self.message, self.error_type, self.param, self.code)
@@ -88,8 +120,12 @@ class InvalidRequest(GatewayError):
     error_type = "invalid_request_error"
 
 
-class ModelNotFound(InvalidRequest):
+class NotFound(InvalidRequest):
     status_code = 404
+    default_code = "not_found"
+
+
+class ModelNotFound(NotFound):
     default_code = "model_not_found"
 
 
@@ -135,7 +171,8 @@ class QuotaExceeded(RateLimited):
 
 
 class UpstreamRejected(GatewayError):
-    """An upstream 4xx the client should see as-is (bad request, moderation, ...)."""
+    """An upstream 4xx the client should see as-is (bad request, moderation, ...), with the
+    status the gateway answers it with."""
 
     def __init__(
         self,
@@ -145,9 +182,17 @@ class UpstreamRejected(GatewayError):
         error_type: str,
         param: str | None,
         code: str | None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        upstream_headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message, param=param, code=code, headers=headers)
+        super().__init__(
+            message,
+            param=param,
+            code=code,
+            headers=headers,
+            failure="rejected",
+            upstream_headers=upstream_headers,
+        )
         self.status_code = status_code
         self.error_type = error_type
 
@@ -183,9 +228,19 @@ class ShuttingDown(GatewayError):
 
 
 class StoreUnavailable(GatewayError):
+    """Shared state could not be reached. The stores raise it in place of Redis's own errors
+    (app/shared_state/failures.py); the ones that fail open catch it, the others answer 503."""
+
     status_code = 503
     error_type = "server_error"
     default_code = "store_unavailable"
+
+    def __init__(
+        self, message: str, *, action: str | None = None, cause: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.action = action  # what could not be done ("admit a request"), for the log
+        self.cause = cause  # the type of the store's own error, for the log
 
 
 class NoUsableKey(GatewayError):
@@ -201,7 +256,15 @@ def error_envelope(
 
 
 def error_response(error: GatewayError, redact: Callable[[str], str] | None = None) -> Response:
-    envelope = error.envelope()
+    return _render(error.envelope(), error.status_code, error.headers, redact)
+
+
+def _render(
+    envelope: dict[str, Any],
+    status_code: int,
+    headers: Mapping[str, str],
+    redact: Callable[[str], str] | None,
+) -> Response:
     if redact is not None:
         # Messages quote client input; a client that pastes a key into a field never gets any
         # key back, and neither does anyone reading the response on the way.
@@ -211,10 +274,16 @@ def error_response(error: GatewayError, redact: Callable[[str], str] | None = No
         }
     return Response(
         orjson.dumps(envelope),
-        status_code=error.status_code,
+        status_code=status_code,
         media_type="application/json",
-        headers=error.headers,
+        headers=dict(headers),
     )
+
+
+_HTTP_ERRORS = {
+    404: ("Unknown endpoint.", "not_found"),
+    405: ("Method not allowed on this endpoint.", "method_not_allowed"),
+}
 
 
 def _validation_param(exc: RequestValidationError) -> str | None:
@@ -228,9 +297,9 @@ def _validation_param(exc: RequestValidationError) -> str | None:
 def install_error_handlers(app: FastAPI, *, redact: Callable[[str], str] | None = None) -> None:
     """Every error leaves the gateway in OpenAI's envelope; FastAPI's 422 shape never does."""
 
-    async def on_gateway_error(_: Request, exc: Exception) -> Response:
+    async def on_gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
-        current_record().note_error(code=exc.code, param=exc.param, failure=exc.failure)
+        record_in(request.scope).note_error(code=exc.code, param=exc.param, failure=exc.failure)
         return error_response(exc, redact)
 
     async def on_validation_error(_: Request, exc: Exception) -> Response:
@@ -240,19 +309,13 @@ def install_error_handlers(app: FastAPI, *, redact: Callable[[str], str] | None 
         )
 
     async def on_http_error(_: Request, exc: Exception) -> Response:
+        # The framework's own refusals (no such route, wrong method, a body FastAPI cannot
+        # parse), answered with the status it chose.
         assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code == 404:
-            error: GatewayError = InvalidRequest("Unknown endpoint.", code="not_found")
-        elif exc.status_code == 405:
-            error = InvalidRequest(
-                "Method not allowed on this endpoint.", code="method_not_allowed"
-            )
-        else:
-            error = InvalidRequest(str(exc.detail))
-        error.status_code = exc.status_code
+        message, code = _HTTP_ERRORS.get(exc.status_code, (str(exc.detail), None))
+        envelope = error_envelope(message, InvalidRequest.error_type, None, code)
         # Starlette's headers for these (a 405's `Allow`, which HTTP requires) go out as well.
-        error.headers.update(exc.headers or {})
-        return error_response(error, redact)
+        return _render(envelope, exc.status_code, exc.headers or {}, redact)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         # The trace goes to our log; the client gets a request id to quote, never the trace.

@@ -12,7 +12,7 @@ Retry policy, decided here and nowhere else (a key's own health is the pool's bu
   server,         at most retry.server_error_retries       may be transient; default once
   bad_response      times, on another key
   timeout,        only if the model sets                   the edit may be running, and billed
-  dropped           resend_after_timeout
+  dropped           resend_after_timeout                   (OUTCOME_UNKNOWN, app/errors.py)
   rejected        never                                    the upstream's 4xx goes back as it is
 Every request is bounded by retry.max_attempts, and retry.deadline covers all of its attempts.
 When no key is left to try: 429 with retry-after if what is left is only cooling; else the last
@@ -34,15 +34,24 @@ from itertools import groupby
 
 from app.config import RetryConfig
 from app.edit import EditRequest
-from app.errors import FailureKind, GatewayError, NoUsableKey, RateLimited, UpstreamTimeout
+from app.errors import (
+    OUTCOME_UNKNOWN,
+    FailureKind,
+    GatewayError,
+    NoUsableKey,
+    RateLimited,
+    UpstreamTimeout,
+)
 from app.keys.pool import KeyPool, Lease, Shortage
 from app.metrics import GatewayMetrics
-from app.request_record import current_record
-from app.upstream.base import Upstream, UpstreamAnswer
+from app.upstream.base import PartialSink, Upstream, UpstreamAnswer
 
 _ANOTHER_KEY: frozenset[FailureKind] = frozenset({"rate_limited", "auth", "quota", "connect"})
 _SERVER: frozenset[FailureKind] = frozenset({"server", "bad_response"})
-_MAYBE_BILLED: frozenset[FailureKind] = frozenset({"timeout", "dropped"})
+
+
+# Told of each attempt as it starts: the upstream's name and the key's id (None: keyless).
+AttemptNote = Callable[[str, str | None], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +66,12 @@ class Forwarder:
         upstreams: Mapping[str, Upstream],
         pool: KeyPool,
         *,
+        metrics: GatewayMetrics,
         routes: Mapping[str, Route] | None = None,
         retry: RetryConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
-        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._upstreams = upstreams
         self._pool = pool
@@ -71,14 +80,22 @@ class Forwarder:
         self._clock = clock
         self._wall_clock = wall_clock
         self._rng = rng
-        self._metrics = metrics if metrics is not None else GatewayMetrics(models=())
+        self._metrics = metrics
 
     @property
     def pool(self) -> KeyPool:
         return self._pool
 
-    async def edit(self, edit: EditRequest) -> tuple[UpstreamAnswer, str]:
-        """The upstream's answer and the name of the upstream that gave it."""
+    async def edit(
+        self,
+        edit: EditRequest,
+        *,
+        on_partial: PartialSink | None = None,
+        on_attempt: AttemptNote | None = None,
+    ) -> tuple[UpstreamAnswer, str]:
+        """The upstream's answer and the name of the upstream that gave it. Each attempt is
+        noted with `on_attempt` (its upstream and key id) as it starts, and hands its partial
+        images (if its upstream streams them) to `on_partial`."""
         deadline = self._clock() + self._retry.deadline
         tried: dict[str, set[str]] = {}
         attempts = 0
@@ -103,7 +120,7 @@ class Forwarder:
             if lease.key is not None:
                 tried.setdefault(lease.upstream, set()).add(lease.key.id)
             try:
-                answer = await self._attempt(edit, lease, remaining)
+                answer = await self._attempt(edit, lease, remaining, on_partial, on_attempt)
             except GatewayError as error:
                 if error.failure is None:
                     raise
@@ -123,15 +140,23 @@ class Forwarder:
             last_error = _deadline_error(self._retry.deadline)
         raise self._final(edit, last_error, attempts)
 
-    async def _attempt(self, edit: EditRequest, lease: Lease, remaining: float) -> UpstreamAnswer:
+    async def _attempt(
+        self,
+        edit: EditRequest,
+        lease: Lease,
+        remaining: float,
+        on_partial: PartialSink | None,
+        on_attempt: AttemptNote | None,
+    ) -> UpstreamAnswer:
         """One call to one upstream with one key, timed and counted whatever its outcome."""
         upstream = self._upstreams[lease.upstream]
-        current_record().note_attempt(upstream.name, lease.key.id if lease.key else None)
+        if on_attempt is not None:
+            on_attempt(upstream.name, lease.key.id if lease.key else None)
         start = time.perf_counter()
         outcome = "ok"
         try:
             async with asyncio.timeout(remaining):
-                return await upstream.edit(edit, lease.key)
+                return await upstream.edit(edit, lease.key, on_partial=on_partial)
         except TimeoutError:
             outcome = "timeout"
             raise _deadline_error(self._retry.deadline) from None
@@ -151,14 +176,14 @@ class Forwarder:
             return True
         if failure in _SERVER:
             return server_retries < self._retry.server_error_retries
-        if failure in _MAYBE_BILLED:
+        if failure in OUTCOME_UNKNOWN:
             return edit.model.resend_after_timeout
         return False
 
     def _final(self, edit: EditRequest, error: GatewayError, attempts: int) -> GatewayError:
-        maybe_billed = error.failure in _MAYBE_BILLED and not edit.model.resend_after_timeout
-        if attempts >= 2 or maybe_billed:
-            error.headers = {**error.headers, "x-should-retry": "false"}
+        unknown = error.failure in OUTCOME_UNKNOWN and not edit.model.resend_after_timeout
+        if attempts >= 2 or unknown:
+            return error.with_headers({"x-should-retry": "false"})
         return error
 
     async def _lease(self, edit: EditRequest, tried: Mapping[str, set[str]]) -> Lease | Shortage:
@@ -233,6 +258,6 @@ class Forwarder:
 
 
 def _deadline_error(deadline: float) -> GatewayError:
-    error = UpstreamTimeout(f"The upstream did not answer within the {deadline:g} s deadline.")
-    error.failure = "timeout"
-    return error
+    return UpstreamTimeout(
+        f"The upstream did not answer within the {deadline:g} s deadline.", failure="timeout"
+    )

@@ -14,11 +14,10 @@ from app.admission import ConcurrencyLimitMiddleware
 from app.api import admin, files, health, images, models
 from app.api import metrics as metrics_api
 from app.auth import PUBLIC_PATHS, ClientAuthMiddleware
-from app.cache.store import CacheUnavailable
 from app.clients.directory import ClientDirectory, client_names
 from app.config import Settings, load_settings
 from app.drain import Drain, DrainMiddleware
-from app.errors import install_error_handlers
+from app.errors import StoreUnavailable, install_error_handlers
 from app.logs import install_redaction
 from app.memory import keep_freed_heap, malloc_trim, trim_heap_periodically
 from app.metrics import GatewayMetrics
@@ -30,26 +29,23 @@ from app.runtime import Gateway, open_gateway, secrets_of
 
 
 def create_app(
-    settings: Settings | None = None,
-    *,
-    transport: httpx.AsyncBaseTransport | None = None,
-    metrics: GatewayMetrics | None = None,
+    settings: Settings | None = None, *, transport: httpx.AsyncBaseTransport | None = None
 ) -> FastAPI:
-    """Build the ASGI app. Settings are read here, once, never at import time."""
+    """Build the ASGI app. Settings are read here, once, never at import time; the metrics
+    are built here, once, and handed to everything that records."""
     settings = settings if settings is not None else load_settings()
     # Here, not in the CLI: with --workers each worker process builds its own app.
     keep_freed_heap(int(settings.limits.malloc_keep_bytes))
-    if metrics is None:
-        metrics = GatewayMetrics(
-            models=settings.catalog.models,
-            multiprocess_dir=settings.metrics_multiprocess_dir,
-            clients=client_names(settings.clients, len(settings.client_keys)),
-        )
+    metrics = GatewayMetrics(
+        models=settings.catalog.models,
+        multiprocess_dir=settings.metrics_multiprocess_dir,
+        clients=client_names(settings.clients, len(settings.client_keys)),
+    )
     drain = Drain(settings.shutdown.drain_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway = open_gateway(settings, transport=transport, metrics=metrics)
+        gateway = open_gateway(settings, metrics=metrics, transport=transport)
         app.state.gateway = gateway
         unredact = install_redaction(gateway.redactor)
         # Connect before the first request: finding a Cluster's slots or Sentinel's primary must
@@ -57,7 +53,7 @@ def create_app(
         # burst of first requests at once. Both clients: the cache's, and the one the key pool and
         # client limits share. Failing here only means Redis is down now; requests then fail open
         # as usual.
-        with contextlib.suppress(CacheUnavailable):
+        with contextlib.suppress(StoreUnavailable):
             await gateway.cache.store.check()
         if gateway.redis is not None:
             await check_redis(gateway.redis, metrics, "health")

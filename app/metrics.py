@@ -15,7 +15,6 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from app.catalog import KNOWN_PARAMS
 from app.errors import FailureKind
+from app.keys.health import KeySnapshot, KeyStatus
 
 log = logging.getLogger("gateway.metrics")
 
@@ -38,8 +38,7 @@ UPSTREAM_BUCKETS: Final = (
     0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 240, 300, 450, 600,
 )  # fmt: skip
 
-KeyState = Literal["healthy", "cooling", "disabled", "ejected"]
-KEY_STATES: Final[tuple[KeyState, ...]] = ("healthy", "cooling", "disabled", "ejected")
+KEY_STATES: Final[tuple[KeyStatus, ...]] = ("healthy", "cooling", "disabled", "ejected")
 CacheResult = Literal["hit", "miss", "bypass"]
 CACHE_RESULTS: Final[tuple[CacheResult, ...]] = ("hit", "miss", "bypass")
 _CACHE_RESULTS: Final = frozenset(CACHE_RESULTS)
@@ -71,17 +70,6 @@ CLIENT_LIMITS: Final = frozenset(
 
 OTHER = "other"
 NONE = "none"
-
-
-@dataclass(frozen=True, slots=True)
-class KeySnapshot:
-    """One upstream key as the pool sees it at scrape time."""
-
-    upstream: str
-    key_id: str  # the pool's id ("default#1"), never derived from the secret
-    state: KeyState
-    reason: str = "ok"
-    cooldown_seconds: float = 0.0
 
 
 # The key pool's view: read in memory, or from Redis (hence awaitable) when the pool shares state.

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.logs import ACCESS_LOGGER, FIELDS
 from app.metrics import OTHER, GatewayMetrics
-from app.request_record import RequestRecord, recording
+from app.request_record import RequestRecord, open_record
 
 # nginx's "client closed request": logged for a request that ended with nobody to answer.
 CLIENT_GONE = 499
@@ -57,7 +57,7 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = scope.setdefault("state", {})
+        record = open_record(scope)
         start = self._clock()
         status: int | None = None
         abandoned = False
@@ -89,24 +89,23 @@ class ObservabilityMiddleware:
         counted = scope["path"] not in PROBE_PATHS
         if counted:
             self._metrics.request_started()
-        with recording(state.get("request_id", "")) as record:
-            try:
-                await self.app(scope, counting_receive, counting_send)
-            except asyncio.CancelledError:
-                # Cancelled before answering (the server giving up on it at shutdown): nobody
-                # is answered, so no 500 is counted for it.
-                abandoned = True
-                raise
-            finally:
-                if counted:
-                    self._metrics.request_ended()
-                seconds = self._clock() - start
-                route = self._route(scope)
-                if status is None:
-                    # No answer went out: the client left (or the request was cancelled), as
-                    # nginx's 499; otherwise the server answers 500 for the app.
-                    status = CLIENT_GONE if abandoned else 500
-                self._finish(scope, route, record, status, seconds, bytes_in, bytes_out)
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        except asyncio.CancelledError:
+            # Cancelled before answering (the server giving up on it at shutdown): nobody
+            # is answered, so no 500 is counted for it.
+            abandoned = True
+            raise
+        finally:
+            if counted:
+                self._metrics.request_ended()
+            seconds = self._clock() - start
+            route = self._route(scope)
+            if status is None:
+                # No answer went out: the client left (or the request was cancelled), as
+                # nginx's 499; otherwise the server answers 500 for the app.
+                status = CLIENT_GONE if abandoned else 500
+            self._finish(scope, route, record, status, seconds, bytes_in, bytes_out)
 
     def _finish(
         self,

@@ -1,16 +1,18 @@
 """What one request did, noted by the layers it passes through, for its log line and metrics.
 
-The observability middleware opens a record per request; the route, the forwarder and the cache
-fill in what only they know (model, upstream, key id, attempts, cache result) through
-`current_record()`, so none of them needs to know how the request is logged or counted.
+The observability middleware opens a record per request and keeps it in the ASGI scope's
+`state` (Starlette's `request.state`); the layers that know something about the request are
+handed the record, or a callback that notes into it (the route passes `note_attempt` down to
+the forwarder), so none of them needs to know how the request is logged or counted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
+
+from starlette.types import Scope
+
+_STATE_KEY = "request_record"
 
 
 @dataclass(slots=True)
@@ -45,21 +47,15 @@ class RequestRecord:
         self.failure = failure
 
 
-_current: ContextVar[RequestRecord | None] = ContextVar("request_record", default=None)
+def open_record(scope: Scope) -> RequestRecord:
+    """A fresh record for the request `scope` belongs to, kept in its state."""
+    state = scope.setdefault("state", {})
+    record = RequestRecord(request_id=state.get("request_id", ""))
+    state[_STATE_KEY] = record
+    return record
 
 
-def current_record() -> RequestRecord:
-    """The record of the request being handled; a throwaway one outside any request."""
-    record = _current.get()
-    return record if record is not None else RequestRecord()
-
-
-@contextmanager
-def recording(request_id: str) -> Iterator[RequestRecord]:
-    """Make a fresh record current for the duration of one request."""
-    record = RequestRecord(request_id=request_id)
-    token = _current.set(record)
-    try:
-        yield record
-    finally:
-        _current.reset(token)
+def record_in(scope: Scope) -> RequestRecord:
+    """The request's record; a throwaway one for a request nobody opened a record for."""
+    record = scope.get("state", {}).get(_STATE_KEY)
+    return record if isinstance(record, RequestRecord) else RequestRecord()

@@ -14,11 +14,10 @@ from pydantic import SecretStr
 
 from app.cache.service import EditCache
 from app.cache.setup import open_edit_cache
-from app.clients.directory import client_names
 from app.clients.services import ClientServices, open_client_services
 from app.config import PoolConfig, Settings
 from app.edit import EditRequest
-from app.forwarding import Forwarder, Route
+from app.forwarding import AttemptNote, Forwarder, Route
 from app.intake.spool import SpoolWorker
 from app.keys.health import HealthPolicy
 from app.keys.pool import KeyPool, PoolUpstream
@@ -27,13 +26,12 @@ from app.keys.store import FailoverStore, MemoryStore, RedisStore, StateStore
 from app.metrics import GatewayMetrics
 from app.redaction import Redactor
 from app.redis_client import open_redis
+from app.service.edits import ImageService
 from app.upstream.aiohttp_transport import AiohttpTransport, UpstreamPool
-from app.upstream.base import Upstream, UpstreamAnswer
-from app.upstream.bfl import BflUpstream
-from app.upstream.demo import DemoUpstream
+from app.upstream.base import PartialSink, Upstream, UpstreamAnswer
 from app.upstream.egress import Egress, Proxy
 from app.upstream.fetch import ImageFetcher
-from app.upstream.openai import OpenAIUpstream
+from app.upstream.registry import DIALECTS
 
 log = logging.getLogger("gateway")
 
@@ -72,6 +70,7 @@ class Gateway:
     metrics: GatewayMetrics
     cache: EditCache
     clients: ClientServices
+    images: ImageService
     spool_worker: SpoolWorker | None = None
     # Fetches https image URLs of JSON edits; None unless image_urls.enabled.
     image_urls: ImageFetcher | None = None
@@ -186,14 +185,9 @@ def open_http(
 def open_gateway(
     settings: Settings,
     *,
+    metrics: GatewayMetrics,
     transport: httpx.AsyncBaseTransport | None = None,
-    metrics: GatewayMetrics | None = None,
 ) -> Gateway:
-    if metrics is None:
-        metrics = GatewayMetrics(
-            models=settings.catalog.models,
-            clients=client_names(settings.clients, len(settings.client_keys)),
-        )
     http = open_http(settings, transport)
     redactor = Redactor(secrets_of(settings))
     upstreams: dict[str, Upstream] = {}
@@ -202,15 +196,10 @@ def open_gateway(
     for name in sorted(settings.catalog.upstreams_in_use()):
         config = settings.upstreams[name]
         routes[name] = Route(priority=config.priority, weight=config.weight)
-        if settings.demo or config.type == "demo":
-            upstreams[name] = DemoUpstream(name)
-            pooled.append(PoolUpstream(name, (), config.max_concurrency))
-        elif config.type == "bfl":
-            upstreams[name] = BflUpstream(name, config, http.for_upstream(name), redactor)
-            pooled.append(PoolUpstream(name, config.key_specs, config.max_concurrency))
-        else:
-            upstreams[name] = OpenAIUpstream(name, config, http.for_upstream(name), redactor)
-            pooled.append(PoolUpstream(name, config.key_specs, config.max_concurrency))
+        dialect = DIALECTS["demo" if settings.demo else config.type]
+        upstreams[name] = dialect.build(name, config, http.for_upstream(name), redactor)
+        keys = config.key_specs if dialect.keyed else ()
+        pooled.append(PoolUpstream(name, keys, config.max_concurrency))
     if settings.demo:
         log.warning("demo mode: every model is served by the built-in demo upstream")
     redis = (
@@ -224,10 +213,28 @@ def open_gateway(
     metrics.watch_keys(pool.snapshots)
     forwarder = Forwarder(upstreams, pool, routes=routes, retry=settings.retry, metrics=metrics)
 
-    async def forward(edit: EditRequest) -> UpstreamAnswer:
-        answer, _upstream = await forwarder.edit(edit)
+    async def forward(
+        edit: EditRequest, *, on_partial: PartialSink | None, on_attempt: AttemptNote | None
+    ) -> UpstreamAnswer:
+        answer, _upstream = await forwarder.edit(edit, on_partial=on_partial, on_attempt=on_attempt)
         return answer
 
+    cache = open_edit_cache(settings, http=http.default, forward=forward, events=metrics)
+    clients = open_client_services(settings, redis, metrics)
+    spool_worker = SpoolWorker()
+    image_urls = (
+        ImageFetcher(http.image_urls, settings.image_urls, subject="The image")
+        if settings.image_urls.enabled
+        else None
+    )
+    images = ImageService(
+        settings,
+        cache=cache,
+        gate=clients.gate,
+        redact=redactor,
+        spool_worker=spool_worker,
+        image_urls=image_urls,
+    )
     return Gateway(
         settings=settings,
         http=http,
@@ -235,14 +242,11 @@ def open_gateway(
         redactor=redactor,
         redis=redis,
         metrics=metrics,
-        cache=open_edit_cache(settings, http=http.default, forward=forward, events=metrics),
-        clients=open_client_services(settings, redis, metrics),
-        spool_worker=SpoolWorker(),
-        image_urls=(
-            ImageFetcher(http.image_urls, settings.image_urls, subject="The image")
-            if settings.image_urls.enabled
-            else None
-        ),
+        cache=cache,
+        clients=clients,
+        images=images,
+        spool_worker=spool_worker,
+        image_urls=image_urls,
         prober=Prober(pool, upstreams, tick=min(1.0, settings.pool.probe_interval)),
     )
 

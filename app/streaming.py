@@ -1,6 +1,6 @@
 """The server-sent events answer of a streaming request (`stream=true`).
 
-Partial images are written the moment the upstream dialect relays them (app/upstream/progress);
+Partial images are written the moment the upstream dialect hands them to the stream's sink;
 while nothing arrives a keep-alive comment holds the connection (upstreams that cannot stream,
 BFL and the demo, only ever produce these); the final image goes out as `completed` events, built
 from the same result the cache stores. A failure, before or after the first event, becomes one
@@ -10,7 +10,6 @@ from the same result the cache stores. A failure, before or after the first even
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
@@ -19,7 +18,7 @@ import orjson
 
 from app.edit import EditRequest
 from app.errors import GatewayError
-from app.upstream.progress import relay_partials_to
+from app.upstream.base import PartialSink
 
 log = logging.getLogger("gateway.streaming")
 
@@ -56,21 +55,19 @@ def completed_events(edit: EditRequest, body: dict[str, Any]) -> list[dict[str, 
 
 async def event_stream(
     edit: EditRequest,
-    produce: Callable[[], Coroutine[Any, Any, dict[str, Any]]],
+    produce: Callable[[PartialSink], Coroutine[Any, Any, dict[str, Any]]],
     *,
     redact: Callable[[str], str],
     finish: Callable[[], Awaitable[None]],
     keepalive_seconds: float = KEEPALIVE_SECONDS,
     raise_before_events: bool = False,
 ) -> AsyncGenerator[bytes, None]:
-    """The SSE body. `produce` answers the request (cache, upstream) with a b64_json
-    ImagesResponse; `finish` runs once the stream ends, however it ends. With
-    `raise_before_events`, a GatewayError that comes before any event is raised, not sent."""
+    """The SSE body. `produce(on_partial)` answers the request (cache, upstream) with a b64_json
+    ImagesResponse, handing each partial image to `on_partial` on the way; `finish` runs once
+    the stream ends, however it ends. With `raise_before_events`, a GatewayError that comes
+    before any event is raised, not sent."""
     partials: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    # The sink rides in the context the upstream call copies (it runs in a task of its own).
-    context = contextvars.copy_context()
-    context.run(relay_partials_to, partials.put_nowait)
-    work = asyncio.create_task(produce(), name="streamed-answer", context=context)
+    work = asyncio.create_task(produce(partials.put_nowait), name="streamed-answer")
     waiting: asyncio.Task[dict[str, Any]] | None = None
     started = False
     try:

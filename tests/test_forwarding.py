@@ -20,22 +20,18 @@ from app.keys.health import KeyHealth
 from app.keys.pool import KeyPool, PoolUpstream
 from app.keys.store import MemoryStore
 from app.metrics import GatewayMetrics
-from app.upstream.base import UpstreamAnswer, UpstreamKey
+from app.upstream.base import PartialSink, UpstreamAnswer, UpstreamKey
 from tests.support.prom import total
 
 ANSWER = UpstreamAnswer(body={"created": 1, "data": []}, request_id=None)
 
 
 def failure(kind: FailureKind) -> GatewayError:
-    error: GatewayError
     if kind == "rate_limited":
-        error = RateLimited("limited")
-    elif kind == "timeout":
-        error = UpstreamTimeout("slow")
-    else:
-        error = UpstreamFailed(kind)
-    error.failure = kind
-    return error
+        return RateLimited("limited", failure=kind)
+    if kind == "timeout":
+        return UpstreamTimeout("slow", failure=kind)
+    return UpstreamFailed(kind, failure=kind)
 
 
 class ScriptedUpstream:
@@ -46,7 +42,9 @@ class ScriptedUpstream:
         self.script = script
         self.calls: list[str] = []
 
-    async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer:
+    async def edit(
+        self, edit: EditRequest, key: UpstreamKey | None, *, on_partial: PartialSink | None = None
+    ) -> UpstreamAnswer:
         key_id = key.id if key else "-"
         self.calls.append(key_id)
         outcome = self.script(key_id)
@@ -90,6 +88,7 @@ def forwarder(
     return Forwarder(
         {u.name: u for u in upstreams},
         pool,
+        metrics=GatewayMetrics(models=("m",)),
         routes=routes,
         retry=retry,
         rng=random.Random(seed).random,
@@ -216,3 +215,17 @@ def test_forwarder_upstream_failing_on_every_key_is_never_a_503(kind: FailureKin
     calls_before = len(up.calls)
     answer, _ = asyncio.run(forward.edit(make_edit(("up",))))
     assert answer is ANSWER and len(up.calls) == calls_before + 1
+
+
+@pytest.mark.parametrize(("kind", "should_retry"), [("bad_response", None), ("dropped", "false")])
+def test_forwarder_tells_the_sdk_not_to_retry_only_when_the_outcome_is_unknown(
+    kind: FailureKind, should_retry: str | None
+) -> None:
+    """An unusable answer was billed but is over; a dropped call may still be running, so a
+    retry by the SDK could pay for it twice."""
+    failing = ScriptedUpstream("up", lambda _: kind)
+    forward = forwarder([failing], keys=1, retry=RetryConfig(server_error_retries=0))
+    with pytest.raises(GatewayError) as caught:
+        asyncio.run(forward.edit(make_edit(("up",))))
+    assert failing.calls == ["up#1"]
+    assert caught.value.headers.get("x-should-retry") == should_retry

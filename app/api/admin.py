@@ -15,9 +15,9 @@ from starlette.responses import Response
 
 from app.api.deps import GatewayDep
 from app.clients.config import CLIENT_NAME, RESERVED_NAME
-from app.clients.keystore import REDIS_DOWN, RuntimeKeyStore
+from app.clients.keystore import RuntimeKeyStore
 from app.clients.usage import MAX_REPORT_DAYS, UsageLedger
-from app.errors import InvalidRequest, StoreUnavailable
+from app.errors import InvalidRequest, NotFound, StoreUnavailable
 from app.runtime import Gateway
 
 router = APIRouter(prefix="/admin")
@@ -37,15 +37,9 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-def _not_found(what: str) -> InvalidRequest:
-    error = InvalidRequest(what, code="not_found")
-    error.status_code = 404
-    return error
-
-
 def _keys(gateway: Gateway, name: str) -> RuntimeKeyStore:
     if not gateway.clients.directory.knows(name):
-        raise _not_found(f"No client named {name[:64]!r} is configured.")
+        raise NotFound(f"No client named {name[:64]!r} is configured.")
     if gateway.clients.keys is None:
         raise StoreUnavailable("Runtime client keys need Redis; set GATEWAY_REDIS_URL.")
     return gateway.clients.keys
@@ -71,12 +65,9 @@ async def list_clients(gateway: GatewayDep) -> Response:
 async def show_client(name: str, gateway: GatewayDep) -> Response:
     directory = gateway.clients.directory
     if not directory.knows(name):
-        raise _not_found(f"No client named {name[:64]!r} is configured.")
+        raise NotFound(f"No client named {name[:64]!r} is configured.")
     policy = directory.policy(name)
-    try:
-        used = await gateway.clients.gate.limiter.quota_used(name)
-    except REDIS_DOWN:
-        raise StoreUnavailable("Cannot read quotas now: the shared store is unreachable.") from None
+    used = await gateway.clients.gate.limiter.quota_used(name)  # 503 when Redis is down
     return _json(
         {
             "object": "client",
@@ -113,7 +104,7 @@ async def list_keys(name: str, gateway: GatewayDep) -> Response:
 async def revoke_key(name: str, key_id: str, gateway: GatewayDep) -> Response:
     store = _keys(gateway, name)
     if not await store.revoke(name, key_id):
-        raise _not_found(f"Client {name!r} has no key {key_id[:64]!r}.")
+        raise NotFound(f"Client {name!r} has no key {key_id[:64]!r}.")
     audit.info(
         "client key revoked: client=%s id=%s",
         name,
@@ -151,11 +142,7 @@ async def usage(
         clients = [client]
     else:
         clients = gateway.clients.directory.names
-    try:
-        report = await ledger.report(clients, start, end)
-    except REDIS_DOWN:
-        raise StoreUnavailable("Cannot read usage now: the shared store is unreachable.") from None
-    return _json(report)
+    return _json(await ledger.report(clients, start, end))  # 503 when Redis is down
 
 
 def _date(value: str, param: str) -> date:

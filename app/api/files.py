@@ -13,27 +13,21 @@ from starlette.responses import Response
 
 from app.api.deps import GatewayDep
 from app.cache.entry import content_type_of
-from app.cache.store import CacheUnavailable
-from app.errors import InvalidRequest, Overloaded
+from app.errors import NotFound, Overloaded, StoreUnavailable
 
 router = APIRouter()
 
-# The raw paths the auth middleware may let through without a key (and nothing else).
+# The raw paths the auth middleware may let through without a key (and nothing else). The URLs
+# are built by app/service/edits.file_url.
 FILE_PATH = re.compile(r"/v1/images/files/[A-Za-z0-9_-]{32}\.(?:png|jpeg|webp)")
 _NAME = re.compile(r"([A-Za-z0-9_-]{32})\.(png|jpeg|webp)")
 
 
-def file_url(base_url: str, file_id: str, ext: str) -> str:
-    return f"{base_url}/v1/images/files/{file_id}.{ext}"
-
-
-def _not_found() -> InvalidRequest:
-    error = InvalidRequest(
+def _not_found() -> NotFound:
+    return NotFound(
         "No such image file; gateway image URLs expire with their cache entry.",
         code="file_not_found",
     )
-    error.status_code = 404
-    return error
 
 
 @router.get("/v1/images/files/{name}")
@@ -44,7 +38,7 @@ async def get_image_file(name: str, gateway: GatewayDep) -> Response:
     file_id, ext = match.groups()
     try:
         found = await gateway.cache.store.get_file(file_id, ext)
-    except CacheUnavailable:
+    except StoreUnavailable:
         raise Overloaded(
             "The image store is unavailable; retry shortly.", code="image_store_unavailable"
         ) from None

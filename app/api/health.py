@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from app.api.deps import GatewayDep
-from app.cache.store import CacheUnavailable
+from app.errors import StoreUnavailable
 from app.redis_health import check_redis
 from app.runtime import Gateway
 
@@ -56,7 +56,7 @@ async def readyz(gateway: GatewayDep) -> Response:
     try:
         await gateway.cache.store.check()
         checks["cache"] = "ok" if gateway.cache.store.kind == "redis" else "embedded"
-    except CacheUnavailable:
+    except StoreUnavailable:
         checks["cache"] = "degraded"
     status = 503 if problems else 200
     if problems:

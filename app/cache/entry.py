@@ -153,6 +153,6 @@ def _data_url(url: str) -> bytes:
 
 
 def _bad_answer(what: str) -> UpstreamFailed:
-    error = UpstreamFailed(f"The upstream answered with {what}.", code="upstream_bad_response")
-    error.failure = "bad_response"
-    return error
+    return UpstreamFailed(
+        f"The upstream answered with {what}.", code="upstream_bad_response", failure="bad_response"
+    )

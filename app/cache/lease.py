@@ -12,7 +12,8 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
-from app.cache.store import CacheStore, CacheUnavailable
+from app.cache.store import CacheStore
+from app.errors import StoreUnavailable
 
 
 class Lease:
@@ -52,7 +53,7 @@ class Lease:
         """Drop the lease if this token still holds it; never raises."""
         try:
             await self._store.release(self.fingerprint, self.token)
-        except CacheUnavailable:
+        except StoreUnavailable:
             # Redis is unreachable: the lease lapses by itself within `seconds`.
             self._on_store_error()
 
@@ -65,5 +66,5 @@ class Lease:
             try:
                 if not await self._store.renew(self.fingerprint, self.token, self.seconds):
                     return  # another request leads now (this one's lease had lapsed)
-            except CacheUnavailable:
+            except StoreUnavailable:
                 self._on_store_error()  # the next beat, before the lease runs out, tries again

@@ -23,18 +23,19 @@ from typing import Any, Literal, Protocol
 from app.cache.entry import CachedEdit, EntryMeta, FetchImage, from_upstream
 from app.cache.fingerprint import fingerprint
 from app.cache.lease import Lease
-from app.cache.store import CacheStore, CacheUnavailable, MarkedDown
+from app.cache.store import CacheStore, MarkedDown
 from app.config import CacheConfig
 from app.edit import EditRequest
+from app.errors import StoreUnavailable
+from app.forwarding import AttemptNote
 from app.images_response import normalize_images_response
-from app.upstream.base import UpstreamAnswer
+from app.upstream.base import PartialSink, UpstreamAnswer
 
 log = logging.getLogger("gateway.cache")
 
 XCache = Literal["hit", "miss", "bypass"]
 # normal: read and write; refresh (no-cache): skip the lookup, write; bypass (no-store): neither.
 Policy = Literal["normal", "refresh", "bypass"]
-Forward = Callable[[EditRequest], Awaitable[UpstreamAnswer]]
 
 # A follower asks Redis again after these pauses (growing by half each time): an entry stored
 # elsewhere is seen within a quarter second, at a few lookups per second per waiting request.
@@ -125,6 +126,19 @@ def for_upstream(edit: EditRequest) -> EditRequest:
     return replace(edit, params=params, response_format="b64_json")
 
 
+class Forward(Protocol):
+    """The paid upstream call behind the cache (app/forwarding.py). `on_partial` is handed each
+    partial image as the upstream streams it, `on_attempt` each attempt's upstream and key."""
+
+    def __call__(
+        self,
+        edit: EditRequest,
+        *,
+        on_partial: PartialSink | None,
+        on_attempt: AttemptNote | None,
+    ) -> Awaitable[UpstreamAnswer]: ...
+
+
 class EditCache:
     def __init__(
         self,
@@ -167,16 +181,20 @@ class EditCache:
         release: Callable[[], None],
         policy: Policy,
         client_scope: str | None,
+        on_partial: PartialSink | None = None,
+        on_attempt: AttemptNote | None = None,
     ) -> EditOutcome:
         """Answer `edit`. `release` frees its uploads: called once, when nothing needs them.
 
         `client_scope` identifies the client for `scope: client` (a digest, never its key).
+        `on_partial` and `on_attempt` hear from the upstream call this request pays for (not
+        when the answer comes from the cache, or from another request's call).
         """
-        owner = _Release(release)
+        caller = _Caller(release, on_partial, on_attempt)
         try:
-            outcome = await self._answer(edit, owner, policy, client_scope)
+            outcome = await self._answer(edit, caller, policy, client_scope)
         finally:
-            owner.release_unless_handed()
+            caller.release_unless_handed()
         model = edit.model.name
         self.events.record_cache_lookup(model, outcome.x_cache)
         if outcome.x_cache == "hit":
@@ -184,17 +202,17 @@ class EditCache:
         return outcome
 
     async def _answer(
-        self, edit: EditRequest, owner: _Release, policy: Policy, client_scope: str | None
+        self, edit: EditRequest, caller: _Caller, policy: Policy, client_scope: str | None
     ) -> EditOutcome:
         if not self.needs_fingerprint(policy):
-            paid = await self._pay(edit, owner, key=None)
+            paid = await self._pay(edit, caller, key=None)
             return EditOutcome(paid.result, "bypass", 0, paid.upstream_request_id)
         scope = client_scope if self._config.scope == "client" else None
         key = fingerprint(edit, scope=scope)
         if policy == "refresh":
-            paid = await self._pay(edit, owner, key=key)
+            paid = await self._pay(edit, caller, key=key)
             return EditOutcome(paid.result, "miss", 0, paid.upstream_request_id)
-        return await self._lookup_or_pay(edit, owner, key)
+        return await self._lookup_or_pay(edit, caller, key)
 
     def _lease_seconds(self, edit: EditRequest) -> float:
         """How long a leader's lease on `edit` lasts unless renewed."""
@@ -211,7 +229,7 @@ class EditCache:
             clock=self._monotonic,
         )
 
-    async def _lookup_or_pay(self, edit: EditRequest, owner: _Release, key: str) -> EditOutcome:
+    async def _lookup_or_pay(self, edit: EditRequest, caller: _Caller, key: str) -> EditOutcome:
         # Bounds on a follower's wait: the lease it waits on (a leader that stops renewing frees
         # the edit, and the next lookup takes it over), this cap, and its client (the caller
         # cancels the wait when the client leaves or its deadline passes).
@@ -242,12 +260,12 @@ class EditCache:
                 )
             except MarkedDown:
                 self._store_failed()
-                return await self._uncached(edit, owner, key)
-            except CacheUnavailable:
+                return await self._uncached(edit, caller, key)
+            except StoreUnavailable:
                 # Redis may have taken the lease for this token after the wait for it ended.
                 self._give_back_later(self._lease(edit, key, token))
                 self._store_failed()
-                return await self._uncached(edit, owner, key)
+                return await self._uncached(edit, caller, key)
             except asyncio.CancelledError:
                 # The client left while the lookup was under way; it may have made this request
                 # the leader, and nobody would pay for (or release) that lease.
@@ -260,25 +278,25 @@ class EditCache:
                     age = max(0, int(self._clock() - hit.stored_at))
                     return EditOutcome(hit, "hit", age, None)
                 # The entry outlived one of its files (eviction): pay again and rewrite it.
-                paid = await self._pay(edit, owner, key=key, flight_key=key)
+                paid = await self._pay(edit, caller, key=key, flight_key=key)
                 return EditOutcome(paid.result, "miss", 0, paid.upstream_request_id)
             if found.state == "lead":
                 lease = self._lease(edit, key, token)
-                paid = await self._pay(edit, owner, key=key, lease=lease, flight_key=key)
+                paid = await self._pay(edit, caller, key=key, lease=lease, flight_key=key)
                 return EditOutcome(paid.result, "miss", 0, paid.upstream_request_id)
             # Another replica is paying for this edit: wait for its entry, or for its lease to
             # go (a leader that ended without an entry, died, or was lost with a Redis restart),
             # then the next lookup takes over atomically: one request pays again, not each.
             if self._monotonic() >= deadline:
-                paid = await self._pay(edit, owner, key=key)
+                paid = await self._pay(edit, caller, key=key)
                 return EditOutcome(paid.result, "miss", 0, paid.upstream_request_id)
             await asyncio.sleep(min(pause, max(0.0, deadline - self._monotonic())))
             pause = min(pause * 1.5, _POLL_MAX)
 
-    async def _uncached(self, edit: EditRequest, owner: _Release, key: str) -> EditOutcome:
+    async def _uncached(self, edit: EditRequest, caller: _Caller, key: str) -> EditOutcome:
         """Redis is unavailable: pay without a lease (identical requests in this process still
         join). The result is stored if Redis is back by the time it arrives."""
-        paid = await self._pay(edit, owner, key=key, flight_key=key)
+        paid = await self._pay(edit, caller, key=key, flight_key=key)
         return EditOutcome(paid.result, "bypass", 0, paid.upstream_request_id)
 
     def _give_back_later(self, lease: Lease) -> None:
@@ -289,7 +307,7 @@ class EditCache:
     async def _complete(self, meta: EntryMeta) -> CachedEdit | None:
         try:
             blobs = await self.store.get_files([(file_id, ext) for file_id, ext, _ in meta.files])
-        except CacheUnavailable:
+        except StoreUnavailable:
             self._store_failed()
             return None
         if any(blob is None for blob in blobs):
@@ -299,7 +317,7 @@ class EditCache:
     async def _pay(
         self,
         edit: EditRequest,
-        owner: _Release,
+        caller: _Caller,
         *,
         key: str | None,
         lease: Lease | None = None,
@@ -309,7 +327,15 @@ class EditCache:
         from now on) and wait."""
         wants_files = response_format_of(edit) == "url"
         task = asyncio.create_task(
-            self._paid_call(edit, owner.hand_over(), key, lease, wants_files),
+            self._paid_call(
+                edit,
+                caller.hand_over(),
+                key,
+                lease,
+                wants_files,
+                on_partial=caller.on_partial,
+                on_attempt=caller.on_attempt,
+            ),
             name="upstream-edit",
         )
         self._tasks.add(task)
@@ -336,6 +362,9 @@ class EditCache:
         key: str | None,
         lease: Lease | None,
         wants_files: bool,
+        *,
+        on_partial: PartialSink | None,
+        on_attempt: AttemptNote | None,
     ) -> _Paid:
         # The lease is renewed while the call runs and given back however it ends (an answer,
         # an upstream error, Redis unavailable, cancellation at shutdown): after the entry is
@@ -345,7 +374,9 @@ class EditCache:
         )
         try:
             async with held:
-                answer = await self._forward(for_upstream(edit))
+                answer = await self._forward(
+                    for_upstream(edit), on_partial=on_partial, on_attempt=on_attempt
+                )
                 release()  # the uploads are no longer needed once the upstream has answered
                 body = normalize_images_response(answer.body)
                 result = await from_upstream(body, self._fetch, self._clock())
@@ -374,7 +405,7 @@ class EditCache:
             if cacheable and key is not None:
                 await self.store.put_entry(key, hosted.meta(), ttl)
                 self.events.record_cache_store(edit.model.name, result.image_bytes)
-        except CacheUnavailable:
+        except StoreUnavailable:
             self._store_failed()
             return result
         return hosted
@@ -391,11 +422,19 @@ class EditCache:
                 await asyncio.wait(still, timeout=1.0)
 
 
-class _Release:
-    """Who frees the uploads: the request, or the paid call once it takes them over."""
+class _Caller:
+    """One request's side of the upstream call it may pay for: who frees its uploads (the
+    request, or the paid call once it takes them over), and who hears from that call."""
 
-    def __init__(self, release: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        release: Callable[[], None],
+        on_partial: PartialSink | None,
+        on_attempt: AttemptNote | None,
+    ) -> None:
         self._release = release
+        self.on_partial = on_partial
+        self.on_attempt = on_attempt
         self._handed = False
         self._done = False
 

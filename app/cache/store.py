@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from app.cache.entry import EntryMeta
+from app.errors import StoreUnavailable
+from app.shared_state.failures import store_errors
 
 T = TypeVar("T")
 LookupState = Literal["hit", "lead", "wait"]
@@ -60,12 +61,11 @@ return 0
 """
 
 
-class CacheUnavailable(Exception):
-    """The store could not answer in time; the caller serves the request uncached."""
+class MarkedDown(StoreUnavailable):
+    """Redis failed a moment ago, so this operation was not even sent (nothing changed).
 
-
-class MarkedDown(CacheUnavailable):
-    """Redis failed a moment ago, so this operation was not even sent (nothing changed)."""
+    Any other StoreUnavailable: the store could not answer in time (the operation may or may not
+    have happened). Either way the caller serves the request uncached."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +105,7 @@ class CacheStore(Protocol):
     async def get_file(self, file_id: str, ext: str) -> HostedFile | None: ...
 
     async def check(self) -> None:
-        """Raise CacheUnavailable unless the store answers now (for /readyz)."""
+        """Raise StoreUnavailable unless the store answers now (for /readyz)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -149,13 +149,17 @@ class RedisStore:
         # renewals and releases are always sent: one per leader, and a lease left behind would
         # keep other replicas' followers waiting for a call that has ended.
         if not lease and self._clock() < self._down_until:
-            raise MarkedDown("redis marked down")
+            raise MarkedDown(
+                "The cache's Redis failed a moment ago; not asked again yet.",
+                action="use the cache",
+            )
         try:
-            async with asyncio.timeout(self._timeout):
-                return await operation()
-        except (RedisError, OSError, TimeoutError) as exc:
+            with store_errors("use the cache"):
+                async with asyncio.timeout(self._timeout):
+                    return await operation()
+        except StoreUnavailable:
             self._down_until = self._clock() + self._retry_after
-            raise CacheUnavailable(type(exc).__name__) from None
+            raise
 
     async def lookup(self, fingerprint: str, *, lead_token: str | None, lease: float) -> Lookup:
         keys = [entry_key(fingerprint), lock_key(fingerprint)]
@@ -228,11 +232,9 @@ class RedisStore:
         return HostedFile(data=data, ttl_seconds=ttl)
 
     async def check(self) -> None:
-        try:
+        with store_errors("reach the cache"):
             async with asyncio.timeout(max(self._timeout, 1.0)):
                 await self._redis.ping()
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise CacheUnavailable(type(exc).__name__) from None
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -3,17 +3,14 @@ around the upstream call, and usage on the way out.
 
     async with gate.enter(policy, request_id) as metered:   # requests/min, concurrency
         ...intake, validation...
-        metered.allow(edit)                                  # 403 for a model not allowed
-        answer, upstream = await metered.forward(edit, forwarder.edit)   # images/min, quotas
-  or, with a cache in between:
-        await metered.charge(edit)                           # images/min, quotas
+        await metered.charge(edit)        # 403 for a model not allowed; images/min, quotas
         ...cache or upstream...
         await metered.answered(edit, body, cache_hit=...)    # or metered.failed(edit, error)
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,13 +18,8 @@ from app.clients.directory import ClientPolicy
 from app.clients.limiter import Limiter, Slot
 from app.clients.usage import Usage, UsageLedger, estimate_cost_nanos, tokens_of
 from app.edit import EditRequest
-from app.errors import GatewayError, PermissionDenied
+from app.errors import MAYBE_BILLED, GatewayError, PermissionDenied
 from app.metrics import GatewayMetrics
-from app.upstream.base import UpstreamAnswer
-
-Send = Callable[[EditRequest], Awaitable[tuple[UpstreamAnswer, str]]]
-# Failures after which the upstream may have done (and billed) the work: the charge stays.
-_MAYBE_BILLED = frozenset({"timeout", "dropped", "bad_response"})
 
 
 class ClientGate:
@@ -76,19 +68,8 @@ class MeteredEdit:
             self._gate.metrics.record_client_refusal(self.policy.name, "model_not_allowed")
             raise
 
-    async def forward(self, edit: EditRequest, send: Send) -> tuple[UpstreamAnswer, str]:
-        """Charge the images, call the upstream, and keep the charge only for what it made."""
-        await self.charge(edit)
-        try:
-            answer, upstream = await send(edit)
-        except GatewayError as exc:
-            await self.failed(edit, exc)
-            raise
-        await self.answered(edit, answer.body)
-        return answer, upstream
-
-    # The steps of forward(), for callers that put something between the charge and the
-    # upstream (a cache): charge, then exactly one of answered() or failed().
+    # Charge before anything is paid for (a cache lookup, an upstream call), then exactly one of
+    # answered() or failed().
     async def charge(self, edit: EditRequest) -> None:
         """Charge `n` images to images/min and the quotas (429 when over), before any upstream
         call. 403 first if the client may not use the model."""
@@ -143,7 +124,7 @@ class MeteredEdit:
     async def failed(self, edit: EditRequest, error: GatewayError) -> None:
         """Account a failed upstream call: the charge is given back unless the upstream may
         have done (and billed) the work."""
-        await self._slot.settle(None if error.failure in _MAYBE_BILLED else 0)
+        await self._slot.settle(None if error.failure in MAYBE_BILLED else 0)
         await self._gate._record(self.policy, edit, Usage(errors=1, input_bytes=_input_bytes(edit)))
         self._gate.metrics.record_client_edit(
             self.policy.name, edit.model.name, outcome="error", images=0, cost_usd=0.0

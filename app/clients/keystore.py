@@ -21,20 +21,20 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from app.errors import StoreUnavailable
+from app.shared_state.failures import store_errors
 
 log = logging.getLogger("gateway.clients")
 
 KEY_PREFIX = "igw-"
-REDIS_DOWN = (RedisError, OSError, TimeoutError)
 
 _CREATE = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
@@ -109,7 +109,7 @@ class RuntimeKeyStore:
             label=label,
         )
         digest = key_digest(key)
-        try:
+        with self._reported("create a key"):
             await self._redis.eval(
                 _CREATE,
                 3,
@@ -120,28 +120,22 @@ class RuntimeKeyStore:
                 record.id,
                 orjson.dumps(record.public()),
             )
-        except REDIS_DOWN as exc:
-            raise self._unavailable("create a key", exc) from None
         self._records[digest] = record
         return key, record
 
     async def revoke(self, client: str, key_id: str) -> bool:
-        try:
+        with self._reported("revoke a key"):
             revoked = await self._redis.eval(
                 _REVOKE, 3, self._by_digest, self._by_id, self._version_key, key_id, client
             )
-        except REDIS_DOWN as exc:
-            raise self._unavailable("revoke a key", exc) from None
         # Forget it here at once; other replicas see the new version within refresh_interval.
         self._records = {d: r for d, r in self._records.items() if r.id != key_id}
         self._checked_at = float("-inf")
         return bool(revoked)
 
     async def list(self, client: str) -> list[KeyRecord]:
-        try:
+        with self._reported("list keys"):
             raw = await self._redis.hgetall(self._by_digest)
-        except REDIS_DOWN as exc:
-            raise self._unavailable("list keys", exc) from None
         records = (_record(value) for value in raw.values())
         return sorted(
             (r for r in records if r is not None and r.client == client),
@@ -166,9 +160,17 @@ class RuntimeKeyStore:
                 return  # a concurrent request refreshed while this one waited
             self._generation += 1
             try:
-                version = await self._redis.get(self._version_key)
-                if version != self._version:
-                    raw = await self._redis.hgetall(self._by_digest)
+                with store_errors("refresh runtime keys"):
+                    version = await self._redis.get(self._version_key)
+                    raw = (
+                        await self._redis.hgetall(self._by_digest)
+                        if version != self._version
+                        else None
+                    )
+            except StoreUnavailable as exc:
+                self._report(exc)  # the last map read keeps serving
+            else:
+                if raw is not None:
                     records = {}
                     for digest, value in raw.items():
                         record = _record(value)
@@ -176,17 +178,21 @@ class RuntimeKeyStore:
                             records[_text(digest)] = record
                     self._records = records
                     self._version = version
-            except REDIS_DOWN as exc:
-                self._report("refresh runtime keys", exc)
             # Also after a failure: a dead Redis is asked again after the interval, not per request.
             self._checked_at = self._clock()
 
-    def _unavailable(self, action: str, exc: BaseException) -> StoreUnavailable:
-        self._report(action, exc)
-        return StoreUnavailable(f"Cannot {action} now: the shared store is unreachable.")
+    @contextmanager
+    def _reported(self, action: str) -> Iterator[None]:
+        """Redis calls that cannot fail open: a failure is logged, counted, and raised."""
+        try:
+            with store_errors(action):
+                yield
+        except StoreUnavailable as exc:
+            self._report(exc)
+            raise
 
-    def _report(self, action: str, exc: BaseException) -> None:
-        log.warning("redis: cannot %s (%s)", action, type(exc).__name__)
+    def _report(self, exc: StoreUnavailable) -> None:
+        log.warning("redis: cannot %s (%s)", exc.action, exc.cause)
         if self._on_store_error is not None:
             self._on_store_error("client_keys")
 

@@ -35,8 +35,8 @@ from datetime import UTC, datetime, timedelta
 import redis.asyncio as aioredis
 
 from app.clients.directory import ClientPolicy
-from app.clients.keystore import REDIS_DOWN
-from app.errors import InvalidRequest, QuotaExceeded, RateLimited
+from app.errors import InvalidRequest, QuotaExceeded, RateLimited, StoreUnavailable
+from app.shared_state.failures import store_errors
 
 log = logging.getLogger("gateway.clients")
 
@@ -287,19 +287,20 @@ class Limiter:
             return slot
         lease_ms = int(self.lease_seconds * 1000)
         try:
-            refused, detail, *reset = await self._redis.eval(
-                _ADMIT_REQUEST,
-                2,
-                self._key(policy.name, "rpm"),
-                self._key(policy.name, "inflight"),
-                request_id,
-                _limit(limits.requests_per_minute),
-                _limit(limits.concurrent_requests),
-                lease_ms,
-                WINDOW_MS,
-            )
-        except REDIS_DOWN as exc:
-            self._report("admit a request", exc)
+            with store_errors("admit a request"):
+                refused, detail, *reset = await self._redis.eval(
+                    _ADMIT_REQUEST,
+                    2,
+                    self._key(policy.name, "rpm"),
+                    self._key(policy.name, "inflight"),
+                    request_id,
+                    _limit(limits.requests_per_minute),
+                    _limit(limits.concurrent_requests),
+                    lease_ms,
+                    WINDOW_MS,
+                )
+        except StoreUnavailable as exc:
+            self._report(exc)
             return slot
         if refused == 1:
             raise self._rate_limited(
@@ -336,23 +337,24 @@ class Limiter:
         day_key, month_key = self._quota_keys(policy.name, period)
         try:
             await self._flush_pending()
-            refused, detail = await self._redis.eval(
-                _ADMIT_IMAGES,
-                3,
-                self._key(policy.name, "ipm"),
-                day_key,
-                month_key,
-                slot.request_id,
-                n,
-                _limit(limits.images_per_minute),
-                _limit(limits.images_per_day),
-                _limit(limits.images_per_month),
-                DAY_TTL_SECONDS,
-                MONTH_TTL_SECONDS,
-                WINDOW_MS,
-            )
-        except REDIS_DOWN as exc:
-            self._report("admit images", exc)
+            with store_errors("admit images"):
+                refused, detail = await self._redis.eval(
+                    _ADMIT_IMAGES,
+                    3,
+                    self._key(policy.name, "ipm"),
+                    day_key,
+                    month_key,
+                    slot.request_id,
+                    n,
+                    _limit(limits.images_per_minute),
+                    _limit(limits.images_per_day),
+                    _limit(limits.images_per_month),
+                    DAY_TTL_SECONDS,
+                    MONTH_TTL_SECONDS,
+                    WINDOW_MS,
+                )
+        except StoreUnavailable as exc:
+            self._report(exc)
             if quota:
                 self._add_pending(day_key, n, DAY_TTL_SECONDS)
                 self._add_pending(month_key, n, MONTH_TTL_SECONDS)
@@ -385,41 +387,44 @@ class Limiter:
             return
         day_key, month_key = self._quota_keys(slot.policy.name, slot._period)
         try:
-            await self._redis.eval(
-                _REFUND,
-                3,
-                self._key(slot.policy.name, "ipm"),
-                day_key,
-                month_key,
-                slot.request_id,
-                slot.charged_images,
-                slot.charged_images - kept,
-                kept,
-            )
-        except REDIS_DOWN as exc:
-            self._report("give back images", exc)
+            with store_errors("give back images"):
+                await self._redis.eval(
+                    _REFUND,
+                    3,
+                    self._key(slot.policy.name, "ipm"),
+                    day_key,
+                    month_key,
+                    slot.request_id,
+                    slot.charged_images,
+                    slot.charged_images - kept,
+                    kept,
+                )
+        except StoreUnavailable as exc:
+            self._report(exc)
 
     async def _renew(self, slot: Slot) -> None:
         if self._redis is None:
             return
         try:
-            await self._redis.eval(
-                _RENEW,
-                1,
-                self._key(slot.policy.name, "inflight"),
-                slot.request_id,
-                int(self.lease_seconds * 1000),
-            )
-        except REDIS_DOWN as exc:
-            self._report("renew a concurrency lease", exc)
+            with store_errors("renew a concurrency lease"):
+                await self._redis.eval(
+                    _RENEW,
+                    1,
+                    self._key(slot.policy.name, "inflight"),
+                    slot.request_id,
+                    int(self.lease_seconds * 1000),
+                )
+        except StoreUnavailable as exc:
+            self._report(exc)
 
     async def _release(self, slot: Slot) -> None:
         if self._redis is None:
             return
         try:
-            await self._redis.zrem(self._key(slot.policy.name, "inflight"), slot.request_id)
-        except REDIS_DOWN as exc:
-            self._report("release a concurrency slot", exc)
+            with store_errors("release a concurrency slot"):
+                await self._redis.zrem(self._key(slot.policy.name, "inflight"), slot.request_id)
+        except StoreUnavailable as exc:
+            self._report(exc)
 
     async def quota_used(self, client: str) -> dict[str, int] | None:
         """Images charged this UTC day and month (None without Redis)."""
@@ -427,7 +432,8 @@ class Limiter:
             return None
         period = QuotaPeriod.at(self.clock())
         day_key, month_key = self._quota_keys(client, period)
-        day, month = await self._redis.mget([day_key, month_key])
+        with store_errors("read quotas"):
+            day, month = await self._redis.mget([day_key, month_key])
         return {"images_today": int(day or 0), "images_this_month": int(month or 0)}
 
     def _quota_keys(self, client: str, period: QuotaPeriod) -> tuple[str, str]:
@@ -446,12 +452,13 @@ class Limiter:
         pending, self._pending = self._pending, {}
         try:
             # One key per command: fine on Redis Cluster, where keys may sit on different slots.
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key, (images, ttl) in pending.items():
-                    pipe.incrby(key, images)
-                    pipe.expire(key, ttl)
-                await pipe.execute()
-        except REDIS_DOWN:
+            with store_errors("add the quota charges held meanwhile"):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key, (images, ttl) in pending.items():
+                        pipe.incrby(key, images)
+                        pipe.expire(key, ttl)
+                    await pipe.execute()
+        except StoreUnavailable:
             for key, (images, ttl) in pending.items():
                 self._add_pending(key, images, ttl)
             raise
@@ -499,7 +506,7 @@ class Limiter:
         if self._on_refused is not None:
             self._on_refused(policy.name, limit)
 
-    def _report(self, action: str, exc: BaseException) -> None:
-        log.warning("redis: cannot %s, limits fail open (%s)", action, type(exc).__name__)
+    def _report(self, exc: StoreUnavailable) -> None:
+        log.warning("redis: cannot %s, limits fail open (%s)", exc.action, exc.cause)
         if self._on_store_error is not None:
             self._on_store_error("client_limits")

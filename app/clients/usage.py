@@ -20,7 +20,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from app.catalog import ModelPrice
-from app.clients.keystore import REDIS_DOWN
+from app.errors import StoreUnavailable
+from app.shared_state.failures import store_errors
 
 log = logging.getLogger("gateway.clients")
 
@@ -104,14 +105,15 @@ class UsageLedger:
             increments[item] = increments.get(item, 0) + value
         self._pending = {}
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for (hash_key, field), value in increments.items():
-                    pipe.hincrby(hash_key, field, value)
-                for hash_key in {hash_key for hash_key, _ in increments}:
-                    pipe.expire(hash_key, USAGE_TTL_SECONDS)
-                await pipe.execute()
-        except REDIS_DOWN as exc:
-            log.warning("redis: cannot record usage, kept for later (%s)", type(exc).__name__)
+            with store_errors("record usage"):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for (hash_key, field), value in increments.items():
+                        pipe.hincrby(hash_key, field, value)
+                    for hash_key in {hash_key for hash_key, _ in increments}:
+                        pipe.expire(hash_key, USAGE_TTL_SECONDS)
+                    await pipe.execute()
+        except StoreUnavailable as exc:
+            log.warning("redis: cannot record usage, kept for later (%s)", exc.cause)
             if self._on_store_error is not None:
                 self._on_store_error("client_usage")
             for item, value in increments.items():
@@ -122,10 +124,11 @@ class UsageLedger:
         """Usage rows per client, day and model between `first` and `last` (UTC, inclusive)."""
         days = [first + timedelta(days=offset) for offset in range((last - first).days + 1)]
         wanted = [(client, day) for client in clients for day in days]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for client, day in wanted:
-                pipe.hgetall(self._key(client, day.strftime("%Y%m%d")))
-            results = await pipe.execute()
+        with store_errors("read usage"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for client, day in wanted:
+                    pipe.hgetall(self._key(client, day.strftime("%Y%m%d")))
+                results = await pipe.execute()
         rows: list[dict[str, Any]] = []
         totals = dict.fromkeys(COUNTERS, 0)
         for (client, day), raw in zip(wanted, results, strict=True):

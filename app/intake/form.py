@@ -276,7 +276,7 @@ async def read_form(
         builder.form.close()
         if not await _drain(chunks, max_body):
             # Unread body bytes would be parsed as the next request on this connection.
-            exc.headers["connection"] = "close"
+            raise exc.with_headers({"connection": "close"}) from None
         raise
     except BaseException:
         builder.form.close()

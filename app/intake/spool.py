@@ -15,7 +15,7 @@ import os
 import queue
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 Chunk = bytes | memoryview
@@ -180,10 +180,6 @@ class SpooledUpload:
             self._digest = digest.hexdigest()
         return self._digest
 
-    @property
-    def on_disk(self) -> bool:
-        return self._fd is not None
-
     def head(self, limit: int) -> bytes:
         """The first `limit` bytes (or fewer if the file is shorter)."""
         return self._read_range(0, min(limit, self.size))
@@ -207,10 +203,6 @@ class SpooledUpload:
                 raise OSError("spool file shrank while it was being read")
             offset += len(data)
             yield data
-
-    async def aiter_chunks(self) -> AsyncIterator[Chunk]:
-        for chunk in self.iter_chunks():
-            yield chunk
 
     def _read_range(self, start: int, length: int) -> bytes:
         if length <= 0:

@@ -51,6 +51,17 @@ class HealthPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class KeySnapshot:
+    """One upstream key as the pool sees it at one moment (a metrics scrape, /readyz)."""
+
+    upstream: str
+    key_id: str  # the pool's id ("default#1"), never derived from the secret
+    state: KeyStatus
+    reason: str = "ok"
+    cooldown_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class KeyHealth:
     disabled: DisabledReason | None = None
     next_probe_at: float = 0.0

@@ -24,6 +24,7 @@ from app.keys.health import (
     OUTLIER_FAILURES,
     HealthPolicy,
     KeyHealth,
+    KeySnapshot,
     after_failure,
     after_probe,
     after_success,
@@ -37,7 +38,6 @@ from app.keys.outliers import (
     overrides,
 )
 from app.keys.store import RPM_WINDOW_SECONDS, StateStore, minute_of
-from app.metrics import KeySnapshot
 from app.upstream.base import UpstreamKey
 
 
@@ -130,9 +130,6 @@ class KeyPool:
 
     def upstream_names(self) -> list[str]:
         return list(self._upstreams)
-
-    def keys_of(self, upstream: str) -> tuple[KeySpec, ...]:
-        return self._upstreams[upstream].keys
 
     def in_flight(self, upstream: str, key_id: str | None = None) -> int:
         if key_id is None:

@@ -17,9 +17,10 @@ from functools import partial
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
+from app.errors import StoreUnavailable
 from app.keys.health import KeyHealth, merge
+from app.shared_state.failures import store_errors
 
 log = logging.getLogger("gateway.keys")
 
@@ -48,8 +49,6 @@ redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 """
-
-_REDIS_DOWN = (RedisError, OSError, TimeoutError)
 
 
 class StateStore(Protocol):
@@ -125,7 +124,8 @@ class RedisStore:
     async def load(self, upstream: str, key_ids: Sequence[str]) -> dict[str, KeyHealth]:
         if not key_ids:
             return {}
-        raws = await self._redis.mget([self.state_key(upstream, key_id) for key_id in key_ids])
+        with store_errors("read key health"):
+            raws = await self._redis.mget([self.state_key(upstream, key_id) for key_id in key_ids])
         return {key_id: KeyHealth.from_json(raw) for key_id, raw in zip(key_ids, raws, strict=True)}
 
     async def update(
@@ -136,14 +136,15 @@ class RedisStore:
         async with lock:
             before = KeyHealth()
             for _ in range(_UPDATE_ATTEMPTS):
-                raw = await self._redis.get(name)
-                before = KeyHealth.from_json(raw)
-                after = change(before)
-                if after == before:
-                    return before, after
-                written = await self._cas(
-                    keys=[name], args=[raw or b"", after.to_json(), STATE_TTL_SECONDS]
-                )
+                with store_errors("update key health"):
+                    raw = await self._redis.get(name)
+                    before = KeyHealth.from_json(raw)
+                    after = change(before)
+                    if after == before:
+                        return before, after
+                    written = await self._cas(
+                        keys=[name], args=[raw or b"", after.to_json(), STATE_TTL_SECONDS]
+                    )
                 if written:
                     return before, after
         # Only sustained contention on one key gets here; losing one health note is harmless.
@@ -152,11 +153,13 @@ class RedisStore:
 
     async def take_rpm(self, upstream: str, key_id: str, cap: int, now: float) -> bool:
         name = self.rpm_key(upstream, key_id, minute_of(now))
-        taken = await self._take_rpm(keys=[name], args=[cap, RPM_WINDOW_SECONDS * 2])
+        with store_errors("count a key's requests"):
+            taken = await self._take_rpm(keys=[name], args=[cap, RPM_WINDOW_SECONDS * 2])
         return bool(taken)
 
     async def ping(self) -> None:
-        await self._redis.ping()
+        with store_errors("reach key health"):
+            await self._redis.ping()
 
     def describe(self) -> str:
         return "redis"
@@ -190,7 +193,7 @@ class FailoverStore:
         if await self._shared_usable():
             try:
                 states = await self._shared.load(upstream, key_ids)
-            except _REDIS_DOWN as exc:
+            except StoreUnavailable as exc:
                 self._mark_down(exc)
             else:
                 for key_id, state in states.items():
@@ -204,7 +207,7 @@ class FailoverStore:
         if await self._shared_usable():
             try:
                 before, after = await self._shared.update(upstream, key_id, change)
-            except _REDIS_DOWN as exc:
+            except StoreUnavailable as exc:
                 self._mark_down(exc)
             else:
                 self._local.put(upstream, key_id, after)
@@ -218,22 +221,20 @@ class FailoverStore:
         if await self._shared_usable():
             try:
                 return await self._shared.take_rpm(upstream, key_id, cap, now)
-            except _REDIS_DOWN as exc:
+            except StoreUnavailable as exc:
                 self._mark_down(exc)
         return await self._local.take_rpm(upstream, key_id, cap, now)
 
     def describe(self) -> str:
         return "memory (redis unreachable)" if self._down else "redis"
 
-    def _mark_down(self, exc: BaseException) -> None:
+    def _mark_down(self, exc: StoreUnavailable) -> None:
         self._on_redis_error()
         self._retry_at = self._clock() + self._retry_interval
         if not self._down:
             self._down = True
-            # The type only: a Redis error message can carry the URL, password included.
             log.warning(
-                "redis unreachable (%s): key health is per-replica until it returns",
-                type(exc).__name__,
+                "redis unreachable (%s): key health is per-replica until it returns", exc.cause
             )
 
     async def _shared_usable(self) -> bool:
@@ -243,7 +244,7 @@ class FailoverStore:
             return False
         try:
             resynced = await self._resync()
-        except _REDIS_DOWN:
+        except StoreUnavailable:
             self._on_redis_error()
             self._retry_at = self._clock() + self._retry_interval
             return False

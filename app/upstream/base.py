@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,10 +23,19 @@ class UpstreamAnswer:
     request_id: str | None  # the upstream's x-request-id, if it sent one
 
 
+# Takes each partial image event (`*.partial_image`, b64_json) as a streaming upstream sends it.
+PartialSink = Callable[[dict[str, Any]], None]
+
+
 class Upstream(Protocol):
     name: str
 
-    async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer: ...
+    async def edit(
+        self, edit: EditRequest, key: UpstreamKey | None, *, on_partial: PartialSink | None = None
+    ) -> UpstreamAnswer:
+        """The upstream's answer to `edit`. A dialect that streams hands each partial image to
+        `on_partial` as it arrives; one that cannot never calls it."""
+        ...
 
 
 @runtime_checkable

@@ -22,6 +22,7 @@ from app.catalog import Catalog
 from app.config_file import ConfigError
 from app.edit import EditRequest, ParamValue
 from app.errors import (
+    OUTCOME_UNKNOWN,
     FailureKind,
     GatewayError,
     InvalidRequest,
@@ -31,11 +32,11 @@ from app.errors import (
     UpstreamUnreachable,
 )
 from app.redaction import Redactor
-from app.upstream.base import UpstreamAnswer, UpstreamKey
+from app.upstream.base import PartialSink, UpstreamAnswer, UpstreamKey
 from app.upstream.failures import (
     credentials_rejected,
-    failed,
     json_object,
+    picked_headers,
     quota_exhausted,
     rate_limited,
 )
@@ -107,10 +108,13 @@ class BflUpstream:
             and credits > 0
         )
 
-    async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer:
+    async def edit(
+        self, edit: EditRequest, key: UpstreamKey | None, *, on_partial: PartialSink | None = None
+    ) -> UpstreamAnswer:
+        # BFL makes no partial images: a streaming client gets keep-alives, then the result.
         _check_request(edit)
         if key is None:
-            raise _failed(UpstreamFailed(f"The upstream {self.name!r} has no key to use."), "auth")
+            raise _failure(UpstreamFailed, f"The upstream {self.name!r} has no key to use.", "auth")
         payload = await asyncio.to_thread(_payload_json, edit)
         seed = _param(edit, "seed")
         total = edit.model.timeout or self._config.timeouts.total
@@ -118,9 +122,8 @@ class BflUpstream:
             async with asyncio.timeout(total):
                 images = await self._run_tasks(edit, payload, seed, key)
         except TimeoutError:
-            raise _failed(
-                UpstreamTimeout(f"The upstream did not finish within {total:g} seconds."),
-                "timeout",
+            raise _failure(
+                UpstreamTimeout, f"The upstream did not finish within {total:g} seconds.", "timeout"
             ) from None
         encoded = await asyncio.to_thread(
             lambda: [base64.b64encode(image).decode("ascii") for image in images]
@@ -185,16 +188,15 @@ class BflUpstream:
         except httpx.ConnectError:
             raise self._unreachable("refused the connection") from None
         except httpx.TimeoutException:
-            raise _failed(
-                UpstreamTimeout("The upstream did not accept the task in time."), "timeout"
+            raise _failure(
+                UpstreamTimeout, "The upstream did not accept the task in time.", "timeout"
             ) from None
         except httpx.TransportError as exc:
-            raise _failed(
-                UpstreamFailed(
-                    f"The connection to the upstream failed mid-request ({type(exc).__name__}).",
-                    code="upstream_connection_lost",
-                ),
+            raise _failure(
+                UpstreamFailed,
+                f"The connection to the upstream failed mid-request ({type(exc).__name__}).",
                 "dropped",
+                code="upstream_connection_lost",
             ) from None
         if response.status_code != 200:
             raise self._submit_error(response)
@@ -207,33 +209,28 @@ class BflUpstream:
     def _submit_error(self, response: httpx.Response) -> GatewayError:
         status = response.status_code
         message = self._redact(_error_message(response.content) or f"HTTP {status}")
-        error: GatewayError
+        upstream_headers = picked_headers(response, _POOL_HEADERS)
         if status in (401, 403):
-            error = credentials_rejected()
-        elif status == 402:
-            error = quota_exhausted()
-        elif status == 429:
-            error = rate_limited(message, response)
-        elif 400 <= status < 500:
+            return credentials_rejected(upstream_headers=upstream_headers)
+        if status == 402:
+            return quota_exhausted(upstream_headers=upstream_headers)
+        if status == 429:
+            return rate_limited(message, response, upstream_headers=upstream_headers)
+        if 400 <= status < 500:
             # BFL answers 422 for a body it rejects; OpenAI clients expect 400 for that.
-            error = _failed(
-                UpstreamRejected(
-                    400,
-                    f"The upstream rejected the request: {message}",
-                    error_type="invalid_request_error",
-                    param=None,
-                    code="upstream_rejected",
-                ),
-                "rejected",
+            return UpstreamRejected(
+                400,
+                f"The upstream rejected the request: {message}",
+                error_type="invalid_request_error",
+                param=None,
+                code="upstream_rejected",
+                upstream_headers=upstream_headers,
             )
-        else:
-            error = _failed(
-                UpstreamFailed(f"The upstream failed with HTTP {status}: {message}"), "server"
-            )
-        error.upstream_headers = {
-            name: response.headers[name] for name in _POOL_HEADERS if name in response.headers
-        }
-        return error
+        return UpstreamFailed(
+            f"The upstream failed with HTTP {status}: {message}",
+            failure="server",
+            upstream_headers=upstream_headers,
+        )
 
     async def _poll(self, task_id: str, polling_url: str, key: UpstreamKey, deadline: float) -> str:
         pinned = await self._pin(polling_url, "polling")
@@ -244,11 +241,9 @@ class BflUpstream:
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise _failed(
-                    UpstreamTimeout(
-                        f"The upstream task did not finish within "
-                        f"{self._bfl.poll_deadline:g} seconds."
-                    ),
+                raise _failure(
+                    UpstreamTimeout,
+                    f"The upstream task did not finish within {self._bfl.poll_deadline:g} seconds.",
                     "timeout",
                 )
             await self._sleep(min(self._bfl.poll_interval, remaining))
@@ -263,23 +258,19 @@ class BflUpstream:
                     raise _bad_response("The upstream's finished task has no result image.")
                 return sample
             if status in _MODERATED:
-                raise _failed(
-                    UpstreamRejected(
-                        400,
-                        f"The upstream's moderation blocked this edit ({status}).",
-                        error_type="invalid_request_error",
-                        param=None,
-                        code="moderation_blocked",
-                    ),
-                    "rejected",
+                raise UpstreamRejected(
+                    400,
+                    f"The upstream's moderation blocked this edit ({status}).",
+                    error_type="invalid_request_error",
+                    param=None,
+                    code="moderation_blocked",
                 )
             if status == "Error":
-                raise _failed(
-                    UpstreamFailed(
-                        "The upstream task failed while generating the image.",
-                        code="upstream_task_failed",
-                    ),
+                raise _failure(
+                    UpstreamFailed,
+                    "The upstream task failed while generating the image.",
                     "server",
+                    code="upstream_task_failed",
                 )
             if status == "Task not found":
                 raise _task_not_found()
@@ -310,12 +301,11 @@ class BflUpstream:
         if status == 429 or status >= 500:
             return None
         if status in (401, 403):
-            raise _failed(
-                UpstreamFailed(
-                    "The upstream rejected the gateway's credentials while polling.",
-                    code="upstream_auth_failed",
-                ),
+            raise _failure(
+                UpstreamFailed,
+                "The upstream rejected the gateway's credentials while polling.",
                 "auth",
+                code="upstream_auth_failed",
             )
         if status == 404:
             raise _task_not_found()
@@ -333,25 +323,23 @@ class BflUpstream:
                 data = await self._fetch_capped(pinned, timeout)
             except httpx.TransportError as exc:
                 if attempt == _DOWNLOAD_ATTEMPTS:
-                    raise _failed(
-                        UpstreamFailed(
-                            f"The upstream's result image could not be downloaded "
-                            f"({type(exc).__name__}).",
-                            code="upstream_result_unavailable",
-                        ),
+                    raise _failure(
+                        UpstreamFailed,
+                        f"The upstream's result image could not be downloaded "
+                        f"({type(exc).__name__}).",
                         "dropped",
+                        code="upstream_result_unavailable",
                     ) from None
                 continue
             if data is not None:
                 return data
             if attempt == _DOWNLOAD_ATTEMPTS:
                 break
-        raise _failed(
-            UpstreamFailed(
-                "The upstream's result image could not be downloaded.",
-                code="upstream_result_unavailable",
-            ),
+        raise _failure(
+            UpstreamFailed,
+            "The upstream's result image could not be downloaded.",
             "server",
+            code="upstream_result_unavailable",
         )
 
     async def _fetch_capped(self, pinned: PinnedUrl, seconds: float) -> bytes | None:
@@ -401,16 +389,15 @@ class BflUpstream:
 
     def _refused(self, what: str, exc: RefusedUrl) -> GatewayError:
         log.warning("refused the %s URL from upstream %s: %s", what, self.name, exc)
-        return _failed(
-            UpstreamFailed(
-                f"The upstream returned a {what} URL the gateway may not fetch: {exc}.",
-                code="upstream_url_refused",
-            ),
+        return _failure(
+            UpstreamFailed,
+            f"The upstream returned a {what} URL the gateway may not fetch: {exc}.",
             "bad_response",
+            code="upstream_url_refused",
         )
 
     def _unreachable(self, what: str) -> GatewayError:
-        return _failed(UpstreamUnreachable(f"The upstream {self.name!r} {what}."), "connect")
+        return _failure(UpstreamUnreachable, f"The upstream {self.name!r} {what}.", "connect")
 
 
 def check_catalog(catalog: Catalog, upstream: str) -> None:
@@ -471,16 +458,17 @@ async def _chunks(*parts: bytes | memoryview) -> AsyncIterator[bytes]:
         yield cast(bytes, part)
 
 
-def _failed(error: GatewayError, kind: FailureKind) -> GatewayError:
-    failed(error, kind)
-    if kind in ("timeout", "dropped"):
-        # The task may be running and billed: the SDK's own retries would pay for it again.
-        error.headers["x-should-retry"] = "false"
-    return error
+def _failure(
+    error: type[GatewayError], message: str, kind: FailureKind, *, code: str | None = None
+) -> GatewayError:
+    """An upstream failure of `kind`. After one whose outcome is unknown the task may be
+    running and billed: the SDK's own retries would pay for it again."""
+    headers = {"x-should-retry": "false"} if kind in OUTCOME_UNKNOWN else None
+    return error(message, code=code, headers=headers, failure=kind)
 
 
 def _bad_response(message: str) -> GatewayError:
-    return _failed(UpstreamFailed(message, code="upstream_bad_response"), "bad_response")
+    return _failure(UpstreamFailed, message, "bad_response", code="upstream_bad_response")
 
 
 def _too_large(cap: int) -> GatewayError:
@@ -488,9 +476,11 @@ def _too_large(cap: int) -> GatewayError:
 
 
 def _task_not_found() -> GatewayError:
-    return _failed(
-        UpstreamFailed("The upstream lost track of the task.", code="upstream_task_not_found"),
+    return _failure(
+        UpstreamFailed,
+        "The upstream lost track of the task.",
         "server",
+        code="upstream_task_not_found",
     )
 
 

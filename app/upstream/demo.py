@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from app.edit import EditRequest
-from app.upstream.base import UpstreamAnswer, UpstreamKey
+from app.upstream.base import PartialSink, UpstreamAnswer, UpstreamKey
 
 # Demo output is capped so a large upload cannot make the demo slow.
 MAX_EDGE = 1024
@@ -28,7 +28,9 @@ class DemoUpstream:
     def __init__(self, name: str = "demo") -> None:
         self.name = name
 
-    async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer:
+    async def edit(
+        self, edit: EditRequest, key: UpstreamKey | None, *, on_partial: PartialSink | None = None
+    ) -> UpstreamAnswer:
         render = _render_all if edit.operation == "edit" else _generate_all
         images = await asyncio.to_thread(render, edit)
         if edit.response_format == "url":

@@ -1,48 +1,68 @@
-"""The upstream failures every dialect reports the same way, tagged with their failure kind."""
+"""The upstream failures every dialect reports the same way, built with their failure kind.
+
+The failure kinds themselves, and which of them may have been billed, are defined beside
+GatewayError (app/errors.py: FailureKind, OUTCOME_UNKNOWN, MAYBE_BILLED).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
 import orjson
 
-from app.errors import FailureKind, GatewayError, RateLimited, UpstreamFailed
+from app.errors import GatewayError, RateLimited, UpstreamFailed
 
 # Upstream headers a client may act on; everything else from the upstream stays here.
 RATE_LIMIT_HEADERS = ("retry-after", "retry-after-ms")
 
 
-def failed(error: GatewayError, kind: FailureKind) -> GatewayError:
-    error.failure = kind
-    return error
+def picked_headers(response: httpx.Response, names: Iterable[str]) -> dict[str, str]:
+    """The response's headers among `names` (the ones a dialect passes on, or the pool reads)."""
+    return {name: response.headers[name] for name in names if name in response.headers}
 
 
-def credentials_rejected() -> GatewayError:
-    return failed(
-        UpstreamFailed(
-            "The upstream rejected the gateway's credentials; operators have been told.",
-            code="upstream_auth_failed",
-        ),
-        "auth",
+def credentials_rejected(
+    *,
+    headers: Mapping[str, str] | None = None,
+    upstream_headers: Mapping[str, str] | None = None,
+) -> GatewayError:
+    return UpstreamFailed(
+        "The upstream rejected the gateway's credentials; operators have been told.",
+        code="upstream_auth_failed",
+        headers=headers,
+        failure="auth",
+        upstream_headers=upstream_headers,
     )
 
 
-def quota_exhausted() -> GatewayError:
-    return failed(
-        UpstreamFailed(
-            "The upstream account is out of credits or quota.", code="upstream_quota_exhausted"
-        ),
-        "quota",
+def quota_exhausted(
+    *,
+    headers: Mapping[str, str] | None = None,
+    upstream_headers: Mapping[str, str] | None = None,
+) -> GatewayError:
+    return UpstreamFailed(
+        "The upstream account is out of credits or quota.",
+        code="upstream_quota_exhausted",
+        headers=headers,
+        failure="quota",
+        upstream_headers=upstream_headers,
     )
 
 
-def rate_limited(message: str, response: httpx.Response) -> GatewayError:
-    headers = {
-        name: response.headers[name] for name in RATE_LIMIT_HEADERS if name in response.headers
-    }
-    return failed(
-        RateLimited(f"The upstream is rate limiting: {message}", headers=headers), "rate_limited"
+def rate_limited(
+    message: str,
+    response: httpx.Response,
+    *,
+    headers: Mapping[str, str] | None = None,
+    upstream_headers: Mapping[str, str] | None = None,
+) -> GatewayError:
+    return RateLimited(
+        f"The upstream is rate limiting: {message}",
+        headers={**picked_headers(response, RATE_LIMIT_HEADERS), **(headers or {})},
+        failure="rate_limited",
+        upstream_headers=upstream_headers,
     )
 
 

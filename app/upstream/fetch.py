@@ -23,9 +23,7 @@ class FetchRefused(UpstreamFailed):
 
 
 def _refused(message: str) -> FetchRefused:
-    error = FetchRefused(message)
-    error.failure = "bad_response"
-    return error
+    return FetchRefused(message, failure="bad_response")
 
 
 class ImageFetcher:

@@ -1,6 +1,6 @@
 """The OpenAI-compatible dialect (OpenAI itself and resellers): multipart POST {base}/images/edits,
 JSON POST {base}/images/generations; with `stream`, the upstream's SSE is read as it arrives and
-its partial images relayed at once (app/upstream/progress.py), the completed event kept as the
+its partial images handed to the caller's `on_partial` at once, the completed event kept as the
 answer.
 
 Transport failures and upstream statuses are translated into gateway errors here, once.
@@ -27,16 +27,15 @@ from app.errors import (
     UpstreamUnreachable,
 )
 from app.redaction import Redactor
-from app.upstream.base import UpstreamAnswer, UpstreamKey
+from app.upstream.base import PartialSink, UpstreamAnswer, UpstreamKey
 from app.upstream.failures import (
     credentials_rejected,
-    failed,
     json_object,
+    picked_headers,
     quota_exhausted,
     rate_limited,
 )
 from app.upstream.multipart_body import openai_edit_body
-from app.upstream.progress import relay_partial
 
 _PROBE_TIMEOUT = 10.0
 # What the key pool reads to time a cooldown.
@@ -76,7 +75,9 @@ class OpenAIUpstream:
         # 429 means the key authenticated; its rate limit is the pool's business, not the probe's.
         return response.status_code in (200, 429)
 
-    async def edit(self, edit: EditRequest, key: UpstreamKey | None) -> UpstreamAnswer:
+    async def edit(
+        self, edit: EditRequest, key: UpstreamKey | None, *, on_partial: PartialSink | None = None
+    ) -> UpstreamAnswer:
         """An edit or a generation (by `edit.operation`), streamed when the client streams and
         the model's upstream can."""
         streaming = edit.stream and "stream" in edit.model.params
@@ -85,25 +86,22 @@ class OpenAIUpstream:
         try:
             async with asyncio.timeout(total):
                 if streaming:
-                    return await self._streamed(request)
+                    return await self._streamed(request, on_partial)
                 response = await self._client.send(request)
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, httpx.ConnectTimeout):
                 raise self._unreachable("timed out connecting") from None
-            raise failed(
-                UpstreamTimeout(f"The upstream did not answer within {total:g} seconds."),
-                "timeout",
+            raise UpstreamTimeout(
+                f"The upstream did not answer within {total:g} seconds.", failure="timeout"
             ) from None
         except httpx.ConnectError:
             raise self._unreachable("refused the connection") from None
         except httpx.TransportError as exc:
             # The request may have been delivered and may be running (and billed) upstream.
-            raise failed(
-                UpstreamFailed(
-                    f"The connection to the upstream failed mid-request ({type(exc).__name__}).",
-                    code="upstream_connection_lost",
-                ),
-                "dropped",
+            raise UpstreamFailed(
+                f"The connection to the upstream failed mid-request ({type(exc).__name__}).",
+                code="upstream_connection_lost",
+                failure="dropped",
             ) from None
         return self._interpret(response)
 
@@ -137,7 +135,9 @@ class OpenAIUpstream:
             "POST", self._edits_url, content=body.stream(), headers=headers, timeout=timeout
         )
 
-    async def _streamed(self, request: httpx.Request) -> UpstreamAnswer:
+    async def _streamed(
+        self, request: httpx.Request, on_partial: PartialSink | None
+    ) -> UpstreamAnswer:
         response = await self._client.send(request, stream=True)
         try:
             content_type = response.headers.get("content-type", "")
@@ -145,11 +145,13 @@ class OpenAIUpstream:
                 # An error, or an upstream that ignored `stream`: one JSON body either way.
                 await response.aread()
                 return self._interpret(response)
-            return await self._read_events(response)
+            return await self._read_events(response, on_partial)
         finally:
             await response.aclose()
 
-    async def _read_events(self, response: httpx.Response) -> UpstreamAnswer:
+    async def _read_events(
+        self, response: httpx.Response, on_partial: PartialSink | None
+    ) -> UpstreamAnswer:
         request_id = response.headers.get("x-request-id")
         completed: list[dict[str, Any]] = []
         relayed = 0
@@ -159,79 +161,79 @@ class OpenAIUpstream:
                 detail = error if isinstance(error, dict) else {"message": str(error)}
                 message = self._redact(str(detail.get("message") or "stream error")[:500])
                 # After a partial image the client has seen progress: never resent silently.
-                raise failed(
-                    UpstreamFailed(
-                        f"The upstream failed mid-stream: {message}",
-                        code="upstream_stream_error",
-                    ),
-                    "dropped" if relayed else "server",
+                raise UpstreamFailed(
+                    f"The upstream failed mid-stream: {message}",
+                    code="upstream_stream_error",
+                    failure="dropped" if relayed else "server",
                 )
             kind = str(event.get("type", ""))
             if kind.endswith(".partial_image"):
-                relay_partial(event)
+                if on_partial is not None:
+                    on_partial(event)
                 relayed += 1
             elif kind.endswith(".completed"):
                 completed.append(event)
         if not completed:
-            raise failed(
-                UpstreamFailed(
-                    "The upstream's stream ended before its completed event.",
-                    code="upstream_connection_lost",
-                ),
-                "dropped",
+            raise UpstreamFailed(
+                "The upstream's stream ended before its completed event.",
+                code="upstream_connection_lost",
+                failure="dropped",
             )
         return UpstreamAnswer(body=_images_response(completed), request_id=request_id)
 
     def _unreachable(self, what: str) -> GatewayError:
-        return failed(UpstreamUnreachable(f"The upstream {self.name!r} {what}."), "connect")
+        return UpstreamUnreachable(f"The upstream {self.name!r} {what}.", failure="connect")
 
     def _interpret(self, response: httpx.Response) -> UpstreamAnswer:
         request_id = response.headers.get("x-request-id")
         if response.status_code == 200:
             body = json_object(response.content)
             if body is None or not isinstance(body.get("data"), list):
-                raise failed(
-                    UpstreamFailed(
-                        "The upstream answered 200 with a body that is not an ImagesResponse.",
-                        code="upstream_bad_response",
-                    ),
-                    "bad_response",
+                raise UpstreamFailed(
+                    "The upstream answered 200 with a body that is not an ImagesResponse.",
+                    code="upstream_bad_response",
+                    failure="bad_response",
                 )
             return UpstreamAnswer(body=body, request_id=request_id)
-        error = self._error(response)
-        error.upstream_headers = {
-            name: response.headers[name] for name in _POOL_HEADERS if name in response.headers
-        }
-        if request_id:
-            # The client quotes this id to support; the upstream's is the one that helps.
-            error.headers["x-request-id"] = request_id
-        raise error
+        # The client quotes this id to support; the upstream's is the one that helps.
+        headers = {"x-request-id": request_id} if request_id else {}
+        raise self._error(response, headers, picked_headers(response, _POOL_HEADERS))
 
     def _optional(self, value: object) -> str | None:
         return None if value is None else self._redact(str(value)[:200])
 
-    def _error(self, response: httpx.Response) -> GatewayError:
+    def _error(
+        self, response: httpx.Response, headers: dict[str, str], upstream_headers: dict[str, str]
+    ) -> GatewayError:
+        """The failure an error status stands for; `headers` go to the client, and
+        `upstream_headers` to the key pool."""
         status = response.status_code
         detail = _error_detail(response.content)
         message = self._redact(str(detail.get("message") or f"HTTP {status}"))
         code = detail.get("code")
         if status in (401, 403):
-            return credentials_rejected()
+            return credentials_rejected(headers=headers, upstream_headers=upstream_headers)
         if status == 402 or code == "insufficient_quota":
-            return quota_exhausted()
+            return quota_exhausted(headers=headers, upstream_headers=upstream_headers)
         if status == 429:
-            return rate_limited(message, response)
+            return rate_limited(
+                message, response, headers=headers, upstream_headers=upstream_headers
+            )
         if 400 <= status < 500:
-            rejected = UpstreamRejected(
+            return UpstreamRejected(
                 status,
                 message,
                 error_type=self._redact(str(detail.get("type") or "invalid_request_error")),
                 param=self._optional(detail.get("param")),
                 code=self._optional(code),
+                headers=headers,
+                upstream_headers=upstream_headers,
             )
-            return failed(rejected, "rejected")
-        return failed(
-            UpstreamFailed(f"The upstream failed with HTTP {status}: {message}"), "server"
+        return UpstreamFailed(
+            f"The upstream failed with HTTP {status}: {message}",
+            headers=headers,
+            failure="server",
+            upstream_headers=upstream_headers,
         )
 
 
@@ -244,12 +246,10 @@ async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]
             piece = line[5:].removeprefix(" ")
             size += len(piece)
             if size > MAX_EVENT_BYTES:
-                raise failed(
-                    UpstreamFailed(
-                        "The upstream sent a stream event larger than the gateway accepts.",
-                        code="upstream_bad_response",
-                    ),
-                    "bad_response",
+                raise UpstreamFailed(
+                    "The upstream sent a stream event larger than the gateway accepts.",
+                    code="upstream_bad_response",
+                    failure="bad_response",
                 )
             data.append(piece)
         elif line == "" and data:
@@ -259,12 +259,10 @@ async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]
                 continue
             event = json_object(text.encode())
             if event is None:
-                raise failed(
-                    UpstreamFailed(
-                        "The upstream sent a stream event that is not a JSON object.",
-                        code="upstream_bad_response",
-                    ),
-                    "bad_response",
+                raise UpstreamFailed(
+                    "The upstream sent a stream event that is not a JSON object.",
+                    code="upstream_bad_response",
+                    failure="bad_response",
                 )
             yield event
 

@@ -14,7 +14,8 @@ from app.cache.store import MemoryStore
 from app.config import CacheConfig, load_settings
 from app.config_file import ConfigError
 from app.edit import EditRequest
-from app.upstream.base import UpstreamAnswer
+from app.forwarding import AttemptNote
+from app.upstream.base import PartialSink, UpstreamAnswer
 from tests.cache.builders import edit
 from tests.conftest import CONFIG, gateway_env
 from tests.support import images
@@ -28,7 +29,13 @@ class ScriptedUpstream:
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def __call__(self, request: EditRequest) -> UpstreamAnswer:
+    async def __call__(
+        self,
+        request: EditRequest,
+        *,
+        on_partial: PartialSink | None = None,
+        on_attempt: AttemptNote | None = None,
+    ) -> UpstreamAnswer:
         self.calls.append(request)
         await self.gate.wait()
         body: dict[str, Any] = {

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from app.cache.fingerprint import fingerprint
-from app.cache.service import EditCache, EditOutcome
+from app.cache.service import EditCache, EditOutcome, Forward
 from app.cache.store import (
     CacheStore,
     HostedFile,
@@ -32,8 +32,9 @@ from app.cache.store import (
 from app.config import CacheConfig
 from app.edit import EditRequest
 from app.errors import UpstreamFailed
+from app.forwarding import AttemptNote
 from app.redis_client import open_redis
-from app.upstream.base import UpstreamAnswer
+from app.upstream.base import PartialSink, UpstreamAnswer
 from tests.cache.builders import edit
 from tests.support import images
 from tests.support.redis_server import PrivateRedis
@@ -52,7 +53,13 @@ class Upstream:
             self.gate.set()
         self.error = error
 
-    async def __call__(self, request: EditRequest) -> UpstreamAnswer:
+    async def __call__(
+        self,
+        request: EditRequest,
+        *,
+        on_partial: PartialSink | None = None,
+        on_attempt: AttemptNote | None = None,
+    ) -> UpstreamAnswer:
         self.calls.append(request)
         await self.gate.wait()
         if self.error is not None:
@@ -70,7 +77,7 @@ async def _no_fetch(url: str) -> bytes:
 
 def replica(
     store: CacheStore,
-    upstream: Callable[[EditRequest], Awaitable[UpstreamAnswer]],
+    upstream: Forward,
     *,
     call_seconds: float = 60.0,
     **config: Any,
@@ -149,7 +156,12 @@ def test_single_flight_leader_gives_its_lease_back_while_redis_is_marked_down() 
         other, _ = unique_edit()
         slow, quick = Upstream(open_=False), Upstream()
 
-        def by_prompt(call: EditRequest) -> Awaitable[UpstreamAnswer]:
+        def by_prompt(
+            call: EditRequest,
+            *,
+            on_partial: PartialSink | None = None,
+            on_attempt: AttemptNote | None = None,
+        ) -> Awaitable[UpstreamAnswer]:
             return slow(call) if call.prompt == request.prompt else quick(call)
 
         # Marked down for a minute after one failure: longer than the test.
@@ -358,7 +370,13 @@ def test_single_flight_request_arriving_as_a_failed_call_ends_does_not_spin() ->
         def __init__(self) -> None:
             self.calls = 0
 
-        async def __call__(self, request: EditRequest) -> UpstreamAnswer:
+        async def __call__(
+            self,
+            request: EditRequest,
+            *,
+            on_partial: PartialSink | None = None,
+            on_attempt: AttemptNote | None = None,
+        ) -> UpstreamAnswer:
             self.calls += 1
             if self.calls == 1:
                 raise UpstreamFailed("upstream answered 500")

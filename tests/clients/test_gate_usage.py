@@ -4,17 +4,24 @@ hits and costs, client-labelled counters, and usage kept through a Redis outage.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from app.clients.gate import ClientGate
+from app.clients.gate import ClientGate, MeteredEdit
 from app.clients.limiter import Limiter
 from app.clients.usage import Usage, UsageLedger
 from app.edit import EditRequest
-from app.errors import PermissionDenied, QuotaExceeded, UpstreamFailed, UpstreamTimeout
+from app.errors import (
+    GatewayError,
+    PermissionDenied,
+    QuotaExceeded,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
 from app.metrics import GatewayMetrics
 from app.upstream.base import UpstreamAnswer
 from tests.clients.conftest import catalog, edit_request, fresh_namespace, policy, redis_client
@@ -25,6 +32,23 @@ from tests.support.servers import free_port
 
 def answer(n: int) -> UpstreamAnswer:
     return UpstreamAnswer(body=images_response(n), request_id=None)
+
+
+async def forward(
+    metered: MeteredEdit,
+    edit: EditRequest,
+    send: Callable[[EditRequest], Awaitable[tuple[UpstreamAnswer, str]]],
+) -> tuple[UpstreamAnswer, str]:
+    """The gate around an upstream call with no cache in between: charge the images, call, and
+    keep the charge only for what the upstream made."""
+    await metered.charge(edit)
+    try:
+        answer, upstream = await send(edit)
+    except GatewayError as exc:
+        await metered.failed(edit, exc)
+        raise
+    await metered.answered(edit, answer.body)
+    return answer, upstream
 
 
 def gateway_metrics() -> GatewayMetrics:
@@ -55,16 +79,16 @@ def test_gate_usage_counts_upstream_edits_cache_hits_errors_and_costs(
             raise UpstreamFailed("boom")
 
         async with gate.enter(team, "req_1") as metered:
-            await metered.forward(edit_request("gpt-image-1", n=2), ok)
+            await forward(metered, edit_request("gpt-image-1", n=2), ok)
         async with gate.enter(team, "req_2") as metered:
-            await metered.forward(edit_request("flux-kontext-pro", n=1), ok)
+            await forward(metered, edit_request("flux-kontext-pro", n=1), ok)
         async with gate.enter(team, "req_3") as metered:
             cached = edit_request("flux-kontext-pro", n=2)
             await metered.charge(cached)
             await metered.answered(cached, answer(2).body, cache_hit=True)
         async with gate.enter(team, "req_4") as metered:
             with pytest.raises(UpstreamFailed):
-                await metered.forward(edit_request("gpt-image-1"), broken)
+                await forward(metered, edit_request("gpt-image-1"), broken)
         today = datetime.now(UTC).date()
         report = await ledger.report(["team", "nobody"], today, today)
         await redis.aclose()
@@ -111,9 +135,7 @@ def test_gate_cache_hits_do_not_use_quota_and_timeouts_keep_the_charge(
 
         async def slow(edit: EditRequest) -> tuple[UpstreamAnswer, str]:
             # The upstream may still be making (and billing) the images.
-            error = UpstreamTimeout("late")
-            error.failure = "timeout"  # as the OpenAI dialect tags it
-            raise error
+            raise UpstreamTimeout("late", failure="timeout")  # as the OpenAI dialect tags it
 
         for number in range(3):
             async with gate.enter(team, f"req_c{number}") as metered:
@@ -122,10 +144,42 @@ def test_gate_cache_hits_do_not_use_quota_and_timeouts_keep_the_charge(
                 await metered.answered(cached, answer(2).body, cache_hit=True)  # ...given back
         async with gate.enter(team, "req_t") as metered:
             with pytest.raises(UpstreamTimeout):
-                await metered.forward(edit_request(n=2), slow)
+                await forward(metered, edit_request(n=2), slow)
         async with gate.enter(team, "req_after") as metered:
             with pytest.raises(QuotaExceeded):
-                await metered.forward(edit_request(n=1), slow)
+                await forward(metered, edit_request(n=1), slow)
+        await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_gate_keeps_the_charge_only_when_the_upstream_may_have_billed(
+    clients_redis_url: str,
+) -> None:
+    async def scenario() -> None:
+        redis = redis_client(clients_redis_url)
+        gate = ClientGate(Limiter(redis, namespace=fresh_namespace()), None, gateway_metrics())
+        team = policy("team", images_per_day=2)
+
+        async def server_error(edit: EditRequest) -> tuple[UpstreamAnswer, str]:
+            raise UpstreamFailed("HTTP 500", failure="server")  # nothing was made
+
+        async def unusable(edit: EditRequest) -> tuple[UpstreamAnswer, str]:
+            # A 200 the gateway could not use: the upstream made, and billed, the images.
+            raise UpstreamFailed("not an ImagesResponse", failure="bad_response")
+
+        async def ok(edit: EditRequest) -> tuple[UpstreamAnswer, str]:
+            return answer(edit.n), "default"
+
+        async with gate.enter(team, "req_s") as metered:
+            with pytest.raises(UpstreamFailed):
+                await forward(metered, edit_request(n=2), server_error)  # given back
+        async with gate.enter(team, "req_b") as metered:
+            with pytest.raises(UpstreamFailed):
+                await forward(metered, edit_request(n=2), unusable)  # kept: 2 of 2 used
+        async with gate.enter(team, "req_after") as metered:
+            with pytest.raises(QuotaExceeded):
+                await forward(metered, edit_request(n=1), ok)
         await redis.aclose()
 
     asyncio.run(scenario())
@@ -144,7 +198,7 @@ def test_gate_refuses_a_model_the_client_may_not_use(clients_redis_url: str) -> 
 
         async with gate.enter(flux_only, "req_x") as metered:
             with pytest.raises(PermissionDenied) as caught:
-                await metered.forward(edit_request("gpt-image-1"), never)
+                await forward(metered, edit_request("gpt-image-1"), never)
         assert caught.value.status_code == 403 and caught.value.param == "model"
         await redis.aclose()
 

@@ -76,13 +76,16 @@ def test_spool_worker_hashes_and_spools_uploads_intact() -> None:
     try:
         form = _read(body, worker)
         first, second, third = form.files
-        assert (first.on_disk, second.on_disk, third.on_disk) == (True, False, False)
+        spooled = _open_fds() - fds_before  # each upload spooled to disk holds a descriptor
         assert first.sha256 == hashlib.sha256(big).hexdigest()
         assert second.sha256 == hashlib.sha256(small).hexdigest()
         assert third.sha256 == hashlib.sha256(big[: 200 * 1024]).hexdigest()
         assert b"".join(first.iter_chunks(300_000)) == big
         assert first.head(16) == big[:16] and first.tail(16) == big[-16:]
         assert b"".join(bytes(chunk) for chunk in third.iter_chunks()) == big[: 200 * 1024]
+        first.close()
+        # One upload went to disk, and it was the first (the large one): the others stay in memory.
+        assert (spooled, _open_fds()) == (1, fds_before)
         form.close()
     finally:
         worker.shutdown()
@@ -156,9 +159,11 @@ def test_uploads_nothing_will_look_up_are_not_hashed_on_arrival() -> None:
     for upload_bytes, hashed_jobs_at_least in ((small, 1), (big, 2)):
         worker, eager_worker = CountingWorker(), CountingWorker()
         try:
+            fds_before = _open_fds()
             lazy = _read(_body([("image", upload_bytes)]), worker, hash_uploads=False)
+            spooled = _open_fds() > fds_before
             eager = _read(_body([("image", upload_bytes)]), eager_worker)
-            if not lazy.files[0].on_disk:
+            if not spooled:
                 assert worker.jobs == 0
             assert eager_worker.jobs >= hashed_jobs_at_least
             expected = hashlib.sha256(upload_bytes).hexdigest()

@@ -13,7 +13,7 @@ from app.cache.fingerprint import fingerprint
 from app.errors import UpstreamFailed
 from app.intake.form import IntakeForm, TextField
 from app.streaming import event_stream
-from app.upstream.progress import relay_partial
+from app.upstream.base import PartialSink
 from app.validation import validate_generation
 from tests.cache.builders import edit
 from tests.conftest import gateway_settings
@@ -50,8 +50,8 @@ def test_event_stream_relays_partials_keeps_alive_then_completes() -> None:
     request = generation(prompt="x", stream="true", partial_images="1")
     finished: list[bool] = []
 
-    async def produce() -> dict[str, Any]:
-        relay_partial({"type": "image_generation.partial_image", "b64_json": "AAAA"})
+    async def produce(on_partial: PartialSink) -> dict[str, Any]:
+        on_partial({"type": "image_generation.partial_image", "b64_json": "AAAA"})
         await asyncio.sleep(0.2)  # nothing arrives meanwhile: keep-alive comments go out
         return {"created": 7, "data": [{"b64_json": "QkJC"}], "output_format": "png"}
 
@@ -75,7 +75,7 @@ def test_event_stream_relays_partials_keeps_alive_then_completes() -> None:
 def test_event_stream_turns_a_failure_into_one_redacted_error_event(secret: str) -> None:
     request = generation(prompt="x", stream="true")
 
-    async def produce() -> dict[str, Any]:
+    async def produce(on_partial: PartialSink) -> dict[str, Any]:
         raise UpstreamFailed(f"boom with {secret}")
 
     async def finish() -> None:

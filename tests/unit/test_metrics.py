@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from app.metrics import GatewayMetrics, KeySnapshot, rejection_param
+from app.keys.health import KeySnapshot
+from app.metrics import GatewayMetrics, rejection_param
 from tests.support.prom import label_values, samples, total
 
 MODELS = ("gpt-image-1.5", "dall-e-2")
