@@ -39,6 +39,7 @@ from app.upstream.failures import (
     picked_headers,
     quota_exhausted,
     rate_limited,
+    unparseable_redirect,
 )
 from app.upstream.url_guard import PinnedUrl, RefusedUrl, UrlGuard
 
@@ -96,7 +97,7 @@ class BflUpstream:
             response = await self._client.get(
                 f"{self._base_url}/credits", headers=headers, timeout=timeout
             )
-        except httpx.HTTPError:
+        except (httpx.HTTPError, httpx.InvalidURL):  # InvalidURL: a 3xx Location httpx can't parse
             return False
         if response.status_code == 429:
             return True  # authenticated; its rate limit is the pool's business
@@ -187,6 +188,8 @@ class BflUpstream:
             raise self._unreachable("timed out connecting") from None
         except httpx.ConnectError:
             raise self._unreachable("refused the connection") from None
+        except httpx.InvalidURL:
+            raise unparseable_redirect() from None
         except httpx.TimeoutException:
             raise _failure(
                 UpstreamTimeout, "The upstream did not accept the task in time.", "timeout"

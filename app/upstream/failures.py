@@ -72,3 +72,12 @@ def json_object(content: bytes) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def unparseable_redirect() -> GatewayError:
+    """httpx builds the next request for every 3xx, followed or not, and a `Location` it cannot
+    parse raises InvalidURL (no httpx.HTTPError) out of `send`. The upstream did answer: with a
+    redirect no upstream call follows, the same failure as a 3xx with a usable `Location`."""
+    return UpstreamFailed(
+        "The upstream answered with a redirect whose Location cannot be parsed.", failure="server"
+    )

@@ -34,6 +34,7 @@ from app.upstream.failures import (
     picked_headers,
     quota_exhausted,
     rate_limited,
+    unparseable_redirect,
 )
 from app.upstream.multipart_body import openai_edit_body
 
@@ -70,7 +71,7 @@ class OpenAIUpstream:
         timeout = httpx.Timeout(_PROBE_TIMEOUT, connect=self._config.timeouts.connect)
         try:
             response = await self._client.get(self._models_url, headers=headers, timeout=timeout)
-        except httpx.HTTPError:
+        except (httpx.HTTPError, httpx.InvalidURL):  # InvalidURL: a 3xx Location httpx can't parse
             return False
         # 429 means the key authenticated; its rate limit is the pool's business, not the probe's.
         return response.status_code in (200, 429)
@@ -96,6 +97,8 @@ class OpenAIUpstream:
             ) from None
         except httpx.ConnectError:
             raise self._unreachable("refused the connection") from None
+        except httpx.InvalidURL:
+            raise unparseable_redirect() from None
         except httpx.TransportError as exc:
             # The request may have been delivered and may be running (and billed) upstream.
             raise UpstreamFailed(
