@@ -14,11 +14,11 @@ from typing import Any
 
 import uvicorn
 
-from app.config import MULTIPROC_VARIABLE, load_settings
-from app.config_file import ConfigError
-from app.http_protocol import GuardedHttpToolsProtocol
-from app.logs import logging_config
-from app.workers import run_workers
+from app.config.settings import MULTIPROC_VARIABLE, load_settings
+from app.config.yaml_source import ConfigError
+from app.observability.logs import logging_config
+from app.server.protocol import GuardedHttpToolsProtocol
+from app.server.workers import run_workers
 
 # Seconds uvicorn waits past the drain limit before cancelling what is left itself.
 SHUTDOWN_BACKSTOP = 5
@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         http=GuardedHttpToolsProtocol,
         log_config=logging_config(settings.logging),
         log_level=settings.logging.level,
-        access_log=False,  # app/observe.py writes one richer line per request
+        access_log=False,  # app/observability/access_log.py writes one richer line per request
         # A backstop only: the app cuts its own in-flight requests off at the drain limit and
-        # answers them (app/drain.py); uvicorn's cancel would log each as a traceback.
+        # answers them (app/server/drain.py); uvicorn's cancel would log each as a traceback.
         timeout_graceful_shutdown=math.ceil(settings.shutdown.drain_timeout) + SHUTDOWN_BACKSTOP,
     )
     # After a graceful shutdown uvicorn re-raises the signal that stopped it, to the handler

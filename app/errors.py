@@ -39,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from app.request_record import record_in
+from app.observability.record import record_in
 
 log = logging.getLogger("gateway.errors")
 

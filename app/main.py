@@ -10,22 +10,22 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
-from app.admission import ConcurrencyLimitMiddleware
 from app.api import admin, files, health, images, models
 from app.api import metrics as metrics_api
-from app.auth import PUBLIC_PATHS, ClientAuthMiddleware
-from app.clients.directory import ClientDirectory, client_names
-from app.config import Settings, load_settings
-from app.drain import Drain, DrainMiddleware
+from app.config.settings import Settings, load_settings
 from app.errors import StoreUnavailable, install_error_handlers
-from app.logs import install_redaction
-from app.memory import keep_freed_heap, malloc_trim, trim_heap_periodically
-from app.metrics import GatewayMetrics
-from app.observe import ObservabilityMiddleware
-from app.redaction import Redactor
-from app.redis_health import check_redis, watch_redis
-from app.request_id import RequestIdMiddleware
-from app.runtime import Gateway, open_gateway, secrets_of
+from app.observability.access_log import ObservabilityMiddleware
+from app.observability.logs import install_redaction
+from app.observability.metrics import GatewayMetrics
+from app.observability.redaction import Redactor
+from app.server.admission import ConcurrencyLimitMiddleware
+from app.server.auth import PUBLIC_PATHS, ClientAuthMiddleware
+from app.server.drain import Drain, DrainMiddleware
+from app.server.heap import keep_freed_heap, malloc_trim, trim_heap_periodically
+from app.server.request_id import RequestIdMiddleware
+from app.shared_state.health import check_redis, watch_redis
+from app.tenants.directory import ClientDirectory, client_names
+from app.wiring import Gateway, open_gateway, secrets_of
 
 
 def create_app(

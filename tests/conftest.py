@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from app.config import Settings, load_settings
+from app.config.settings import Settings, load_settings
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support.log_watch import (  # noqa: F401 (an autouse fixture and a summary hook)

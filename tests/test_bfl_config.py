@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.config_file import ConfigError
+from app.config.yaml_source import ConfigError
 from tests.support.bfl_gateway import bfl_settings, write_bfl_config
 
 

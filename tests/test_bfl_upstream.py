@@ -15,12 +15,12 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.config import UpstreamConfig
-from app.edit import EditRequest, ImageInput
+from app.config.settings import UpstreamConfig
 from app.errors import GatewayError
+from app.intake.request import EditRequest, ImageInput
 from app.intake.sniff import HEAD_BYTES, TAIL_BYTES, sniff_image
 from app.intake.spool import SpooledUpload
-from app.redaction import Redactor
+from app.observability.redaction import Redactor
 from app.upstream.base import UpstreamAnswer, UpstreamKey
 from app.upstream.bfl import BflUpstream
 from app.upstream.url_guard import Resolver, UrlGuard

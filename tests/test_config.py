@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from app.config import load_settings
-from app.config_file import ConfigError
+from app.config.settings import load_settings
+from app.config.yaml_source import ConfigError
 from tests.conftest import CONFIG
 from tests.support.configs import write_gateway_config
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from pydantic_settings import BaseSettings
 
-from app.config import Settings, load_settings
-from app.config_file import ConfigError
+from app.config.settings import Settings, load_settings
+from app.config.yaml_source import ConfigError
 from tests.conftest import CONFIG, REPO
 from tests.support.configs import write_gateway_config
 
@@ -242,7 +242,7 @@ def test_settings_alone_read_the_process_environment_and_the_file() -> None:
     """`Settings()` (what pydantic-settings users reach for) reads the same sources as
     load_settings(); run in a child process, whose environment the test sets."""
     script = (
-        "from app.config import Settings; s = Settings(); "
+        "from app.config.settings import Settings; s = Settings(); "
         "print(s.upstreams['default'].base_url, s.cache.enabled, s.limits.max_in_flight, "
         "len(s.upstreams['default'].keys))"
     )

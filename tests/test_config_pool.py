@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from app.config import load_settings
-from app.config_file import ConfigError
-from app.runtime import health_policy
+from app.config.settings import load_settings
+from app.config.yaml_source import ConfigError
+from app.wiring import health_policy
 from tests.conftest import CONFIG
 from tests.support.gateway_config import write_gateway_config
 

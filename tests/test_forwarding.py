@@ -11,15 +11,15 @@ from collections.abc import Callable
 import pytest
 from pydantic import SecretStr
 
-from app.catalog import ModelRule
-from app.config import KeySpec, RetryConfig
-from app.edit import EditRequest
+from app.config.catalog import ModelRule
+from app.config.settings import KeySpec, RetryConfig
 from app.errors import FailureKind, GatewayError, RateLimited, UpstreamFailed, UpstreamTimeout
-from app.forwarding import Forwarder, Route
+from app.intake.request import EditRequest
 from app.keys.health import KeyHealth
 from app.keys.pool import KeyPool, PoolUpstream
 from app.keys.store import MemoryStore
-from app.metrics import GatewayMetrics
+from app.observability.metrics import GatewayMetrics
+from app.routing.forwarder import Forwarder, Route
 from app.upstream.base import PartialSink, UpstreamAnswer, UpstreamKey
 from tests.support.prom import total
 

@@ -6,8 +6,8 @@ import asyncio
 
 from python_multipart.multipart import MultipartParser
 
-from app.catalog import ModelRule
-from app.edit import EditRequest, ImageInput
+from app.config.catalog import ModelRule
+from app.intake.request import EditRequest, ImageInput
 from app.intake.sniff import sniff_image
 from app.intake.spool import SpooledUpload
 from app.upstream.multipart_body import openai_edit_body

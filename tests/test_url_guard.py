@@ -12,7 +12,7 @@ import ipaddress
 
 import pytest
 
-from app.config import FetchConfig
+from app.config.settings import FetchConfig
 from app.upstream.url_guard import PinnedUrl, RefusedUrl, UrlGuard, host_allowed, is_public
 
 

@@ -1,4 +1,4 @@
-"""Admin routes (admin keys only, see app/auth.py): client keys at run time, clients, usage,
+"""Admin routes (admin keys only, see app/server/auth.py): client keys at run time, clients, usage,
 and the upstream key pool's health."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from app.api.deps import GatewayDep
-from app.clients.config import CLIENT_NAME, RESERVED_NAME
-from app.clients.keystore import RuntimeKeyStore
-from app.clients.usage import MAX_REPORT_DAYS, UsageLedger
+from app.config.tenants import CLIENT_NAME, RESERVED_NAME
 from app.errors import InvalidRequest, NotFound, StoreUnavailable
-from app.runtime import Gateway
+from app.tenants.keystore import RuntimeKeyStore
+from app.tenants.usage import MAX_REPORT_DAYS, UsageLedger
+from app.wiring import Gateway
 
 router = APIRouter(prefix="/admin")
 # Who may call which model changes here: ops want a trail (ids only; the key is never logged).

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.clients.directory import ClientPolicy
-from app.runtime import Gateway
+from app.tenants.directory import ClientPolicy
+from app.wiring import Gateway
 
 
 def gateway_of(request: Request) -> Gateway:

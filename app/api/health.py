@@ -1,6 +1,6 @@
 """GET /healthz (the process is alive) and GET /readyz (its dependencies are usable).
 
-While the gateway drains, app/drain.py answers both 503 before they get here.
+While the gateway drains, app/server/drain.py answers both 503 before they get here.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from starlette.responses import Response
 
 from app.api.deps import GatewayDep
 from app.errors import StoreUnavailable
-from app.redis_health import check_redis
-from app.runtime import Gateway
+from app.shared_state.health import check_redis
+from app.wiring import Gateway
 
 router = APIRouter()
 

@@ -15,10 +15,10 @@ from starlette.types import Scope
 
 from app.api.deps import client_of, gateway_of
 from app.cache.service import policy_from_header
-from app.client_wait import client_read_timeout
-from app.request_record import record_in
-from app.runtime import Gateway
+from app.observability.record import record_in
+from app.service.client_wait import client_read_timeout
 from app.service.edits import Answer, ImageCall, JsonAnswer
+from app.wiring import Gateway
 
 
 async def create_image_edit(request: Request) -> Response:

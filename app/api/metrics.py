@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from app.api.deps import GatewayDep
 from app.errors import AuthenticationFailed
-from app.metrics import CONTENT_TYPE
+from app.observability.metrics import CONTENT_TYPE
 
 router = APIRouter()
 

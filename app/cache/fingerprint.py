@@ -11,7 +11,7 @@ import hashlib
 
 import orjson
 
-from app.edit import EditRequest, ParamValue
+from app.intake.request import EditRequest, ParamValue
 
 # Bump when the canonical form or the entry format changes: old entries then simply miss.
 FINGERPRINT_VERSION = 2

@@ -24,12 +24,12 @@ from app.cache.entry import CachedEdit, EntryMeta, FetchImage, from_upstream
 from app.cache.fingerprint import fingerprint
 from app.cache.lease import Lease
 from app.cache.store import CacheStore, MarkedDown
-from app.config import CacheConfig
-from app.edit import EditRequest
+from app.config.settings import CacheConfig
 from app.errors import StoreUnavailable
-from app.forwarding import AttemptNote
-from app.images_response import normalize_images_response
+from app.intake.request import EditRequest
+from app.routing.forwarder import AttemptNote
 from app.upstream.base import PartialSink, UpstreamAnswer
+from app.upstream.images_response import normalize_images_response
 
 log = logging.getLogger("gateway.cache")
 
@@ -44,7 +44,7 @@ _POLL_MAX = 0.25
 
 
 class CacheEvents(Protocol):
-    """What the cache reports; app.metrics.GatewayMetrics implements it."""
+    """What the cache reports; app.observability.metrics.GatewayMetrics implements it."""
 
     def record_cache_lookup(self, model: str, result: XCache) -> None:
         """Once per answered request: hit (an entry or a joined call), miss, bypass."""
@@ -127,8 +127,8 @@ def for_upstream(edit: EditRequest) -> EditRequest:
 
 
 class Forward(Protocol):
-    """The paid upstream call behind the cache (app/forwarding.py). `on_partial` is handed each
-    partial image as the upstream streams it, `on_attempt` each attempt's upstream and key."""
+    """The paid upstream call behind the cache (app/routing/forwarder.py). `on_partial` is handed
+    each partial image as the upstream streams it, `on_attempt` each attempt's upstream and key."""
 
     def __call__(
         self,

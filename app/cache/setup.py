@@ -9,9 +9,9 @@ import httpx
 
 from app.cache.service import CacheEvents, EditCache, Forward
 from app.cache.store import CacheStore, MemoryStore, RedisStore
-from app.config import Settings
-from app.edit import EditRequest
-from app.redis_client import open_redis
+from app.config.settings import Settings
+from app.intake.request import EditRequest
+from app.shared_state.factory import open_redis
 from app.upstream.fetch import ImageFetcher
 
 log = logging.getLogger("gateway.cache")
@@ -50,7 +50,7 @@ def open_edit_cache(
     )
 
     def call_seconds(edit: EditRequest) -> float:
-        # What app/forwarding.py allows one request upstream: each attempt bounded by the
+        # What app/routing/forwarder.py allows one request upstream: each attempt bounded by the
         # model's (or its upstreams') timeout, all of them by retry.deadline; then downloading
         # a result the upstream answered as a URL.
         totals = [

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.config import Limits
+from app.config.settings import Limits
 from app.errors import (
     GatewayError,
     InvalidRequest,

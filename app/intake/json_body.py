@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from app.config import Limits
+from app.config.settings import Limits
 from app.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from app.intake.form import IntakeForm, TextField, paced_body
 from app.intake.spool import SpooledUpload, SpoolWorker

@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.config import KeySpec
+from app.config.settings import KeySpec
 from app.errors import FailureKind
 from app.keys.health import (
     OUTLIER_FAILURES,

@@ -18,21 +18,21 @@ from typing import Any
 from starlette.types import Receive
 
 from app.cache.service import EditCache, EditOutcome, Policy, response_format_of
-from app.catalog import Catalog
-from app.client_wait import GRACE_SECONDS, while_client_waits
-from app.clients.directory import ClientPolicy
-from app.clients.gate import ClientGate, MeteredEdit
-from app.config import Settings
-from app.edit import EditRequest
+from app.config.catalog import Catalog
+from app.config.settings import Settings
 from app.errors import GatewayError, UpstreamTimeout
 from app.intake.form import IntakeForm, read_form
 from app.intake.json_body import JsonEditReader, is_json, read_json_object, text_fields
+from app.intake.request import EditRequest
 from app.intake.spool import SpoolWorker
-from app.request_record import RequestRecord
-from app.streaming import event_stream, prepend
+from app.intake.validation import validate_edit, validate_generation
+from app.observability.record import RequestRecord
+from app.service.client_wait import GRACE_SECONDS, while_client_waits
+from app.service.streaming import event_stream, prepend
+from app.tenants.directory import ClientPolicy
+from app.tenants.gate import ClientGate, MeteredEdit
 from app.upstream.base import PartialSink
 from app.upstream.fetch import ImageFetcher
-from app.validation import validate_edit, validate_generation
 
 
 @dataclass(frozen=True, slots=True)

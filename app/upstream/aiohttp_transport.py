@@ -3,8 +3,8 @@
 httpx stays the API everywhere in app/ (Request, Response, Timeout, exceptions); aiohttp does the
 wire: connections and keep-alive, HTTP/1.1 framing, TLS, proxy tunnels. This module translates,
 and holds one rule of its own, the billing rule: a failure may become httpx.ConnectError or
-ConnectTimeout (which app/forwarding.py retries on another key) only when no byte of the request
-can have been written, i.e. aiohttp's connector failed before it handed a connection over.
+ConnectTimeout (which app/routing/forwarder.py retries on another key) only when no byte of the
+request can have been written, i.e. aiohttp's connector failed before it handed a connection over.
 Anything later (a reset, a close, a timeout, a malformed answer) is a ReadError, WriteError,
 ReadTimeout, WriteTimeout or RemoteProtocolError: the upstream may be running the request and
 billing for it, so it is never sent again. That includes a kept-alive connection the upstream

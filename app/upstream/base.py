@@ -8,7 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import SecretStr
 
-from app.edit import EditRequest
+from app.intake.request import EditRequest
 
 
 @dataclass(frozen=True, slots=True)

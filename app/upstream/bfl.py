@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING, Any, cast
 import httpx
 import orjson
 
-from app.catalog import Catalog
-from app.config_file import ConfigError
-from app.edit import EditRequest, ParamValue
+from app.config.catalog import Catalog
+from app.config.yaml_source import ConfigError
 from app.errors import (
     OUTCOME_UNKNOWN,
     FailureKind,
@@ -31,7 +30,8 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from app.redaction import Redactor
+from app.intake.request import EditRequest, ParamValue
+from app.observability.redaction import Redactor
 from app.upstream.base import PartialSink, UpstreamAnswer, UpstreamKey
 from app.upstream.failures import (
     credentials_rejected,
@@ -45,7 +45,7 @@ from app.upstream.url_guard import PinnedUrl, RefusedUrl, UrlGuard
 
 if TYPE_CHECKING:
     # Only a type here: settings validation imports this module (check_catalog).
-    from app.config import UpstreamConfig
+    from app.config.settings import UpstreamConfig
 
 log = logging.getLogger("gateway.upstream.bfl")
 

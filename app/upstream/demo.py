@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from app.edit import EditRequest
+from app.intake.request import EditRequest
 from app.upstream.base import PartialSink, UpstreamAnswer, UpstreamKey
 
 # Demo output is capped so a large upload cannot make the demo slow.

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import httpx
 
-from app.config import FetchConfig
+from app.config.settings import FetchConfig
 from app.errors import UpstreamFailed
 from app.upstream.url_guard import RefusedUrl, UrlGuard
 

@@ -10,7 +10,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import cast
 
-from app.edit import EditRequest, ImageInput, ParamValue
+from app.intake.request import EditRequest, ImageInput, ParamValue
 from app.intake.spool import SpooledUpload
 
 # Spooled files are read back in pieces of this size.

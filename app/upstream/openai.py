@@ -17,8 +17,7 @@ from typing import Any
 import httpx
 import orjson
 
-from app.config import UpstreamConfig
-from app.edit import EditRequest
+from app.config.settings import UpstreamConfig
 from app.errors import (
     GatewayError,
     UpstreamFailed,
@@ -26,7 +25,8 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from app.redaction import Redactor
+from app.intake.request import EditRequest
+from app.observability.redaction import Redactor
 from app.upstream.base import PartialSink, UpstreamAnswer, UpstreamKey
 from app.upstream.failures import (
     credentials_rejected,

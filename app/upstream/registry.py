@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from app.config import UpstreamConfig
-from app.redaction import Redactor
+from app.config.settings import UpstreamConfig
+from app.observability.redaction import Redactor
 from app.upstream.base import Upstream
 from app.upstream.bfl import BflUpstream
 from app.upstream.demo import DemoUpstream

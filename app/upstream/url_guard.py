@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 if TYPE_CHECKING:  # settings import the BFL dialect, which imports this guard
-    from app.config import UrlGuardConfig
+    from app.config.settings import UrlGuardConfig
 
 # host, port -> the addresses it resolves to.
 Resolver = Callable[[str, int], Awaitable[list[str]]]

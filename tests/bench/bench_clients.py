@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from app.config import load_settings
+from app.config.settings import load_settings
 from app.main import create_app
 from tests.conftest import UPSTREAM_KEYS
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
@@ -104,10 +104,10 @@ async def gate_only(redis_url: str, args: argparse.Namespace) -> list[float]:
     """The client gate's own Redis work for one edit, without HTTP or the upstream."""
     import redis.asyncio as aioredis
 
-    from app.clients.config import ClientLimits
-    from app.clients.directory import ClientPolicy
-    from app.clients.limiter import Limiter
-    from app.clients.usage import Usage, UsageLedger
+    from app.config.tenants import ClientLimits
+    from app.tenants.directory import ClientPolicy
+    from app.tenants.limiter import Limiter
+    from app.tenants.usage import Usage, UsageLedger
 
     redis = aioredis.from_url(redis_url)
     limiter = Limiter(redis, namespace="bench")

@@ -43,7 +43,7 @@ UPSTREAM_KEY = "sk-bench-hostile-upstream-0123456789"
 
 
 def _hostile_bodies() -> list[tuple[str, bytes, str]]:
-    from app.catalog import load_catalog
+    from app.config.catalog import load_catalog
     from tests.hardening.corpus import build
 
     catalog = load_catalog(REPO / "config" / "models.yaml", known_upstreams={"default"})

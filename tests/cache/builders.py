@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from app.catalog import Catalog
-from app.config import load_settings
-from app.edit import EditRequest
+from app.config.catalog import Catalog
+from app.config.settings import load_settings
 from app.intake.form import IntakeForm, TextField
+from app.intake.request import EditRequest
 from app.intake.spool import SpooledUpload
-from app.validation import validate_edit
+from app.intake.validation import validate_edit
 from tests.conftest import gateway_env
 from tests.support import images
 

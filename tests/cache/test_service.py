@@ -11,10 +11,10 @@ import pytest
 
 from app.cache.service import EditCache, for_upstream, policy_from_header
 from app.cache.store import MemoryStore
-from app.config import CacheConfig, load_settings
-from app.config_file import ConfigError
-from app.edit import EditRequest
-from app.forwarding import AttemptNote
+from app.config.settings import CacheConfig, load_settings
+from app.config.yaml_source import ConfigError
+from app.intake.request import EditRequest
+from app.routing.forwarder import AttemptNote
 from app.upstream.base import PartialSink, UpstreamAnswer
 from tests.cache.builders import edit
 from tests.conftest import CONFIG, gateway_env

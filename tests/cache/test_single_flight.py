@@ -29,11 +29,11 @@ from app.cache.store import (
     RedisStore,
     lock_key,
 )
-from app.config import CacheConfig
-from app.edit import EditRequest
+from app.config.settings import CacheConfig
 from app.errors import UpstreamFailed
-from app.forwarding import AttemptNote
-from app.redis_client import open_redis
+from app.intake.request import EditRequest
+from app.routing.forwarder import AttemptNote
+from app.shared_state.factory import open_redis
 from app.upstream.base import PartialSink, UpstreamAnswer
 from tests.cache.builders import edit
 from tests.support import images

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from app.cache.store import MemoryStore, RedisStore, entry_key, file_key, lock_key
-from app.redis_client import open_redis
+from app.shared_state.factory import open_redis
 
 
 class Clock:

@@ -8,14 +8,14 @@ import secrets
 import pytest
 import redis.asyncio as aioredis
 
-from app.catalog import Catalog
-from app.clients.config import ClientLimits
-from app.clients.directory import ClientPolicy
-from app.config import load_settings
-from app.edit import EditRequest, ImageInput
+from app.config.catalog import Catalog
+from app.config.settings import load_settings
+from app.config.tenants import ClientLimits
+from app.intake.request import EditRequest, ImageInput
 from app.intake.sniff import HEAD_BYTES, TAIL_BYTES, sniff_image
 from app.intake.spool import SpooledUpload
-from app.redis_client import open_redis
+from app.shared_state.factory import open_redis
+from app.tenants.directory import ClientPolicy
 from tests.conftest import CONFIG
 from tests.support import images
 from tests.support.redis_topologies import with_db

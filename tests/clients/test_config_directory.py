@@ -11,11 +11,11 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from app.clients.config import ClientLimits, ClientsConfig, NamedClient
-from app.clients.directory import ClientDirectory
-from app.config import load_settings
-from app.config_file import ConfigError
+from app.config.settings import load_settings
+from app.config.tenants import ClientLimits, ClientsConfig, NamedClient
+from app.config.yaml_source import ConfigError
 from app.main import create_app
+from app.tenants.directory import ClientDirectory
 from tests.conftest import gateway_env
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support.configs import write_gateway_config

@@ -11,10 +11,6 @@ from typing import Any
 
 import pytest
 
-from app.clients.gate import ClientGate, MeteredEdit
-from app.clients.limiter import Limiter
-from app.clients.usage import Usage, UsageLedger
-from app.edit import EditRequest
 from app.errors import (
     GatewayError,
     PermissionDenied,
@@ -22,7 +18,11 @@ from app.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
-from app.metrics import GatewayMetrics
+from app.intake.request import EditRequest
+from app.observability.metrics import GatewayMetrics
+from app.tenants.gate import ClientGate, MeteredEdit
+from app.tenants.limiter import Limiter
+from app.tenants.usage import Usage, UsageLedger
 from app.upstream.base import UpstreamAnswer
 from tests.clients.conftest import catalog, edit_request, fresh_namespace, policy, redis_client
 from tests.fakes.openai_upstream import images_response

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from app.clients.keystore import RuntimeKeyStore, key_digest
 from app.errors import StoreUnavailable
+from app.tenants.keystore import RuntimeKeyStore, key_digest
 from tests.clients.conftest import fresh_namespace, redis_client
 from tests.support.servers import free_port
 

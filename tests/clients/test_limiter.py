@@ -8,8 +8,8 @@ import secrets
 
 import pytest
 
-from app.clients.limiter import Limiter, QuotaPeriod
 from app.errors import InvalidRequest, QuotaExceeded, RateLimited
+from app.tenants.limiter import Limiter, QuotaPeriod
 from tests.clients.conftest import fresh_namespace, policy, redis_client
 from tests.support.redis_server import PrivateRedis
 from tests.support.servers import free_port

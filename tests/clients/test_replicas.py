@@ -20,8 +20,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from app.catalog import ModelPrice
-from app.config import load_settings
+from app.config.catalog import ModelPrice
+from app.config.settings import load_settings
 from tests.conftest import REPO, UPSTREAM_KEYS
 from tests.e2e.test_demo_cli import cli
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply

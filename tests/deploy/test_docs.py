@@ -2,9 +2,9 @@
 (file and anchor), every metric name the docs mention is one the gateway exposes on `/metrics`,
 and the README's Quick start test command is the one CI runs.
 
-Metric names are checked against a real gateway's scrape, not against app/metrics.py: the names
-a reader types into Prometheus are the exposed ones (`gateway_cache_lookups_total`, not the
-`gateway_cache_lookups` the Counter is declared with).
+Metric names are checked against a real gateway's scrape, not against
+app/observability/metrics.py: the names a reader types into Prometheus are the exposed ones
+(`gateway_cache_lookups_total`, not the `gateway_cache_lookups` the Counter is declared with).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.config import load_settings
+from app.config.settings import load_settings
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support.servers import serve_in_thread

@@ -117,7 +117,7 @@ def test_auth_admin_paths_do_not_exist_without_admin_keys(gateway_url: str) -> N
 
 
 def test_auth_admin_paths_take_admin_keys_only(fake_upstream: FakeOpenAIUpstream) -> None:
-    from app.config import load_settings
+    from app.config.settings import load_settings
     from app.main import create_app
     from tests.conftest import gateway_env
     from tests.support.servers import serve_in_thread

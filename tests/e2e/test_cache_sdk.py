@@ -24,7 +24,7 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.config import Settings
+from app.config.settings import Settings
 from app.main import create_app
 from tests.conftest import CLIENT_KEY, REPO, UPSTREAM_KEYS, gateway_env, gateway_settings
 from tests.fakes.openai_upstream import RESULT_PNG, FakeOpenAIUpstream, Reply

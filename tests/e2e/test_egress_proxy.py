@@ -17,7 +17,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from app.config import ImageUrlConfig
+from app.config.settings import ImageUrlConfig
 from app.upstream.egress import PROXY_VARIABLES
 from tests.conftest import CLIENT_KEY, UPSTREAM_KEYS
 from tests.fakes.openai_upstream import FakeOpenAIUpstream

@@ -7,7 +7,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from app.config import load_settings
+from app.config.settings import load_settings
 from app.main import create_app
 from tests.conftest import UPSTREAM_KEYS, gateway_env
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply

@@ -19,7 +19,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from app.config import load_settings
+from app.config.settings import load_settings
 from app.main import create_app
 from tests.conftest import CLIENT_KEY, gateway_env
 from tests.support import images

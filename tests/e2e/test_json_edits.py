@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.config import ImageUrlConfig, Limits
+from app.config.settings import ImageUrlConfig, Limits
 from app.errors import InvalidRequest
 from app.intake.json_body import JsonEditReader
 from app.main import create_app

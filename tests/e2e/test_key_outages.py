@@ -16,7 +16,7 @@ from typing import Any
 import openai
 import pytest
 
-from app.config import load_settings
+from app.config.settings import load_settings
 from app.main import create_app
 from tests.e2e.test_key_pool import ADMIN_KEY, CLIENT_KEY, KEYS, admin_keys, edit, sdk
 from tests.fakes.faulty_upstream import FaultyUpstream, SwitchableListener, error_reply

@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from app.config import load_settings
+from app.config.settings import load_settings
 from app.main import create_app
 from tests.fakes.faulty_upstream import FaultyUpstream, error_reply
 from tests.fakes.openai_upstream import Reply

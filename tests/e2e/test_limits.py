@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.config import load_settings
+from app.config.settings import load_settings
 from app.main import create_app
 from tests.conftest import CLIENT_KEY, gateway_env
 from tests.fakes.openai_upstream import FakeOpenAIUpstream

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.config import Limits, Settings
+from app.config.settings import Limits, Settings
 from app.main import create_app
 from tests.conftest import gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from app.catalog import Catalog
+from app.config.catalog import Catalog
 from tests.hardening import multipart as mp
 from tests.support import images
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 from pydantic import SecretStr
 
-from app.auth import ClientAuthMiddleware
 from app.main import create_app
+from app.server.auth import ClientAuthMiddleware
 from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.hardening import multipart as mp

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from openai import APIStatusError, BadRequestError, NotFoundError, OpenAI
 
-from app.catalog import load_catalog
+from app.config.catalog import load_catalog
 from tests.conftest import CLIENT_KEY, REPO
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.hardening import multipart as mp

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.catalog import KNOWN_PARAMS
+from app.config.catalog import KNOWN_PARAMS
 from tests.conftest import CLIENT_KEY
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.hardening import multipart as mp

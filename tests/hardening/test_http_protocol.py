@@ -1,4 +1,4 @@
-"""The server's HTTP protocol (app/http_protocol.py): stock uvicorn with a cap and a deadline on
+"""The server's HTTP protocol (app/server/protocol.py): stock uvicorn with a cap and a deadline on
 each request head. A head too slow or too large, or bytes that are not HTTP, are answered in
 OpenAI's envelope and the connection closed, after any answer owed to an earlier pipelined
 request; request bodies go through uvicorn untouched, so a client sending its body in tiny
@@ -25,8 +25,8 @@ import pytest
 from openai import OpenAI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.http_protocol import MAX_HEAD_BYTES, GuardedHttpToolsProtocol
 from app.main import create_app
+from app.server.protocol import MAX_HEAD_BYTES, GuardedHttpToolsProtocol
 from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.hardening.raw_http import closed_by_peer, connect, head, read_response

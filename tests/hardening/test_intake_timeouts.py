@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from app.config import Limits
+from app.config.settings import Limits
 from app.errors import RequestTimeout
 from app.intake.form import IntakeForm, read_form
 from tests.hardening import multipart as mp

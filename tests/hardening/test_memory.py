@@ -1,5 +1,5 @@
-"""The process heap (app/memory.py): freed memory kept for the next requests, and trimmed back to
-baseline after a burst."""
+"""The process heap (app/server/heap.py): freed memory kept for the next requests, and trimmed
+back to baseline after a burst."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.memory import keep_freed_heap, malloc_trim, trim_heap_periodically
+from app.server.heap import keep_freed_heap, malloc_trim, trim_heap_periodically
 
 
 def test_memory_malloc_trim_is_found_and_callable_on_glibc() -> None:
@@ -42,7 +42,7 @@ def test_memory_trimmer_without_malloc_trim_ends_at_once() -> None:
 # chunks come and go), with malloc's defaults or with the heap kept.
 _BURSTS = """
 import resource, sys
-from app.memory import keep_freed_heap
+from app.server.heap import keep_freed_heap
 tuned = keep_freed_heap(64 << 20) if sys.argv[1] == "kept" else False
 def burst():
     pieces = [b"x" * (256 << 10) for _ in range(16)]

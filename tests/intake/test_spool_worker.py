@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from pydantic import ByteSize
 
-from app.config import Limits
+from app.config.settings import Limits
 from app.errors import PayloadTooLarge
 from app.intake.form import IntakeForm, read_form
 from app.intake.spool import SpoolWorker

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 from pydantic import SecretStr
 
-from app.config import KeySpec
+from app.config.settings import KeySpec
 from app.errors import FailureKind
 from app.keys.health import HealthPolicy, KeyHealth
 from app.keys.pool import KeyPool, Lease, PoolUpstream, Shortage

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from pydantic import SecretStr
 
-from app.config import KeySpec
+from app.config.settings import KeySpec
 from app.errors import FailureKind
 from app.keys.health import HealthPolicy, KeyHealth
 from app.keys.outliers import ejection_limit

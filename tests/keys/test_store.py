@@ -12,11 +12,11 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
-from app.config import KeySpec
+from app.config.settings import KeySpec
 from app.keys.health import HealthPolicy
 from app.keys.pool import KeyPool, Lease, PoolUpstream, Shortage
 from app.keys.store import FailoverStore, MemoryStore, RedisStore
-from app.redis_client import open_redis
+from app.shared_state.factory import open_redis
 from tests.support.redis_server import PrivateRedis
 
 SECRETS = ("sk-store-secret-one-1111", "sk-store-secret-two-2222")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from app.redis_client import open_redis
+from app.shared_state.factory import open_redis
 from tests.support.redis_topologies import ClusterDeployment, running_topology
 
 ROUNDS = 5

@@ -10,9 +10,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from app.config import load_settings
-from app.config_file import ConfigError
-from app.redis_client import RedisTarget, RedisUrlError, open_redis
+from app.config.settings import load_settings
+from app.config.yaml_source import ConfigError
+from app.shared_state.factory import RedisTarget, RedisUrlError, open_redis
 from tests.conftest import CONFIG
 
 PASSWORD = "s3cret-redis-pass"

@@ -12,9 +12,9 @@ import pytest
 from app.cache.fingerprint import fingerprint
 from app.errors import UpstreamFailed
 from app.intake.form import IntakeForm, TextField
-from app.streaming import event_stream
+from app.intake.validation import validate_generation
+from app.service.streaming import event_stream
 from app.upstream.base import PartialSink
-from app.validation import validate_generation
 from tests.cache.builders import edit
 from tests.conftest import gateway_settings
 

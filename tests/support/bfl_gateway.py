@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import yaml
 from openai import OpenAI
 
-from app.config import Settings, load_settings
+from app.config.settings import Settings, load_settings
 from app.main import create_app
 from tests.support.configs import MODELS
 from tests.support.servers import serve_in_thread

@@ -18,7 +18,7 @@ import redis
 import redis.cluster
 import redis.sentinel
 
-from app.redis_client import RedisTarget
+from app.shared_state.factory import RedisTarget
 from tests.support.redis_server import PortTaken, redis_binary, spawn_redis, wait_for_redis
 from tests.support.servers import free_port
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import uvicorn
 
-from app.http_protocol import GuardedHttpToolsProtocol
+from app.server.protocol import GuardedHttpToolsProtocol
 
 
 class _Server(uvicorn.Server):

@@ -8,7 +8,7 @@ import pytest
 from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
-from app.client_wait import client_read_timeout, while_client_waits
+from app.service.client_wait import client_read_timeout, while_client_waits
 
 
 class Connection:

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from app.config import load_settings
-from app.redis_client import RedisTarget
+from app.config.settings import load_settings
+from app.shared_state.factory import RedisTarget
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"

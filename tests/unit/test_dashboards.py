@@ -16,7 +16,7 @@ import yaml
 from app.api import admin, files, health, images, models
 from app.api import metrics as metrics_api
 from app.keys.health import KeySnapshot
-from app.metrics import GatewayMetrics
+from app.observability.metrics import GatewayMetrics
 from tests.support.prom import samples
 
 CONFIG = Path(__file__).resolve().parents[2] / "config"

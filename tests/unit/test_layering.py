@@ -58,7 +58,7 @@ def test_layering_only_the_store_seam_knows_redis_exceptions() -> None:
     }
     # The translation every store uses, and the client factory (it configures which errors
     # redis-py itself retries).
-    assert knows == {"app/shared_state/failures.py", "app/redis_client.py"}
+    assert knows == {"app/shared_state/failures.py", "app/shared_state/factory.py"}
 
 
 def test_layering_errors_are_never_changed_after_they_are_built() -> None:
@@ -79,3 +79,37 @@ def test_layering_errors_are_never_changed_after_they_are_built() -> None:
                 ):
                     changed.append(f"{path}:{node.lineno} {ast.unparse(target)}")
     assert changed == []
+
+
+# The pipeline, top to bottom: api -> service -> intake -> cache -> routing -> upstream. A stage
+# may use the stages below it; none may import a stage above it, except intake's validated
+# EditRequest, which is the value every later stage is handed.
+_PIPELINE = ("api", "service", "intake", "cache", "routing", "upstream")
+_ABOVE = {
+    stage: tuple(upper for upper in _PIPELINE[: _PIPELINE.index(stage)] if upper != "intake")
+    for stage in _PIPELINE
+}
+
+
+def test_layering_no_pipeline_stage_imports_a_stage_above_it() -> None:
+    reaching_up = {
+        f"{path} -> {name}"
+        for path, tree in _modules().items()
+        for stage, above in _ABOVE.items()
+        if path.startswith(f"app/{stage}/")
+        for name in _imports(tree)
+        if any(name == f"app.{upper}" or name.startswith(f"app.{upper}.") for upper in above)
+    }
+    assert reaching_up == set()
+
+
+def test_layering_app_top_level_is_the_composition_root_only() -> None:
+    modules = sorted(path.name for path in APP.glob("*.py"))
+    assert modules == ["__init__.py", "cli.py", "errors.py", "main.py", "wiring.py"]
+    packages = sorted(path.parent.name for path in APP.glob("*/__init__.py"))
+    undocumented = [
+        name
+        for name in packages
+        if ast.get_docstring(ast.parse((APP / name / "__init__.py").read_text())) is None
+    ]
+    assert undocumented == []

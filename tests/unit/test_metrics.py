@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from app.keys.health import KeySnapshot
-from app.metrics import GatewayMetrics, rejection_param
+from app.observability.metrics import GatewayMetrics, rejection_param
 from tests.support.prom import label_values, samples, total
 
 MODELS = ("gpt-image-1.5", "dall-e-2")

@@ -9,9 +9,9 @@ import logging
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from app.logs import FIELDS
-from app.metrics import GatewayMetrics
-from app.observe import ObservabilityMiddleware
+from app.observability.access_log import ObservabilityMiddleware
+from app.observability.logs import FIELDS
+from app.observability.metrics import GatewayMetrics
 from tests.support.prom import total
 
 SCOPE: Scope = {"type": "http", "method": "POST", "path": "/v1/images/edits", "headers": []}

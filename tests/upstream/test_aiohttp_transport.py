@@ -17,14 +17,14 @@ import aiohttp
 import httpx
 import pytest
 
-from app.config import load_settings
-from app.runtime import open_http
+from app.config.settings import load_settings
 from app.upstream.aiohttp_transport import AiohttpTransport, UpstreamPool
+from app.wiring import open_http
 from tests.conftest import CONFIG
 from tests.support.raw_upstream import RawUpstream, answering, reset
 
 OK = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"data":[]}'
-RETRIED = (httpx.ConnectError, httpx.ConnectTimeout)  # what app/forwarding.py sends again
+RETRIED = (httpx.ConnectError, httpx.ConnectTimeout)  # what app/routing/forwarder.py sends again
 
 
 def client(
@@ -361,7 +361,7 @@ def test_the_gateways_clients_never_send_a_cookie_an_answer_set() -> None:
 
 
 # The billing rule: once any byte of a request may have left, the failure is never one that
-# app/forwarding.py retries on another key.
+# app/routing/forwarder.py retries on another key.
 
 
 async def _closes_unanswered(

@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.config import FetchConfig
+from app.config.settings import FetchConfig
 from app.upstream.fetch import FetchRefused, ImageFetcher
 from app.upstream.url_guard import UrlGuard
 from tests.support import images

@@ -3,7 +3,7 @@
 same body, or an error of the same family), except where the table below says why not.
 
 Outcome families follow what the gateway does with them: `connect` errors are retried on another
-key (app/forwarding.py), `timeout` ones answer 504, `network` and `protocol` ones 502.
+key (app/routing/forwarder.py), `timeout` ones answer 504, `network` and `protocol` ones 502.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ from typing import get_args
 
 import httpx
 
-from app.config import UpstreamConfig
-from app.redaction import Redactor
+from app.config.settings import UpstreamConfig
+from app.observability.redaction import Redactor
 from app.upstream.bfl import BflUpstream
 from app.upstream.demo import DemoUpstream
 from app.upstream.openai import OpenAIUpstream

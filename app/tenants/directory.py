@@ -2,7 +2,7 @@
 
 Clients come from three places: `GATEWAY_CLIENT_KEYS` (clients `client-1`, `client-2`...), the
 `clients.named` section of gateway.yaml (keys from an environment variable or as SHA-256 digests),
-and keys created at run time through the admin API (app/clients/keystore.py). Only SHA-256
+and keys created at run time through the admin API (app/tenants/keystore.py). Only SHA-256
 digests of keys are held. Configured digests are compared with `hmac.compare_digest` against
 every entry; runtime keys are found by their digest, whose timing can tell an attacker nothing
 about a key they do not already have.
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from pydantic import SecretStr
 
-from app.catalog import ModelRule
-from app.clients.config import ClientLimits, ClientsConfig
-from app.clients.keystore import RuntimeKeyStore
+from app.config.catalog import ModelRule
+from app.config.tenants import ClientLimits, ClientsConfig
 from app.errors import PermissionDenied
+from app.tenants.keystore import RuntimeKeyStore
 
 ANONYMOUS = "anonymous"
 

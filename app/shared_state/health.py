@@ -8,7 +8,7 @@ import logging
 
 import redis.asyncio as aioredis
 
-from app.metrics import GatewayMetrics
+from app.observability.metrics import GatewayMetrics
 
 log = logging.getLogger("gateway.redis")
 

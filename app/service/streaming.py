@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from app.edit import EditRequest
 from app.errors import GatewayError
+from app.intake.request import EditRequest
 from app.upstream.base import PartialSink
 
 log = logging.getLogger("gateway.streaming")

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from app.clients.directory import ClientPolicy
-from app.clients.limiter import Limiter, Slot
-from app.clients.usage import Usage, UsageLedger, estimate_cost_nanos, tokens_of
-from app.edit import EditRequest
 from app.errors import MAYBE_BILLED, GatewayError, PermissionDenied
-from app.metrics import GatewayMetrics
+from app.intake.request import EditRequest
+from app.observability.metrics import GatewayMetrics
+from app.tenants.directory import ClientPolicy
+from app.tenants.limiter import Limiter, Slot
+from app.tenants.usage import Usage, UsageLedger, estimate_cost_nanos, tokens_of
 
 
 class ClientGate:

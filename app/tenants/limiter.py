@@ -34,9 +34,9 @@ from datetime import UTC, datetime, timedelta
 
 import redis.asyncio as aioredis
 
-from app.clients.directory import ClientPolicy
 from app.errors import InvalidRequest, QuotaExceeded, RateLimited, StoreUnavailable
 from app.shared_state.failures import store_errors
+from app.tenants.directory import ClientPolicy
 
 log = logging.getLogger("gateway.clients")
 

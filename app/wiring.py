@@ -14,19 +14,19 @@ from pydantic import SecretStr
 
 from app.cache.service import EditCache
 from app.cache.setup import open_edit_cache
-from app.clients.services import ClientServices, open_client_services
-from app.config import PoolConfig, Settings
-from app.edit import EditRequest
-from app.forwarding import AttemptNote, Forwarder, Route
+from app.config.settings import PoolConfig, Settings
+from app.intake.request import EditRequest
 from app.intake.spool import SpoolWorker
 from app.keys.health import HealthPolicy
 from app.keys.pool import KeyPool, PoolUpstream
 from app.keys.prober import Prober
 from app.keys.store import FailoverStore, MemoryStore, RedisStore, StateStore
-from app.metrics import GatewayMetrics
-from app.redaction import Redactor
-from app.redis_client import open_redis
+from app.observability.metrics import GatewayMetrics
+from app.observability.redaction import Redactor
+from app.routing.forwarder import AttemptNote, Forwarder, Route
 from app.service.edits import ImageService
+from app.shared_state.factory import open_redis
+from app.tenants.services import ClientServices, open_client_services
 from app.upstream.aiohttp_transport import AiohttpTransport, UpstreamPool
 from app.upstream.base import PartialSink, Upstream, UpstreamAnswer
 from app.upstream.egress import Egress, Proxy

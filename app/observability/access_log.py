@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.logs import ACCESS_LOGGER, FIELDS
-from app.metrics import OTHER, GatewayMetrics
-from app.request_record import RequestRecord, open_record
+from app.observability.logs import ACCESS_LOGGER, FIELDS
+from app.observability.metrics import OTHER, GatewayMetrics
+from app.observability.record import RequestRecord, open_record
 
 # nginx's "client closed request": logged for a request that ended with nobody to answer.
 CLIENT_GONE = 499

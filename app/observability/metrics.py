@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from app.catalog import KNOWN_PARAMS
+from app.config.catalog import KNOWN_PARAMS
 from app.errors import FailureKind
 from app.keys.health import KeySnapshot, KeyStatus
 

@@ -4,7 +4,7 @@ Deny by default: only the exact health paths are public, so no spelling of anoth
 (`//v1/...`, trailing slash, case, %-encoding, a forged Host) can reach a route unauthenticated.
 `/admin/...` takes admin keys only (and does not exist without them); everything else takes
 client keys. Keys are kept as SHA-256 digests and compared in constant time; client keys are
-resolved by the client directory (app/clients/directory.py), which also knows runtime keys.
+resolved by the client directory (app/tenants/directory.py), which also knows runtime keys.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import orjson
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.clients.directory import ClientDirectory
 from app.errors import AuthenticationFailed, GatewayError, InvalidRequest
+from app.tenants.directory import ClientDirectory
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 ADMIN_PREFIX = "/admin/"

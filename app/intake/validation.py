@@ -9,10 +9,17 @@ from __future__ import annotations
 import re
 from typing import cast
 
-from app.catalog import KNOWN_PARAMS, Catalog, CustomSize, ModelRule, ParamRule, ResponseFormat
-from app.edit import EditRequest, ImageInput, Operation, ParamValue
+from app.config.catalog import (
+    KNOWN_PARAMS,
+    Catalog,
+    CustomSize,
+    ModelRule,
+    ParamRule,
+    ResponseFormat,
+)
 from app.errors import InvalidRequest, ModelNotFound, PayloadTooLarge
 from app.intake.form import IntakeForm
+from app.intake.request import EditRequest, ImageInput, Operation, ParamValue
 from app.intake.sniff import HEAD_BYTES, TAIL_BYTES, ImageInfo, SniffError, sniff_image
 from app.intake.spool import SpooledUpload
 

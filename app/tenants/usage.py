@@ -19,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from app.catalog import ModelPrice
+from app.config.catalog import ModelPrice
 from app.errors import StoreUnavailable
 from app.shared_state.failures import store_errors
 

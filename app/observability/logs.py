@@ -2,8 +2,8 @@
 
 The CLI hands `logging_config()` to uvicorn so every worker process logs the same way, with
 uvicorn's own access log switched off: the gateway writes one richer line per request itself
-(app/observe.py). The lifespan adds a filter that scrubs the configured secrets from every
-record, on top of the formatters' own scrubbing of anything shaped like an API key.
+(app/observability/access_log.py). The lifespan adds a filter that scrubs the configured secrets
+from every record, on top of the formatters' own scrubbing of anything shaped like an API key.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from app.config import LoggingConfig
-from app.redaction import Redactor
+from app.config.settings import LoggingConfig
+from app.observability.redaction import Redactor
 
 ACCESS_LOGGER = "gateway.access"
 # Records carry their structured fields under this attribute (`extra={"fields": {...}}`).

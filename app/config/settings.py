@@ -35,10 +35,10 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
-from app.catalog import Catalog, load_catalog
-from app.clients.config import ClientsConfig
-from app.config_file import ConfigError, YamlFileSource, find_paths, format_validation_error
-from app.redis_client import RedisTarget, RedisUrlError
+from app.config.catalog import Catalog, load_catalog
+from app.config.tenants import ClientsConfig
+from app.config.yaml_source import ConfigError, YamlFileSource, find_paths, format_validation_error
+from app.shared_state.factory import RedisTarget, RedisUrlError
 from app.upstream.bfl import check_catalog as check_bfl_catalog
 from app.upstream.egress import PROXY_VARIABLES, Egress, Proxy, ProxyUrlError
 
@@ -175,7 +175,7 @@ class PoolConfig(_Strict):
 
 
 class RetryConfig(_Strict):
-    """How many times one client request may be tried upstream (see app/forwarding.py)."""
+    """How many times one client request may be tried upstream (see app/routing/forwarder.py)."""
 
     max_attempts: int = Field(4, ge=1)
     # Retries of an upstream 5xx, each on another key.
@@ -202,7 +202,7 @@ class Limits(_Strict):
     max_in_flight: int = Field(256, ge=0)
     overload_retry_after: int = Field(2, ge=1, le=60)
     # Freed heap memory each process keeps for the next requests instead of returning it to the
-    # kernel (glibc only; 0 keeps malloc's defaults). See app/memory.py.
+    # kernel (glibc only; 0 keeps malloc's defaults). See app/server/heap.py.
     malloc_keep_bytes: ByteSize = ByteSize(64 * 1024 * 1024)
 
 
@@ -240,7 +240,7 @@ class LoggingConfig(_Strict):
 
 class ShutdownConfig(_Strict):
     # After SIGTERM, in-flight edits get this long to finish; any still running is then
-    # answered 503 gateway_shutdown (app/drain.py), and the process exits.
+    # answered 503 gateway_shutdown (app/server/drain.py), and the process exits.
     drain_timeout: float = Field(60.0, gt=0)
 
 
@@ -383,7 +383,7 @@ class Settings(BaseSettings):
     # Base of the image URLs the gateway hands out; null derives it from each request's own URL.
     public_base_url: str | None = None
     cache: CacheConfig = CacheConfig()
-    # Named clients with their keys read from the environment (see app/clients/config.py).
+    # Named clients with their keys read from the environment (see app/config/tenants.py).
     clients: ClientsConfig = ClientsConfig()
     image_urls: ImageUrlConfig = ImageUrlConfig()
     pool: PoolConfig = PoolConfig()

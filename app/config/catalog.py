@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
-from app.config_file import ConfigError, format_validation_error, read_yaml
+from app.config.yaml_source import ConfigError, format_validation_error, read_yaml
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 ResponseFormat = Literal["b64_json", "url"]

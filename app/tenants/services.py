@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from app.clients.directory import ClientDirectory
-from app.clients.gate import ClientGate
-from app.clients.keystore import RuntimeKeyStore
-from app.clients.limiter import Limiter
-from app.clients.usage import UsageLedger
-from app.config import Settings
-from app.metrics import GatewayMetrics
+from app.config.settings import Settings
+from app.observability.metrics import GatewayMetrics
+from app.tenants.directory import ClientDirectory
+from app.tenants.gate import ClientGate
+from app.tenants.keystore import RuntimeKeyStore
+from app.tenants.limiter import Limiter
+from app.tenants.usage import UsageLedger
 
 
 @dataclass

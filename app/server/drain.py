@@ -2,7 +2,7 @@
 flight `shutdown.drain_timeout` seconds, then cut off what is left and answer it.
 
 uvicorn owns the signal and the listening socket: on SIGTERM it stops accepting connections and
-waits for open ones (with `--workers`, app/workers.py shuts the shared socket in the parent).
+waits for open ones (with `--workers`, app/server/workers.py shuts the shared socket in the parent).
 This module chains onto its handler to flip a flag first, so a request that still arrives on an
 open connection, a probe included, gets 503 with `connection: close` instead of being started.
 
@@ -27,8 +27,8 @@ from types import FrameType
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ShuttingDown, error_response
-from app.request_record import record_in
-from app.streaming import sse
+from app.observability.record import record_in
+from app.service.streaming import sse
 
 log = logging.getLogger("gateway")
 

@@ -32,8 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import groupby
 
-from app.config import RetryConfig
-from app.edit import EditRequest
+from app.config.settings import RetryConfig
 from app.errors import (
     OUTCOME_UNKNOWN,
     FailureKind,
@@ -42,8 +41,9 @@ from app.errors import (
     RateLimited,
     UpstreamTimeout,
 )
+from app.intake.request import EditRequest
 from app.keys.pool import KeyPool, Lease, Shortage
-from app.metrics import GatewayMetrics
+from app.observability.metrics import GatewayMetrics
 from app.upstream.base import PartialSink, Upstream, UpstreamAnswer
 
 _ANOTHER_KEY: frozenset[FailureKind] = frozenset({"rate_limited", "auth", "quota", "connect"})

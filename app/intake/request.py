@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from app.catalog import ModelRule, ResponseFormat
+from app.config.catalog import ModelRule, ResponseFormat
 from app.intake.sniff import ImageInfo
 from app.intake.spool import SpooledUpload
 

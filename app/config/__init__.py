@@ -1,0 +1,1 @@
+"""Configuration: settings (environment over YAML), the model catalog, tenant config."""

@@ -1,0 +1,1 @@
+"""Metrics, the access log, logging setup, request records and redaction."""

@@ -1,0 +1,1 @@
+"""Which upstream and which key serve a request, and the retry policy across them."""

@@ -1,0 +1,1 @@
+"""ASGI edge middleware and process setup: auth, admission, drain, request ids, heap."""

@@ -1,0 +1,1 @@
+"""Internal clients (tenants): their keys, limits, quotas and usage."""
