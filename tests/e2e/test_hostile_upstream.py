@@ -1,6 +1,6 @@
 """End to end against a hostile upstream: the real OpenAI SDK -> the gateway -> raw bytes. The
 gateway on its own transport answers what the same gateway on httpx's default transport (the
-reference) answers, except where tests/upstream/test_hostile_upstream.py says why not; and the
+reference) answers, except where tests/unit/upstream/test_hostile_upstream.py says why not; and the
 upstream receives exactly one POST per edit whatever failed after it was sent, though the
 gateway has a second key and retries allowed (a resend would be billed twice)."""
 
@@ -73,7 +73,7 @@ class Case:
     id: str
     script: Script
     # (status, error code or None) the client sees: the same through both gateways unless
-    # `ours` says otherwise (see tests/upstream/test_hostile_upstream.py for why).
+    # `ours` says otherwise (see tests/unit/upstream/test_hostile_upstream.py for why).
     expected: tuple[int, str | None]
     ours: tuple[int, str | None] | None = None
     edits: int = 1
