@@ -11,9 +11,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import CLIENT_KEY, UPSTREAM_KEYS, gateway_env
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.support import images
+from tests.support.constants import CLIENT_KEY, UPSTREAM_KEYS
+from tests.support.gateway_env import gateway_env
 from tests.support.gateway_process import gateway_process
 
 PROMPT = "a lighthouse at dusk, prompt-marker-51c0ffee"
@@ -32,7 +33,7 @@ def json_lines(output: str) -> list[dict[str, object]]:
 def test_access_log_has_one_json_line_per_request_and_no_secrets(
     upstream: FakeOpenAIUpstream, tmp_path: Path
 ) -> None:
-    env = gateway_env(upstream.url, GATEWAY_METRICS_TOKEN=METRICS_TOKEN)  # type: ignore[attr-defined]
+    env = gateway_env(upstream.url, GATEWAY_METRICS_TOKEN=METRICS_TOKEN)
     request_ids: dict[str, int] = {}
     with gateway_process(env, tmp_path / "gateway.log") as gateway:
         client = OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
@@ -112,7 +113,7 @@ def test_access_log_includes_prompts_only_when_configured(
         (source / "gateway.yaml").read_text().replace("log_prompts: false", "log_prompts: true")
     )
     (tmp_path / "models.yaml").write_text((source / "models.yaml").read_text())
-    env = gateway_env(upstream.url, GATEWAY_CONFIG=str(config))  # type: ignore[attr-defined]
+    env = gateway_env(upstream.url, GATEWAY_CONFIG=str(config))
     with gateway_process(env, tmp_path / "gateway.log") as gateway:
         client = OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
         client.images.edit(image=("a.png", images.png(), "image/png"), prompt=PROMPT)

@@ -13,15 +13,16 @@ import pytest
 from openai import OpenAI
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.support import images
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_env import gateway_settings
 from tests.support.servers import serve_in_thread
 
 
 @pytest.fixture
 def limited_gateway(upstream: FakeOpenAIUpstream) -> Iterator[str]:
-    settings = gateway_settings(upstream.url)  # type: ignore[attr-defined]
+    settings = gateway_settings(upstream.url)
     limits = settings.limits.model_copy(update={"max_in_flight": 2, "overload_retry_after": 3})
     with serve_in_thread(create_app(settings.model_copy(update={"limits": limits}))) as url:
         yield url

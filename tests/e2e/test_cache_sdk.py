@@ -26,9 +26,10 @@ from starlette.routing import Route
 
 from app.config.settings import Settings
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, REPO, UPSTREAM_KEYS, gateway_env, gateway_settings
 from tests.fakes.openai_upstream import RESULT_PNG, FakeOpenAIUpstream, Reply
 from tests.support import images
+from tests.support.constants import CLIENT_KEY, REPO, UPSTREAM_KEYS
+from tests.support.gateway_env import gateway_env, gateway_settings
 from tests.support.redis_server import PrivateRedis
 from tests.support.redis_topologies import sync_redis
 from tests.support.servers import free_port, serve_in_thread, wait_for_port
@@ -38,7 +39,7 @@ def cached_settings(upstream: FakeOpenAIUpstream, redis_url: str | None, **cache
     env: dict[str, str] = {"GATEWAY_CACHE_ENABLED": "true"}
     if redis_url is not None:
         env["GATEWAY_REDIS_URL"] = redis_url
-    settings = gateway_settings(upstream.url, **env)  # type: ignore[attr-defined]
+    settings = gateway_settings(upstream.url, **env)
     fetch = settings.cache.fetch.model_copy(update=cache.pop("fetch", {}))
     return settings.model_copy(
         update={"cache": settings.cache.model_copy(update={**cache, "fetch": fetch})}
@@ -602,7 +603,7 @@ def test_cache_two_gateway_processes_sharing_redis_make_one_upstream_call(
 ) -> None:
     env = {
         **os.environ,
-        **gateway_env(fake_upstream.url, GATEWAY_REDIS_URL=redis_url),  # type: ignore[attr-defined]
+        **gateway_env(fake_upstream.url, GATEWAY_REDIS_URL=redis_url),
         "GATEWAY_CACHE_ENABLED": "true",
     }
     ports = [free_port(), free_port()]

@@ -14,8 +14,8 @@ import pytest
 from openai import OpenAI
 from PIL import Image, ImageChops
 
-from tests.conftest import REPO
 from tests.support import images
+from tests.support.constants import REPO
 from tests.support.servers import free_port, wait_for_port
 
 

@@ -14,12 +14,12 @@ import pytest
 from openai import OpenAI
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, UPSTREAM_KEYS
 from tests.e2e.test_cache_sdk import cached_settings, gateway, sdk, unique_prompt
 from tests.fakes.bfl_upstream import FakeBflUpstream, result_png
 from tests.fakes.openai_upstream import RESULT_PNG, FakeOpenAIUpstream, Reply
 from tests.support.bfl_gateway import BFL_KEYS, serve_bfl_gateway
 from tests.support.bfl_gateway import sdk as bfl_sdk
+from tests.support.constants import CLIENT_KEY, UPSTREAM_KEYS
 from tests.support.servers import serve_in_thread
 
 
@@ -182,7 +182,7 @@ def test_generation_on_bfl_streams_an_emulated_completed_event(
 
 
 def test_generation_demo_is_deterministic_per_prompt(tmp_path: Path) -> None:
-    from tests.conftest import gateway_settings
+    from tests.support.gateway_env import gateway_settings
 
     settings = gateway_settings("http://127.0.0.1:9/v1").model_copy(update={"demo": True})
     with serve_in_thread(create_app(settings)) as url:

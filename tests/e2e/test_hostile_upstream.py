@@ -21,9 +21,10 @@ from openai import OpenAI
 
 from app.config.settings import load_settings
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, gateway_env
 from tests.support import images
-from tests.support.configs import write_gateway_config
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_config import write_gateway_config
+from tests.support.gateway_env import gateway_env
 from tests.support.raw_upstream import RawUpstream, Script, raw_upstream_in_thread, reset
 from tests.support.servers import serve_in_thread
 

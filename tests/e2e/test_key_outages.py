@@ -20,7 +20,7 @@ from app.config.settings import load_settings
 from app.main import create_app
 from tests.e2e.test_key_pool import ADMIN_KEY, CLIENT_KEY, KEYS, admin_keys, edit, sdk
 from tests.fakes.faulty_upstream import FaultyUpstream, SwitchableListener, error_reply
-from tests.support.gateway_config import write_gateway_config
+from tests.support.gateway_config import write_routing_config
 from tests.support.servers import serve_in_thread
 
 STORM_SHARE = 0.30
@@ -31,7 +31,7 @@ CONCURRENCY = 12
 def gateway(stack: ExitStack, directory: Path, upstream_url: str, redis_url: str) -> str:
     """A gateway with three keys on one upstream, key health shared through Redis, defaults
     everywhere else (eject_after 5, eject_base 30 s, one retry of a 5xx on another key)."""
-    config = write_gateway_config(
+    config = write_routing_config(
         directory,
         {"default": {"type": "openai", "base_url": upstream_url + "/v1", "keys_env": "OUT_KEYS"}},
         pool={"namespace": "t-" + uuid.uuid4().hex[:12]},

@@ -19,7 +19,7 @@ from app.main import create_app
 from tests.fakes.faulty_upstream import FaultyUpstream, error_reply
 from tests.fakes.openai_upstream import Reply
 from tests.support import images
-from tests.support.gateway_config import MODEL, write_gateway_config
+from tests.support.gateway_config import MODEL, write_routing_config
 from tests.support.prom import total
 from tests.support.servers import free_port, serve_in_thread
 
@@ -37,7 +37,7 @@ class Harness:
     def upstream(self) -> FaultyUpstream:
         fake = FaultyUpstream()
         url = self._stack.enter_context(serve_in_thread(fake.app))
-        fake.url = url + "/v1"  # type: ignore[attr-defined]
+        fake.url = url + "/v1"
         return fake
 
     def gateway(self, upstreams: dict[str, dict[str, Any]], **config: Any) -> str:
@@ -45,7 +45,7 @@ class Harness:
         for upstream in upstreams.values():
             # Keys live in the environment only, as in production.
             env[upstream["keys_env"]] = ",".join(upstream.pop("keys"))
-        env["GATEWAY_CONFIG"] = str(write_gateway_config(self._directory, upstreams, **config))
+        env["GATEWAY_CONFIG"] = str(write_routing_config(self._directory, upstreams, **config))
         env["GATEWAY_CLIENT_KEYS"] = CLIENT_KEY
         env["GATEWAY_ADMIN_KEYS"] = ADMIN_KEY
         settings = load_settings(env=env)
@@ -61,7 +61,7 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
 def upstream_config(
     fake: FaultyUpstream | str, keys: tuple[str, ...], env: str, **extra: Any
 ) -> dict[str, Any]:
-    url = fake if isinstance(fake, str) else fake.url  # type: ignore[attr-defined]
+    url = fake if isinstance(fake, str) else fake.url
     return {"type": "openai", "base_url": url, "keys_env": env, "keys": list(keys), **extra}
 
 
@@ -329,7 +329,7 @@ def test_admin_keys_is_off_without_an_admin_key(tmp_path: Path) -> None:
     with serve_in_thread(fake.app) as fake_url:
         upstream = upstream_config(fake_url + "/v1", KEYS[:1], "POOL_KEYS")
         del upstream["keys"]
-        config = write_gateway_config(tmp_path, {"default": upstream})
+        config = write_routing_config(tmp_path, {"default": upstream})
         settings = load_settings(
             env={
                 "GATEWAY_CONFIG": str(config),

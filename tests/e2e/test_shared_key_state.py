@@ -15,7 +15,7 @@ import httpx
 
 from tests.e2e.test_key_pool import ADMIN_KEY, CLIENT_KEY, KEYS, edit, sdk, upstream_config
 from tests.fakes.faulty_upstream import FaultyUpstream, error_reply
-from tests.support.gateway_config import write_gateway_config
+from tests.support.gateway_config import write_routing_config
 from tests.support.servers import free_port, serve_in_thread, wait_for_port
 
 CLI = Path(sys.executable).parent / "image-gateway"
@@ -52,7 +52,7 @@ def test_pool_cooldown_through_one_process_is_honoured_by_another(
         fake_url = stack.enter_context(serve_in_thread(fake.app)) + "/v1"
         upstream = upstream_config(fake_url, KEYS[:2], "SHARED_POOL_KEYS")
         del upstream["keys"]
-        config = write_gateway_config(
+        config = write_routing_config(
             tmp_path,
             {"default": upstream},
             pool={"namespace": "t-" + uuid.uuid4().hex[:12]},

@@ -24,10 +24,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, gateway_env, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply, images_response
 from tests.support import images
-from tests.support.configs import write_gateway_config
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_config import write_gateway_config
+from tests.support.gateway_env import gateway_env, gateway_settings
 from tests.support.gateway_process import GatewayProcess, gateway_process
 from tests.support.servers import serve_in_thread
 
@@ -280,7 +281,7 @@ def test_stream_still_running_at_the_drain_limit_ends_with_an_error_event(
     config = write_gateway_config(
         tmp_path, shutdown={"drain_timeout": 0.5}, cache={"enabled": False}
     )
-    settings = gateway_settings(fake_upstream.url, GATEWAY_CONFIG=str(config))  # type: ignore[attr-defined]
+    settings = gateway_settings(fake_upstream.url, GATEWAY_CONFIG=str(config))
     app = create_app(settings)
     try:
         with serve_in_thread(app) as url:

@@ -22,10 +22,11 @@ import pytest
 import redis
 from openai import OpenAI
 
-from tests.conftest import CLIENT_KEY, gateway_env
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.support import images
-from tests.support.configs import write_gateway_config
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_config import write_gateway_config
+from tests.support.gateway_env import gateway_env
 from tests.support.gateway_process import GatewayProcess, gateway_process
 from tests.support.prom import total
 from tests.support.redis_server import PrivateRedis
@@ -70,7 +71,7 @@ def replicas(
         directory, retry={"max_attempts": 1}, cache={"enabled": True, "lease_seconds": LEASE}
     )
     env = gateway_env(
-        fake_upstream.url,  # type: ignore[attr-defined]
+        fake_upstream.url,
         GATEWAY_CONFIG=str(config),
         GATEWAY_REDIS_URL=server.url,
         GATEWAY_CACHE_ENABLED="true",

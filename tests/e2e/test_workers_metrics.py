@@ -9,9 +9,10 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 
-from tests.conftest import CLIENT_KEY, gateway_env
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support import images
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_env import gateway_env
 from tests.support.gateway_process import gateway_process
 from tests.support.prom import total
 
@@ -24,7 +25,7 @@ def test_two_workers_report_the_sum_of_their_counters(
 ) -> None:
     temp = tmp_path / "tmp"
     temp.mkdir()
-    env = gateway_env(upstream.url, GATEWAY_METRICS_PUBLIC="true", TMPDIR=str(temp))  # type: ignore[attr-defined]
+    env = gateway_env(upstream.url, GATEWAY_METRICS_PUBLIC="true", TMPDIR=str(temp))
     png = images.png(32, 32)
     with gateway_process(env, tmp_path / "gateway.log", workers=2) as gateway:
         for _ in range(N):

@@ -8,8 +8,9 @@ import pytest
 from openai import InternalServerError, OpenAI
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.support import images
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_env import gateway_settings
 from tests.support.log_watch import COLLECTOR
 from tests.support.servers import serve_in_thread
 

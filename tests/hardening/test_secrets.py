@@ -18,11 +18,12 @@ import pytest
 from openai import APIStatusError, OpenAI
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, REPO, UPSTREAM_KEYS, gateway_env, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, RecordedRequest, Reply
 from tests.hardening import multipart as mp
 from tests.hardening.raw_http import connect, head, read_response
 from tests.support import images
+from tests.support.constants import CLIENT_KEY, REPO, UPSTREAM_KEYS
+from tests.support.gateway_env import gateway_env, gateway_settings
 from tests.support.redis_topologies import sync_redis
 from tests.support.servers import free_port, serve_in_thread, wait_for_port
 
@@ -196,7 +197,7 @@ def subprocess_gateway(
         env = {
             **os.environ,
             **gateway_env(
-                fake_upstream.url,  # type: ignore[attr-defined]
+                fake_upstream.url,
                 GATEWAY_CONFIG=str(write_config(directory)),
                 GATEWAY_REDIS_URL=redis_url,
                 **SECRET_ENV,
@@ -251,7 +252,7 @@ def test_secrets_never_reach_any_logger_in_process(
     tmp_path: Path,
 ) -> None:
     settings = gateway_settings(
-        fake_upstream.url,  # type: ignore[attr-defined]
+        fake_upstream.url,
         GATEWAY_CONFIG=str(write_config(tmp_path)),
         **SECRET_ENV,
     )

@@ -15,7 +15,6 @@ import pytest
 from openai import InternalServerError, OpenAI
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.hardening import multipart as mp
 from tests.hardening.conftest import SmallGateway, small_settings
@@ -29,6 +28,7 @@ from tests.hardening.raw_http import (
     wait_until,
 )
 from tests.support import images, prom
+from tests.support.constants import CLIENT_KEY
 from tests.support.servers import serve_in_thread
 
 IDLE_TIMEOUT = 0.5
@@ -39,7 +39,7 @@ def stall_gateway(fake_upstream: FakeOpenAIUpstream) -> Iterator[SmallGateway]:
     """A gateway that gives up on a silent body after IDLE_TIMEOUT seconds."""
     with tempfile.TemporaryDirectory(prefix="gw-spool-") as spool:
         settings = small_settings(
-            fake_upstream.url,  # type: ignore[attr-defined]
+            fake_upstream.url,
             Path(spool),
             body_idle_timeout=IDLE_TIMEOUT,
             body_timeout=30,
@@ -160,7 +160,7 @@ def one_slot_gateway(fake_upstream: FakeOpenAIUpstream) -> Iterator[SmallGateway
     """A gateway admitting one request at a time: a stalled client holds its only slot."""
     with tempfile.TemporaryDirectory(prefix="gw-spool-") as spool:
         settings = small_settings(
-            fake_upstream.url,  # type: ignore[attr-defined]
+            fake_upstream.url,
             Path(spool),
             body_idle_timeout=IDLE_TIMEOUT,
             max_in_flight=1,

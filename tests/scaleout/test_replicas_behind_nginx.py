@@ -18,7 +18,7 @@ from openai import OpenAI
 
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, RecordedRequest, Reply
 from tests.support import images
-from tests.support.configs import write_gateway_config
+from tests.support.gateway_config import write_gateway_config
 from tests.support.gateway_process import gateway_process
 from tests.support.nginx import REPLICA_HEADER, nginx_round_robin
 from tests.support.servers import serve_in_thread

@@ -14,9 +14,10 @@ import redis
 from openai import OpenAI
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support import images
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_env import gateway_settings
 from tests.support.redis_topologies import SentinelDeployment, running_topology
 from tests.support.servers import serve_in_thread
 
@@ -53,7 +54,7 @@ def test_sentinel_failover_every_edit_answers_and_caching_resumes_on_the_promote
     sentinel: SentinelDeployment, fake_upstream: FakeOpenAIUpstream, upstream: FakeOpenAIUpstream
 ) -> None:
     settings = gateway_settings(
-        fake_upstream.url,  # type: ignore[attr-defined]
+        fake_upstream.url,
         GATEWAY_REDIS_URL=sentinel.url,
         GATEWAY_CACHE_ENABLED="true",
     )

@@ -14,7 +14,7 @@ from openai import OpenAI
 
 from app.config.settings import Settings, load_settings
 from app.main import create_app
-from tests.support.configs import MODELS
+from tests.support.constants import MODELS
 from tests.support.servers import serve_in_thread
 
 BFL_KEYS = ("bfl-test-key-AAAA1111aaaa", "bfl-test-key-BBBB2222bbbb")

@@ -22,11 +22,11 @@ from openai import OpenAI
 
 from app.config.catalog import ModelPrice
 from app.config.settings import load_settings
-from tests.conftest import REPO, UPSTREAM_KEYS
 from tests.e2e.test_demo_cli import cli
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.support import images, prom
-from tests.support.configs import write_gateway_config
+from tests.support.constants import REPO, UPSTREAM_KEYS
+from tests.support.gateway_config import write_gateway_config
 from tests.support.servers import free_port, wait_for_port
 
 ADMIN_KEY = "igw-admin-" + secrets.token_hex(16)
@@ -107,7 +107,7 @@ def replicas(
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
         GATEWAY_CONFIG=str(config),
-        GATEWAY_UPSTREAM_URL=fake_upstream.url,  # type: ignore[attr-defined]
+        GATEWAY_UPSTREAM_URL=fake_upstream.url,
         GATEWAY_UPSTREAM_KEYS=",".join(UPSTREAM_KEYS),
         GATEWAY_ADMIN_KEYS=ADMIN_KEY,
         **{ENV_NAMES[name]: key for name, key in KEYS.items()},
