@@ -12,13 +12,13 @@ from openai import OpenAI
 
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
-from tests.support.constants import CLIENT_KEY
 from tests.support.gateway_env import gateway_settings
 from tests.support.log_watch import (  # noqa: F401 (an autouse fixture and a summary hook)
     no_traceback_from_client_input,
     pytest_terminal_summary,
 )
 from tests.support.redis_server import test_redis_url
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 
@@ -48,7 +48,7 @@ def gateway_url(fake_upstream: FakeOpenAIUpstream) -> Iterator[str]:
 
 @pytest.fixture
 def client(gateway_url: str, upstream: FakeOpenAIUpstream) -> OpenAI:
-    return OpenAI(base_url=gateway_url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+    return sdk_client(gateway_url)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from openai import OpenAI
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.support import images
 from tests.support.constants import CLIENT_KEY, UPSTREAM_KEYS
+from tests.support.sdk import sdk_client
 
 PNG = images.png(64, 64)
 
@@ -18,7 +19,7 @@ PNG = images.png(64, 64)
 def test_auth_wrong_key_is_authentication_error(
     gateway_url: str, upstream: FakeOpenAIUpstream
 ) -> None:
-    client = OpenAI(base_url=gateway_url + "/v1", api_key="igw-wrong", max_retries=0)
+    client = sdk_client(gateway_url, key="igw-wrong")
     with pytest.raises(openai.AuthenticationError) as caught:
         client.images.edit(image=("a.png", PNG, "image/png"), prompt="x")
     assert caught.value.status_code == 401

@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 
 from app.config.settings import ImageUrlConfig
 from app.upstream.egress import PROXY_VARIABLES
@@ -25,6 +24,7 @@ from tests.support import images
 from tests.support.constants import CLIENT_KEY, UPSTREAM_KEYS
 from tests.support.gateway_config import write_gateway_config
 from tests.support.gateway_process import GatewayProcess, gateway_process
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 from tests.support.tinyproxy import tinyproxy
 
@@ -131,7 +131,7 @@ def run_gateway(
 
 
 def edit(gateway: GatewayProcess) -> int:
-    client = OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=60)
+    client = sdk_client(gateway.url, timeout=60)
     try:
         client.images.edit(image=("a.png", PNG, "image/png"), prompt="through the proxy")
     except openai.APIStatusError as exc:

@@ -22,10 +22,10 @@ from openai import OpenAI
 from app.config.settings import load_settings
 from app.main import create_app
 from tests.support import images
-from tests.support.constants import CLIENT_KEY
 from tests.support.gateway_config import write_gateway_config
 from tests.support.gateway_env import gateway_env
 from tests.support.raw_upstream import RawUpstream, Script, raw_upstream_in_thread, reset
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 PNG = images.png(32, 32)
@@ -184,7 +184,7 @@ def gateway(upstream_url: str, config: Path, reference: bool) -> Iterator[OpenAI
     settings = load_settings(env=gateway_env(upstream_url, GATEWAY_CONFIG=str(config)))
     transport = httpx.AsyncHTTPTransport() if reference else None
     with serve_in_thread(create_app(settings, transport=transport)) as url:
-        yield OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+        yield sdk_client(url)
 
 
 def outcome(client: OpenAI) -> tuple[int, str | None]:

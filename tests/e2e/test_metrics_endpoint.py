@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
@@ -17,6 +16,7 @@ from tests.support import images
 from tests.support.constants import CLIENT_KEY, UPSTREAM_KEYS
 from tests.support.gateway_env import gateway_settings
 from tests.support.prom import label_values, total
+from tests.support.sdk import sdk_client
 from tests.support.servers import free_port, serve_in_thread
 
 EDITS = "/v1/images/edits"
@@ -29,10 +29,6 @@ def own_gateway(upstream: FakeOpenAIUpstream) -> Iterator[str]:
     """A gateway of this test's own, so its counters start at zero."""
     with serve_in_thread(create_app(gateway_settings(upstream.url))) as url:
         yield url
-
-
-def sdk(url: str) -> OpenAI:
-    return OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
 
 
 def scrape(url: str, key: str = CLIENT_KEY) -> str:
@@ -59,7 +55,7 @@ def test_metrics_after_real_traffic(upstream: FakeOpenAIUpstream, redis_url: str
     png = images.png(64, 64)
     image = ("a.png", png, "image/png")
     with serve_in_thread(create_app(settings)) as url:
-        client = sdk(url)
+        client = sdk_client(url)
         # Two successes paid upstream (1 + 2 images), then the first again from the cache.
         client.images.edit(image=image, prompt=prompt(1))
         client.images.edit(image=image, prompt=prompt(2), n=2)
@@ -148,7 +144,7 @@ def test_metrics_count_unreachable_upstream_as_connect(upstream: FakeOpenAIUpstr
     closed = f"http://127.0.0.1:{free_port()}/v1"
     with serve_in_thread(create_app(gateway_settings(closed))) as url:
         with pytest.raises(openai.InternalServerError):
-            sdk(url).images.edit(image=("a.png", images.png(), "image/png"), prompt="x")
+            sdk_client(url).images.edit(image=("a.png", images.png(), "image/png"), prompt="x")
         text = scrape(url)
     assert total(text, "gateway_upstream_errors_total", kind="connect") == 1
 

@@ -30,6 +30,7 @@ from tests.support.gateway_env import gateway_env
 from tests.support.gateway_process import GatewayProcess, gateway_process
 from tests.support.prom import total
 from tests.support.redis_server import PrivateRedis
+from tests.support.sdk import sdk_client
 
 LATENCY = 1.0  # the fake upstream's answer time, seconds
 # Acceptance: every request answers within the upstream's latency + 2 s.
@@ -49,8 +50,7 @@ class Replicas:
     gateways: list[GatewayProcess]
 
     def sdk(self, index: int, **options: Any) -> OpenAI:
-        options = {"max_retries": 0, "timeout": 30, **options}
-        return OpenAI(base_url=self.gateways[index].url + "/v1", api_key=CLIENT_KEY, **options)
+        return sdk_client(self.gateways[index].url, **options)
 
     def in_flight(self, index: int) -> float:
         scrape = httpx.get(self.gateways[index].url + "/metrics", timeout=5)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openai import APIStatusError, OpenAI
+from openai import APIStatusError
 
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, RecordedRequest, Reply
@@ -25,6 +25,7 @@ from tests.support import images
 from tests.support.constants import CLIENT_KEY, REPO, UPSTREAM_KEYS
 from tests.support.gateway_env import gateway_env, gateway_settings
 from tests.support.redis_topologies import sync_redis
+from tests.support.sdk import sdk_client
 from tests.support.servers import free_port, serve_in_thread, wait_for_port
 
 SECOND_CLIENT_KEY = "igw-second-client-key-zyxwvu987654"
@@ -67,7 +68,7 @@ def echoing_upstream(status: int, **extra: object) -> object:
 def run_scenario(base_url: str, upstream: FakeOpenAIUpstream) -> list[str]:
     """Drive the gateway through every path; return everything a client could see."""
     seen: list[str] = []
-    client = OpenAI(base_url=base_url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+    client = sdk_client(base_url)
     image = ("a.png", images.png(64, 64), "image/png")
 
     def record(response: httpx.Response) -> None:
@@ -105,7 +106,7 @@ def run_scenario(base_url: str, upstream: FakeOpenAIUpstream) -> list[str]:
             seen.append("no error")
     upstream.reset()
 
-    wrong = OpenAI(base_url=base_url + "/v1", api_key=WRONG_CLIENT_KEY, max_retries=0)
+    wrong = sdk_client(base_url, key=WRONG_CLIENT_KEY)
     try:
         wrong.images.edit(image=image, prompt="x")
     except APIStatusError as exc:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openai import InternalServerError, OpenAI
+from openai import InternalServerError
 
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
@@ -29,6 +29,7 @@ from tests.hardening.raw_http import (
 )
 from tests.support import images, prom
 from tests.support.constants import CLIENT_KEY
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 IDLE_TIMEOUT = 0.5
@@ -146,7 +147,7 @@ def test_slow_client_disconnecting_while_upstream_works_lets_the_call_complete(
     assert healthy(stall_gateway.url)
     assert wait_until(lambda: in_flight(stall_gateway.url) == 0)
     # The paid answer was kept: the same edit again is served without a second upstream call.
-    client = OpenAI(base_url=stall_gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    client = sdk_client(stall_gateway.url)
     again = client.images.with_raw_response.edit(
         image=("again.png", image, "image/png"), prompt=prompt
     )
@@ -173,7 +174,7 @@ def test_slow_client_stalled_body_frees_its_slot_at_the_idle_timeout(
     one_slot_gateway: SmallGateway, upstream: FakeOpenAIUpstream
 ) -> None:
     url = one_slot_gateway.url
-    client = OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+    client = sdk_client(url)
     image = ("a.png", images.png(64, 64), "image/png")
     with connect(url) as sock:
         body = edit_body(images.png(64, 64))

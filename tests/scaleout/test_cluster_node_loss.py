@@ -12,9 +12,10 @@ import pytest
 
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
-from tests.scaleout.test_sentinel_failover import edit, sdk_client
+from tests.scaleout.test_sentinel_failover import edit
 from tests.support.gateway_env import gateway_settings
 from tests.support.redis_topologies import ClusterDeployment, running_topology
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 RUN_SECONDS = 4.0  # longer than cluster-node-timeout (2 s): the cluster is declared down

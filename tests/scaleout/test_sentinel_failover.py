@@ -16,9 +16,9 @@ from openai import OpenAI
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support import images
-from tests.support.constants import CLIENT_KEY
 from tests.support.gateway_env import gateway_settings
 from tests.support.redis_topologies import SentinelDeployment, running_topology
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 # Bounds: the run stops by itself even if the failover never completes.
@@ -31,10 +31,6 @@ def sentinel() -> Iterator[SentinelDeployment]:
     with running_topology("sentinel") as deployment:
         assert isinstance(deployment, SentinelDeployment)
         yield deployment
-
-
-def sdk_client(url: str) -> OpenAI:
-    return OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
 
 
 def edit(client: OpenAI, prompt: str) -> tuple[int, str | None]:

@@ -15,6 +15,7 @@ from openai import OpenAI
 from app.config.settings import Settings, load_settings
 from app.main import create_app
 from tests.support.constants import MODELS
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 BFL_KEYS = ("bfl-test-key-AAAA1111aaaa", "bfl-test-key-BBBB2222bbbb")
@@ -104,6 +105,5 @@ def serve_bfl_gateway(directory: Path, **config: Any) -> Iterator[str]:
 
 
 def sdk(gateway_url: str, *, max_retries: int = 0) -> OpenAI:
-    return OpenAI(
-        base_url=gateway_url + "/v1", api_key=CLIENT_KEY, max_retries=max_retries, timeout=60
-    )
+    # Longer than sdk_client's default: a BFL edit is a submit and then polls.
+    return sdk_client(gateway_url, max_retries=max_retries, timeout=60)
