@@ -19,12 +19,12 @@ from app.main import create_app
 from tests.fakes.faulty_upstream import FaultyUpstream, error_reply
 from tests.fakes.openai_upstream import Reply
 from tests.support import images
+from tests.support.constants import CLIENT_KEY
 from tests.support.gateway_config import MODEL, write_routing_config
 from tests.support.prom import total
 from tests.support.sdk import sdk_client
 from tests.support.servers import free_port, serve_in_thread
 
-CLIENT_KEY = "igw-test-client-key-pool-0123456789"
 ADMIN_KEY = "igw-test-admin-key-pool-0123456789"
 KEYS = ("sk-pool-key-one-1111", "sk-pool-key-two-2222", "sk-pool-key-three-3333")
 IMAGE = images.png(32, 32)

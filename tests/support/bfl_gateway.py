@@ -14,13 +14,12 @@ from openai import OpenAI
 
 from app.config.settings import Settings, load_settings
 from app.main import create_app
-from tests.support.constants import MODELS
+from tests.support.constants import CLIENT_KEY, MODELS
 from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 BFL_KEYS = ("bfl-test-key-AAAA1111aaaa", "bfl-test-key-BBBB2222bbbb")
 OPENAI_KEYS = ("sk-test-upstream-CCCC3333cccc",)
-CLIENT_KEY = "igw-test-client-key-bfl-0123456789"
 FLUX_MODELS = ("flux-kontext-pro", "flux-kontext-max")
 
 # Loopback and plain http are allowed explicitly: the fake runs on 127.0.0.1 without TLS.
