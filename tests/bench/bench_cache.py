@@ -14,9 +14,10 @@ import uuid
 import httpx
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support import images
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_env import gateway_settings
 from tests.support.redis_server import test_redis_url
 from tests.support.servers import serve_in_thread
 

@@ -20,10 +20,10 @@ import httpx
 
 from app.config.settings import load_settings
 from app.main import create_app
-from tests.conftest import UPSTREAM_KEYS
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support import images
-from tests.support.configs import write_gateway_config
+from tests.support.constants import UPSTREAM_KEYS
+from tests.support.gateway_config import write_gateway_config
 from tests.support.redis_server import test_redis_url
 from tests.support.servers import serve_in_thread
 

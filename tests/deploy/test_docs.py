@@ -114,7 +114,7 @@ def exposed(fake_upstream: FakeOpenAIUpstream, redis_url: str) -> set[str]:
     settings = load_settings(
         env={
             "GATEWAY_CONFIG": str(REPO / "config" / "gateway.yaml"),
-            "GATEWAY_UPSTREAM_URL": fake_upstream.url,  # type: ignore[attr-defined]
+            "GATEWAY_UPSTREAM_URL": fake_upstream.url,
             "GATEWAY_UPSTREAM_KEYS": "sk-docs-test-upstream-0001",
             "GATEWAY_CLIENT_KEYS": "igw-docs-test-client-0001",
             "GATEWAY_REDIS_URL": redis_url,

@@ -9,12 +9,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 
-from tests.conftest import CLIENT_KEY, UPSTREAM_KEYS, gateway_env
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.support import images
+from tests.support.constants import CLIENT_KEY, UPSTREAM_KEYS
+from tests.support.gateway_env import gateway_env
 from tests.support.gateway_process import gateway_process
+from tests.support.sdk import sdk_client
 
 PROMPT = "a lighthouse at dusk, prompt-marker-51c0ffee"
 METRICS_TOKEN = "metrics-token-cafe0123456789"
@@ -32,10 +33,10 @@ def json_lines(output: str) -> list[dict[str, object]]:
 def test_access_log_has_one_json_line_per_request_and_no_secrets(
     upstream: FakeOpenAIUpstream, tmp_path: Path
 ) -> None:
-    env = gateway_env(upstream.url, GATEWAY_METRICS_TOKEN=METRICS_TOKEN)  # type: ignore[attr-defined]
+    env = gateway_env(upstream.url, GATEWAY_METRICS_TOKEN=METRICS_TOKEN)
     request_ids: dict[str, int] = {}
     with gateway_process(env, tmp_path / "gateway.log") as gateway:
-        client = OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+        client = sdk_client(gateway.url)
         png = images.png(64, 64)
         raw = client.images.with_raw_response.edit(image=("a.png", png, "image/png"), prompt=PROMPT)
         request_ids[raw.headers["x-request-id"]] = 200
@@ -56,7 +57,7 @@ def test_access_log_has_one_json_line_per_request_and_no_secrets(
         with pytest.raises(openai.BadRequestError) as refused:
             client.images.edit(image=("a.png", png, "image/png"), prompt=PROMPT, n=99)
         request_ids[str(refused.value.request_id)] = 400
-        intruder = OpenAI(base_url=gateway.url + "/v1", api_key=WRONG_CLIENT_KEY, max_retries=0)
+        intruder = sdk_client(gateway.url, key=WRONG_CLIENT_KEY)
         with pytest.raises(openai.AuthenticationError) as denied:
             intruder.images.edit(image=("a.png", png, "image/png"), prompt=PROMPT)
         request_ids[str(denied.value.request_id)] = 401
@@ -112,9 +113,9 @@ def test_access_log_includes_prompts_only_when_configured(
         (source / "gateway.yaml").read_text().replace("log_prompts: false", "log_prompts: true")
     )
     (tmp_path / "models.yaml").write_text((source / "models.yaml").read_text())
-    env = gateway_env(upstream.url, GATEWAY_CONFIG=str(config))  # type: ignore[attr-defined]
+    env = gateway_env(upstream.url, GATEWAY_CONFIG=str(config))
     with gateway_process(env, tmp_path / "gateway.log") as gateway:
-        client = OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+        client = sdk_client(gateway.url)
         client.images.edit(image=("a.png", images.png(), "image/png"), prompt=PROMPT)
         gateway.terminate()
         assert gateway.process.wait(timeout=30) == 0

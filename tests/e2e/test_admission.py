@@ -10,25 +10,21 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.support import images
+from tests.support.gateway_env import gateway_settings
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 
 @pytest.fixture
 def limited_gateway(upstream: FakeOpenAIUpstream) -> Iterator[str]:
-    settings = gateway_settings(upstream.url)  # type: ignore[attr-defined]
+    settings = gateway_settings(upstream.url)
     limits = settings.limits.model_copy(update={"max_in_flight": 2, "overload_retry_after": 3})
     with serve_in_thread(create_app(settings.model_copy(update={"limits": limits}))) as url:
         yield url
-
-
-def _sdk(url: str) -> OpenAI:
-    return OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
 
 
 def _wait_for_edits(upstream: FakeOpenAIUpstream, count: int) -> None:
@@ -46,7 +42,7 @@ def test_admission_refuses_beyond_limit_with_503_and_retry_after(
     held: list[object] = []
 
     def edit() -> None:
-        held.append(_sdk(limited_gateway).images.edit(image=images.png(), prompt="held"))
+        held.append(sdk_client(limited_gateway).images.edit(image=images.png(), prompt="held"))
 
     threads = [threading.Thread(target=edit) for _ in range(2)]
     for thread in threads:
@@ -54,7 +50,7 @@ def test_admission_refuses_beyond_limit_with_503_and_retry_after(
     _wait_for_edits(upstream, 2)
 
     with pytest.raises(openai.InternalServerError) as refused:
-        _sdk(limited_gateway).images.edit(image=images.png(), prompt="one too many")
+        sdk_client(limited_gateway).images.edit(image=images.png(), prompt="one too many")
     response = refused.value.response
     assert response.status_code == 503
     assert response.headers["retry-after"] == "3"
@@ -77,14 +73,14 @@ def test_admission_refuses_beyond_limit_with_503_and_retry_after(
         thread.join(timeout=30)
     assert len(held) == 2
     # Both slots are free again.
-    result = _sdk(limited_gateway).images.edit(image=images.png(), prompt="after")
+    result = sdk_client(limited_gateway).images.edit(image=images.png(), prompt="after")
     assert result.data
 
 
 def test_admission_frees_slots_of_failed_requests(
     limited_gateway: str, upstream: FakeOpenAIUpstream
 ) -> None:
-    sdk = _sdk(limited_gateway)
+    sdk = sdk_client(limited_gateway)
     for _ in range(3):
         with pytest.raises(openai.BadRequestError):
             sdk.images.edit(image=b"not an image", prompt="x")
@@ -104,7 +100,9 @@ def test_admission_counts_only_authenticated_requests(
     upstream.enqueue(Reply(delay=1.0), Reply(delay=1.0))
     threads = [
         threading.Thread(
-            target=lambda: _sdk(limited_gateway).images.edit(image=images.png(), prompt="held")
+            target=lambda: sdk_client(limited_gateway).images.edit(
+                image=images.png(), prompt="held"
+            )
         )
         for _ in range(2)
     ]

@@ -8,9 +8,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import CLIENT_KEY, UPSTREAM_KEYS
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.support import images
+from tests.support.constants import CLIENT_KEY, UPSTREAM_KEYS
+from tests.support.sdk import sdk_client
 
 PNG = images.png(64, 64)
 
@@ -18,7 +19,7 @@ PNG = images.png(64, 64)
 def test_auth_wrong_key_is_authentication_error(
     gateway_url: str, upstream: FakeOpenAIUpstream
 ) -> None:
-    client = OpenAI(base_url=gateway_url + "/v1", api_key="igw-wrong", max_retries=0)
+    client = sdk_client(gateway_url, key="igw-wrong")
     with pytest.raises(openai.AuthenticationError) as caught:
         client.images.edit(image=("a.png", PNG, "image/png"), prompt="x")
     assert caught.value.status_code == 401
@@ -119,10 +120,10 @@ def test_auth_admin_paths_do_not_exist_without_admin_keys(gateway_url: str) -> N
 def test_auth_admin_paths_take_admin_keys_only(fake_upstream: FakeOpenAIUpstream) -> None:
     from app.config.settings import load_settings
     from app.main import create_app
-    from tests.conftest import gateway_env
+    from tests.support.gateway_env import gateway_env
     from tests.support.servers import serve_in_thread
 
-    env = gateway_env(fake_upstream.url, GATEWAY_ADMIN_KEYS="igw-admin-secret-1")  # type: ignore[attr-defined]
+    env = gateway_env(fake_upstream.url, GATEWAY_ADMIN_KEYS="igw-admin-secret-1")
     with serve_in_thread(create_app(load_settings(env=env))) as url:
         as_client = httpx.get(url + "/admin/x", headers={"authorization": f"Bearer {CLIENT_KEY}"})
         assert as_client.status_code == 401

@@ -20,7 +20,7 @@ from tests.support.servers import free_port, serve_in_thread
 def reseller() -> Iterator[FakeOpenAIUpstream]:
     fake = FakeOpenAIUpstream()
     with serve_in_thread(fake.app) as url:
-        fake.url = url + "/v1"  # type: ignore[attr-defined]
+        fake.url = url + "/v1"
         yield fake
 
 
@@ -40,7 +40,7 @@ def test_bfl_out_of_credits_falls_back_to_the_reseller(
     with serve_bfl_gateway(
         tmp_path,
         bfl_url=bfl.url,
-        openai_url=reseller.url,  # type: ignore[attr-defined]
+        openai_url=reseller.url,
         flux_upstreams=("bfl", "default"),
         priorities={"bfl": 0, "default": 1},
     ) as url:
@@ -71,7 +71,7 @@ def test_bfl_unreachable_falls_back_to_the_reseller(
     with serve_bfl_gateway(
         tmp_path,
         bfl_url=f"http://127.0.0.1:{free_port()}",  # nothing listens there
-        openai_url=reseller.url,  # type: ignore[attr-defined]
+        openai_url=reseller.url,
         flux_upstreams=("bfl", "default"),
         priorities={"bfl": 0, "default": 1},
     ) as url:

@@ -26,11 +26,13 @@ from starlette.routing import Route
 
 from app.config.settings import Settings
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, REPO, UPSTREAM_KEYS, gateway_env, gateway_settings
 from tests.fakes.openai_upstream import RESULT_PNG, FakeOpenAIUpstream, Reply
 from tests.support import images
+from tests.support.constants import CLIENT_KEY, REPO, UPSTREAM_KEYS
+from tests.support.gateway_env import gateway_env, gateway_settings
 from tests.support.redis_server import PrivateRedis
 from tests.support.redis_topologies import sync_redis
+from tests.support.sdk import sdk_client
 from tests.support.servers import free_port, serve_in_thread, wait_for_port
 
 
@@ -38,7 +40,7 @@ def cached_settings(upstream: FakeOpenAIUpstream, redis_url: str | None, **cache
     env: dict[str, str] = {"GATEWAY_CACHE_ENABLED": "true"}
     if redis_url is not None:
         env["GATEWAY_REDIS_URL"] = redis_url
-    settings = gateway_settings(upstream.url, **env)  # type: ignore[attr-defined]
+    settings = gateway_settings(upstream.url, **env)
     fetch = settings.cache.fetch.model_copy(update=cache.pop("fetch", {}))
     return settings.model_copy(
         update={"cache": settings.cache.model_copy(update={**cache, "fetch": fetch})}
@@ -49,11 +51,6 @@ def cached_settings(upstream: FakeOpenAIUpstream, redis_url: str | None, **cache
 def gateway(settings: Settings) -> Iterator[str]:
     with serve_in_thread(create_app(settings)) as url:
         yield url
-
-
-def sdk(url: str, **options: Any) -> OpenAI:
-    options = {"max_retries": 0, "timeout": 30, **options}
-    return OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, **options)
 
 
 def unique_prompt() -> str:
@@ -79,7 +76,7 @@ def cached_url(fake_upstream: FakeOpenAIUpstream, redis_url: str) -> Iterator[st
 
 @pytest.fixture
 def cached(cached_url: str, upstream: FakeOpenAIUpstream) -> OpenAI:
-    return sdk(cached_url)
+    return sdk_client(cached_url)
 
 
 def test_cache_second_identical_edit_is_a_hit_with_identical_bytes(
@@ -210,7 +207,7 @@ def test_cache_client_giving_up_and_retrying_pays_for_one_upstream_call(
 ) -> None:
     prompt = unique_prompt()
     upstream.enqueue(Reply(delay=3.0))
-    impatient = sdk(cached_url, timeout=1.0)
+    impatient = sdk_client(cached_url, timeout=1.0)
     with pytest.raises(openai.APITimeoutError):
         impatient.images.edit(image=("a.png", images.png(), "image/png"), prompt=prompt)
     # The SDK's retry (same request again) joins the call still running upstream.
@@ -231,7 +228,7 @@ def test_cache_client_disconnect_before_answer_still_stores_the_paid_result(
     prompt = unique_prompt()
     upstream.enqueue(Reply(delay=1.5))
     with pytest.raises(openai.APITimeoutError):
-        sdk(cached_url, timeout=0.5).images.edit(
+        sdk_client(cached_url, timeout=0.5).images.edit(
             image=("a.png", images.png(), "image/png"), prompt=prompt
         )
     # Nobody waits for the answer any more; the paid call still lands and is stored.
@@ -312,7 +309,7 @@ def test_cache_b64_json_for_an_upstream_that_answers_only_urls(
         fake_upstream, redis_url, fetch={**on_port_of(image_host), "allow_private_addresses": True}
     )
     with gateway(settings) as url:
-        client = sdk(url)
+        client = sdk_client(url)
         upstream.enqueue(_url_answer(image_host + "/files/moved.png"))
         prompt = unique_prompt()
         result = client.images.edit(
@@ -339,7 +336,7 @@ def test_cache_upstream_url_on_loopback_is_refused_unless_allowed(
     with gateway(settings) as url:
         upstream.enqueue(_url_answer(image_host + "/files/result.png"))
         with pytest.raises(openai.APIStatusError) as caught:
-            sdk(url).images.edit(
+            sdk_client(url).images.edit(
                 image=("a.png", images.png(), "image/png"),
                 prompt=unique_prompt(),
                 model="flux-kontext-pro",
@@ -361,7 +358,7 @@ def test_cache_fetch_size_cap_refuses_a_large_upstream_image(
     with gateway(settings) as url:
         upstream.enqueue(_url_answer(image_host + "/files/large.png"))
         with pytest.raises(openai.APIStatusError) as caught:
-            sdk(url).images.edit(
+            sdk_client(url).images.edit(
                 image=("a.png", images.png(), "image/png"),
                 prompt=unique_prompt(),
                 model="flux-kontext-pro",
@@ -374,7 +371,7 @@ def test_cache_hosted_files_are_public_only_by_exact_path_and_can_require_auth(
     fake_upstream: FakeOpenAIUpstream, upstream: FakeOpenAIUpstream, redis_url: str
 ) -> None:
     with gateway(cached_settings(fake_upstream, redis_url)) as url:
-        result = sdk(url).images.edit(
+        result = sdk_client(url).images.edit(
             image=("a.png", images.png(), "image/png"),
             prompt=unique_prompt(),
             response_format="url",
@@ -389,7 +386,7 @@ def test_cache_hosted_files_are_public_only_by_exact_path_and_can_require_auth(
         assert httpx.post(file_url).status_code == 401
     settings = cached_settings(fake_upstream, redis_url, files_require_auth=True)
     with gateway(settings) as url:
-        result = sdk(url).images.edit(
+        result = sdk_client(url).images.edit(
             image=("a.png", images.png(), "image/png"),
             prompt=unique_prompt(),
             response_format="url",
@@ -407,7 +404,7 @@ def test_cache_public_base_url_is_used_for_hosted_urls(
         update={"public_base_url": "https://images.example.com"}
     )
     with gateway(settings) as url:
-        result = sdk(url).images.edit(
+        result = sdk_client(url).images.edit(
             image=("a.png", images.png(), "image/png"),
             prompt=unique_prompt(),
             response_format="url",
@@ -446,8 +443,8 @@ def test_cache_per_client_scope_keeps_clients_apart(
     )
     with gateway(settings) as url:
         prompt = unique_prompt()
-        first = sdk(url)
-        second = OpenAI(base_url=url + "/v1", api_key=second_key, max_retries=0)
+        first = sdk_client(url)
+        second = sdk_client(url, key=second_key)
         assert edit_raw(first, prompt=prompt)[0] == "miss"
         assert edit_raw(first, prompt=prompt)[0] == "hit"
         assert edit_raw(second, prompt=prompt)[0] == "miss"
@@ -458,7 +455,7 @@ def test_cache_without_redis_uses_the_in_process_store(
     fake_upstream: FakeOpenAIUpstream, upstream: FakeOpenAIUpstream
 ) -> None:
     with gateway(cached_settings(fake_upstream, None)) as url:
-        client = sdk(url)
+        client = sdk_client(url)
         prompt = unique_prompt()
         assert edit_raw(client, prompt=prompt)[0] == "miss"
         state, _, hit = edit_raw(client, prompt=prompt, response_format="url")
@@ -505,7 +502,7 @@ def test_cache_redis_stopped_serves_uncached_and_resumes_when_it_returns(
     try:
         settings = cached_settings(fake_upstream, server.url, redis_retry_after_seconds=0.2)
         with gateway(settings) as url:
-            client = sdk(url)
+            client = sdk_client(url)
             prompt = unique_prompt()
             assert edit_raw(client, prompt=prompt)[0] == "miss"
             assert edit_raw(client, prompt=prompt)[0] == "hit"
@@ -585,7 +582,7 @@ def test_cache_slow_redis_times_out_and_serves_uncached(
     try:
         settings = cached_settings(fake_upstream, f"redis://127.0.0.1:{port}/0")
         with gateway(settings) as url:
-            state, _, result = edit_raw(sdk(url), prompt=unique_prompt())
+            state, _, result = edit_raw(sdk_client(url), prompt=unique_prompt())
             assert state == "bypass" and png_bytes(result) == [RESULT_PNG]
             ready = httpx.get(url + "/readyz")
             assert ready.status_code == 200 and ready.json()["checks"]["cache"] == "degraded"
@@ -602,7 +599,7 @@ def test_cache_two_gateway_processes_sharing_redis_make_one_upstream_call(
 ) -> None:
     env = {
         **os.environ,
-        **gateway_env(fake_upstream.url, GATEWAY_REDIS_URL=redis_url),  # type: ignore[attr-defined]
+        **gateway_env(fake_upstream.url, GATEWAY_REDIS_URL=redis_url),
         "GATEWAY_CACHE_ENABLED": "true",
     }
     ports = [free_port(), free_port()]
@@ -619,7 +616,7 @@ def test_cache_two_gateway_processes_sharing_redis_make_one_upstream_call(
     try:
         for port in ports:
             wait_for_port(port)
-        clients = [sdk(f"http://127.0.0.1:{port}") for port in ports]
+        clients = [sdk_client(f"http://127.0.0.1:{port}") for port in ports]
         prompt = unique_prompt()
         upstream.responder = lambda request: Reply(delay=2.0)
         with ThreadPoolExecutor(20) as pool:
@@ -640,7 +637,7 @@ def test_cache_sdk_own_timeout_retries_are_served_by_the_one_upstream_call(
     # The SDK gives up after 1 s and retries by itself (same body): every attempt joins the
     # call still running upstream, and the last one gets its image. One edit, paid once.
     upstream.enqueue(Reply(delay=3.0))
-    impatient = sdk(cached_url, timeout=1.0, max_retries=5)
+    impatient = sdk_client(cached_url, timeout=1.0, max_retries=5)
     result = impatient.images.edit(
         image=("a.png", images.png(), "image/png"), prompt=unique_prompt()
     )
@@ -652,7 +649,7 @@ def test_cache_results_over_max_entry_bytes_are_served_not_cached(
     fake_upstream: FakeOpenAIUpstream, upstream: FakeOpenAIUpstream, redis_url: str
 ) -> None:
     with gateway(cached_settings(fake_upstream, redis_url, max_entry_bytes=64)) as url:
-        client = sdk(url)
+        client = sdk_client(url)
         prompt = unique_prompt()
         assert edit_raw(client, prompt=prompt)[0] == "miss"
         state, _, hosted = edit_raw(client, prompt=prompt, response_format="url")
@@ -666,7 +663,7 @@ def test_cache_ttl_is_per_model(
 ) -> None:
     settings = cached_settings(fake_upstream, redis_url, model_ttl_seconds={"gpt-image-1": 120})
     with gateway(settings) as url:
-        client = sdk(url)
+        client = sdk_client(url)
         ages = {}
         for model in ("gpt-image-1", "gpt-image-1.5"):
             result = client.images.edit(

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from openai import OpenAI
 from PIL import Image, ImageChops
 
-from tests.conftest import REPO
 from tests.support import images
+from tests.support.constants import REPO
+from tests.support.sdk import sdk_client
 from tests.support.servers import free_port, wait_for_port
 
 
@@ -36,7 +36,7 @@ def test_demo_cli_serves_a_real_edit() -> None:
     )
     try:
         wait_for_port(port)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="anything", max_retries=0)
+        client = sdk_client(f"http://127.0.0.1:{port}", key="anything")
         source = images.png(96, 64, colour=(120, 120, 120))
         mask = images.mask_png(96, 64)
         result = client.images.edit(

@@ -7,9 +7,9 @@ import hashlib
 
 from openai import OpenAI
 
-from tests.conftest import UPSTREAM_KEYS
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support import images
+from tests.support.constants import UPSTREAM_KEYS
 
 
 def sha(data: bytes) -> str:
@@ -166,7 +166,7 @@ def test_indexed_image_fields_are_ordered_by_index(
 ) -> None:
     import httpx
 
-    from tests.conftest import CLIENT_KEY
+    from tests.support.constants import CLIENT_KEY
 
     first, second = images.png(32, 32), images.jpeg(32, 32)
     response = httpx.post(

@@ -11,19 +11,20 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 
 from app.config.settings import ImageUrlConfig
 from app.upstream.egress import PROXY_VARIABLES
-from tests.conftest import CLIENT_KEY, UPSTREAM_KEYS
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support import images
-from tests.support.configs import write_gateway_config
+from tests.support.constants import CLIENT_KEY, UPSTREAM_KEYS
+from tests.support.gateway_config import write_gateway_config
 from tests.support.gateway_process import GatewayProcess, gateway_process
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 from tests.support.tinyproxy import tinyproxy
 
@@ -70,7 +71,7 @@ def https_upstream(certificates: dict[str, Path]) -> Iterator[FakeOpenAIUpstream
         ssl_certfile=str(certificates["cert"]),
         ssl_keyfile=str(certificates["key"]),
     ) as url:
-        fake.port = int(url.rsplit(":", 1)[1])  # type: ignore[attr-defined]
+        fake.url = url + "/v1"
         yield fake
 
 
@@ -82,7 +83,9 @@ def secure(https_upstream: FakeOpenAIUpstream) -> Iterator[FakeOpenAIUpstream]:
 
 
 def https_port(upstream: FakeOpenAIUpstream) -> int:
-    return int(upstream.port)  # type: ignore[attr-defined]
+    port = urlsplit(upstream.url).port
+    assert port is not None
+    return port
 
 
 def run_gateway(
@@ -128,7 +131,7 @@ def run_gateway(
 
 
 def edit(gateway: GatewayProcess) -> int:
-    client = OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=60)
+    client = sdk_client(gateway.url, timeout=60)
     try:
         client.images.edit(image=("a.png", PNG, "image/png"), prompt="through the proxy")
     except openai.APIStatusError as exc:
@@ -155,7 +158,7 @@ def test_edits_go_through_the_environments_proxy_to_http_and_https_upstreams(
     port = https_port(secure)
     with tinyproxy(tmp_path, connect_ports=(port,)) as proxy:
         environment = {"HTTP_PROXY": proxy.url, "HTTPS_PROXY": proxy.url}
-        plain_url = upstream.url  # type: ignore[attr-defined]
+        plain_url = upstream.url
         (tmp_path / "plain").mkdir()
         with run_gateway(tmp_path / "plain", plain_url, certificates, proxies=environment) as gw:
             assert edit(gw) == 200
@@ -297,7 +300,7 @@ def test_client_image_urls_never_take_the_environments_proxy_only_their_own(
     image_url = f"https://localhost:{image_host.port}/a.png"
     with tinyproxy(tmp_path, connect_ports=(image_host.port,)) as proxy:
         environment = {"HTTP_PROXY": proxy.url, "HTTPS_PROXY": proxy.url}
-        plain_url = upstream.url  # type: ignore[attr-defined]
+        plain_url = upstream.url
         (tmp_path / "env").mkdir()
         with run_gateway(
             tmp_path / "env",

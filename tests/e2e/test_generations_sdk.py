@@ -14,12 +14,13 @@ import pytest
 from openai import OpenAI
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, UPSTREAM_KEYS
-from tests.e2e.test_cache_sdk import cached_settings, gateway, sdk, unique_prompt
+from tests.e2e.test_cache_sdk import cached_settings, gateway, unique_prompt
 from tests.fakes.bfl_upstream import FakeBflUpstream, result_png
 from tests.fakes.openai_upstream import RESULT_PNG, FakeOpenAIUpstream, Reply
 from tests.support.bfl_gateway import BFL_KEYS, serve_bfl_gateway
 from tests.support.bfl_gateway import sdk as bfl_sdk
+from tests.support.constants import CLIENT_KEY, UPSTREAM_KEYS
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 
@@ -100,7 +101,7 @@ def test_generation_key_pool_moves_past_a_rate_limited_key(
     )
     upstream.enqueue(Reply(status=429, body={"error": {"message": "slow down"}}))
     with gateway(settings) as url:
-        result = sdk(url).images.generate(prompt="a kite", model="gpt-image-1.5")
+        result = sdk_client(url).images.generate(prompt="a kite", model="gpt-image-1.5")
     assert base64.b64decode(result.data[0].b64_json or "") == RESULT_PNG
     first, second = upstream.generations
     assert {first.key, second.key} == set(UPSTREAM_KEYS)
@@ -111,7 +112,7 @@ def test_generation_cache_hits_and_never_shares_an_entry_with_an_edit(
 ) -> None:
     prompt = unique_prompt()
     with gateway(cached_settings(fake_upstream, redis_url)) as url:
-        cached = sdk(url)
+        cached = sdk_client(url)
         first = cached.images.with_raw_response.generate(prompt=prompt, model="gpt-image-1.5")
         second = cached.images.with_raw_response.generate(prompt=prompt, model="gpt-image-1.5")
         assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
@@ -182,11 +183,11 @@ def test_generation_on_bfl_streams_an_emulated_completed_event(
 
 
 def test_generation_demo_is_deterministic_per_prompt(tmp_path: Path) -> None:
-    from tests.conftest import gateway_settings
+    from tests.support.gateway_env import gateway_settings
 
     settings = gateway_settings("http://127.0.0.1:9/v1").model_copy(update={"demo": True})
     with serve_in_thread(create_app(settings)) as url:
-        demo = OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+        demo = sdk_client(url)
         first = demo.images.generate(prompt="a blue whale", size="1024x1024")
         again = demo.images.generate(prompt="a blue whale", size="1024x1024")
         other = demo.images.generate(prompt="a green whale", size="1024x1024")

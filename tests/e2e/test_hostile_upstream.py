@@ -1,6 +1,6 @@
 """End to end against a hostile upstream: the real OpenAI SDK -> the gateway -> raw bytes. The
 gateway on its own transport answers what the same gateway on httpx's default transport (the
-reference) answers, except where tests/upstream/test_hostile_upstream.py says why not; and the
+reference) answers, except where tests/unit/upstream/test_hostile_upstream.py says why not; and the
 upstream receives exactly one POST per edit whatever failed after it was sent, though the
 gateway has a second key and retries allowed (a resend would be billed twice)."""
 
@@ -21,10 +21,11 @@ from openai import OpenAI
 
 from app.config.settings import load_settings
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, gateway_env
 from tests.support import images
-from tests.support.configs import write_gateway_config
+from tests.support.gateway_config import write_gateway_config
+from tests.support.gateway_env import gateway_env
 from tests.support.raw_upstream import RawUpstream, Script, raw_upstream_in_thread, reset
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 PNG = images.png(32, 32)
@@ -73,7 +74,7 @@ class Case:
     id: str
     script: Script
     # (status, error code or None) the client sees: the same through both gateways unless
-    # `ours` says otherwise (see tests/upstream/test_hostile_upstream.py for why).
+    # `ours` says otherwise (see tests/unit/upstream/test_hostile_upstream.py for why).
     expected: tuple[int, str | None]
     ours: tuple[int, str | None] | None = None
     edits: int = 1
@@ -183,7 +184,7 @@ def gateway(upstream_url: str, config: Path, reference: bool) -> Iterator[OpenAI
     settings = load_settings(env=gateway_env(upstream_url, GATEWAY_CONFIG=str(config)))
     transport = httpx.AsyncHTTPTransport() if reference else None
     with serve_in_thread(create_app(settings, transport=transport)) as url:
-        yield OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+        yield sdk_client(url)
 
 
 def outcome(client: OpenAI) -> tuple[int, str | None]:

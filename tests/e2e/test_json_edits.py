@@ -23,9 +23,10 @@ from app.intake.json_body import JsonEditReader
 from app.main import create_app
 from app.upstream.fetch import ImageFetcher
 from app.upstream.url_guard import UrlGuard
-from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.fakes.openai_upstream import RESULT_PNG, FakeOpenAIUpstream
 from tests.support import images
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_env import gateway_settings
 from tests.support.rerouting import Rerouting
 from tests.support.servers import serve_in_thread
 
@@ -114,7 +115,7 @@ def test_json_edit_rejections(
 def test_json_edit_data_url_over_the_size_limit_is_413(
     fake_upstream: FakeOpenAIUpstream, upstream: FakeOpenAIUpstream
 ) -> None:
-    settings = gateway_settings(fake_upstream.url)  # type: ignore[attr-defined]
+    settings = gateway_settings(fake_upstream.url)
     limits = settings.limits.model_copy(update={"max_file_bytes": 500})
     with serve_in_thread(create_app(settings.model_copy(update={"limits": limits}))) as url:
         response = post_json(
@@ -157,7 +158,7 @@ def test_json_edit_https_url_to_private_addresses_is_refused_unconnected(
 ) -> None:
     victim_url, hits = victim
     settings = gateway_settings(
-        fake_upstream.url,  # type: ignore[attr-defined]
+        fake_upstream.url,
         GATEWAY_IMAGE_URLS_ENABLED="true",
     )
     # The victim's port is allowed: its address is what must refuse it.
@@ -230,7 +231,7 @@ def test_json_edit_plain_http_url_is_the_guards_call(
     """Which schemes may be fetched is decided by the guard alone (image_urls.allow_http), so
     the intake and the guard cannot disagree; the default refuses http with a 400."""
     settings = gateway_settings(
-        fake_upstream.url,  # type: ignore[attr-defined]
+        fake_upstream.url,
         GATEWAY_IMAGE_URLS_ENABLED="true",
     )
     with serve_in_thread(create_app(settings)) as gateway:

@@ -18,9 +18,10 @@ import pytest
 
 from app.config.settings import load_settings
 from app.main import create_app
-from tests.e2e.test_key_pool import ADMIN_KEY, CLIENT_KEY, KEYS, admin_keys, edit, sdk
+from tests.e2e.test_key_pool import ADMIN_KEY, CLIENT_KEY, KEYS, admin_keys, edit
 from tests.fakes.faulty_upstream import FaultyUpstream, SwitchableListener, error_reply
-from tests.support.gateway_config import write_gateway_config
+from tests.support.gateway_config import write_routing_config
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 STORM_SHARE = 0.30
@@ -31,7 +32,7 @@ CONCURRENCY = 12
 def gateway(stack: ExitStack, directory: Path, upstream_url: str, redis_url: str) -> str:
     """A gateway with three keys on one upstream, key health shared through Redis, defaults
     everywhere else (eject_after 5, eject_base 30 s, one retry of a 5xx on another key)."""
-    config = write_gateway_config(
+    config = write_routing_config(
         directory,
         {"default": {"type": "openai", "base_url": upstream_url + "/v1", "keys_env": "OUT_KEYS"}},
         pool={"namespace": "t-" + uuid.uuid4().hex[:12]},
@@ -71,7 +72,7 @@ def test_outage_500_storm_across_all_keys_fails_no_more_than_it_injects(
     fake = FaultyUpstream()
     fake.latency = 0.03  # concurrent requests overlap upstream, as in the soak
     url = gateway(stack, tmp_path, stack.enter_context(serve_in_thread(fake.app)), redis_url)
-    client = sdk(url)
+    client = sdk_client(url)
     assert outcome(client) == (200, None)
 
     fake.start_storm(STORM_SHARE, seed=18)
@@ -105,7 +106,7 @@ def test_outage_first_request_after_the_upstream_returns_succeeds(
     stack.callback(listener.close)
     listener.up()
     url = gateway(stack, tmp_path, listener.url, redis_url)
-    client = sdk(url)
+    client = sdk_client(url)
     assert outcome(client) == (200, None)
 
     # Down: enough traffic that every key sees its five consecutive failures several times over

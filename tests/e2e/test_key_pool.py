@@ -19,11 +19,12 @@ from app.main import create_app
 from tests.fakes.faulty_upstream import FaultyUpstream, error_reply
 from tests.fakes.openai_upstream import Reply
 from tests.support import images
-from tests.support.gateway_config import MODEL, write_gateway_config
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_config import MODEL, write_routing_config
 from tests.support.prom import total
+from tests.support.sdk import sdk_client
 from tests.support.servers import free_port, serve_in_thread
 
-CLIENT_KEY = "igw-test-client-key-pool-0123456789"
 ADMIN_KEY = "igw-test-admin-key-pool-0123456789"
 KEYS = ("sk-pool-key-one-1111", "sk-pool-key-two-2222", "sk-pool-key-three-3333")
 IMAGE = images.png(32, 32)
@@ -37,7 +38,7 @@ class Harness:
     def upstream(self) -> FaultyUpstream:
         fake = FaultyUpstream()
         url = self._stack.enter_context(serve_in_thread(fake.app))
-        fake.url = url + "/v1"  # type: ignore[attr-defined]
+        fake.url = url + "/v1"
         return fake
 
     def gateway(self, upstreams: dict[str, dict[str, Any]], **config: Any) -> str:
@@ -45,7 +46,7 @@ class Harness:
         for upstream in upstreams.values():
             # Keys live in the environment only, as in production.
             env[upstream["keys_env"]] = ",".join(upstream.pop("keys"))
-        env["GATEWAY_CONFIG"] = str(write_gateway_config(self._directory, upstreams, **config))
+        env["GATEWAY_CONFIG"] = str(write_routing_config(self._directory, upstreams, **config))
         env["GATEWAY_CLIENT_KEYS"] = CLIENT_KEY
         env["GATEWAY_ADMIN_KEYS"] = ADMIN_KEY
         settings = load_settings(env=env)
@@ -61,12 +62,8 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
 def upstream_config(
     fake: FaultyUpstream | str, keys: tuple[str, ...], env: str, **extra: Any
 ) -> dict[str, Any]:
-    url = fake if isinstance(fake, str) else fake.url  # type: ignore[attr-defined]
+    url = fake if isinstance(fake, str) else fake.url
     return {"type": "openai", "base_url": url, "keys_env": env, "keys": list(keys), **extra}
-
-
-def sdk(url: str) -> OpenAI:
-    return OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
 
 
 def edit(client: OpenAI) -> Any:
@@ -91,7 +88,7 @@ def test_pool_rate_limited_key_is_tried_at_most_once_during_its_cooldown(harness
     fake = harness.upstream()
     fake.by_key[KEYS[1]] = error_reply(429, "rate_limit_exceeded", retry_after="30")
     url = harness.gateway({"default": upstream_config(fake, KEYS, "POOL_KEYS")})
-    client = sdk(url)
+    client = sdk_client(url)
     for _ in range(100):
         assert edit(client).data[0].b64_json
     assert fake.edits_with(KEYS[1]) == 1
@@ -105,7 +102,7 @@ def test_pool_key_refused_with_401_is_disabled_then_probed_back(harness: Harness
     fake = harness.upstream()
     fake.refused_keys.add(KEYS[0])
     url = harness.gateway({"default": upstream_config(fake, KEYS[:2], "POOL_KEYS")})
-    client = sdk(url)
+    client = sdk_client(url)
     for _ in range(10):
         edit(client)
     assert fake.edits_with(KEYS[0]) == 1  # disabled after its first 401
@@ -129,7 +126,7 @@ def test_pool_all_keys_rate_limited_gives_429_with_earliest_retry_after(harness:
     fake.by_key[KEYS[0]] = error_reply(429, "rate_limit_exceeded", retry_after="30")
     fake.by_key[KEYS[1]] = error_reply(429, "rate_limit_exceeded", retry_after_ms="20000")
     url = harness.gateway({"default": upstream_config(fake, KEYS[:2], "POOL_KEYS")})
-    client = sdk(url)
+    client = sdk_client(url)
     with pytest.raises(openai.RateLimitError) as caught:
         edit(client)
     assert int(caught.value.response.headers["retry-after"]) in (19, 20)
@@ -147,7 +144,7 @@ def test_pool_key_failing_five_times_is_ejected_and_traffic_moves(harness: Harne
     fake = harness.upstream()
     fake.by_key[KEYS[0]] = error_reply(500)
     url = harness.gateway({"default": upstream_config(fake, KEYS, "POOL_KEYS")})
-    client = sdk(url)
+    client = sdk_client(url)
     for _ in range(30):
         assert edit(client).data  # each 500 is retried once, on another key
     # Its 1st failure counts (no sibling called yet); its 2nd does not: one success on each
@@ -170,7 +167,7 @@ def test_pool_hanging_upstream_gives_504_by_the_model_timeout_with_one_post(
     url = harness.gateway(
         {"default": upstream_config(fake, KEYS, "POOL_KEYS")}, model={"timeout": 1}
     )
-    client = sdk(url)
+    client = sdk_client(url)
     started = time.monotonic()
     with pytest.raises(openai.InternalServerError) as caught:
         edit(client)
@@ -192,7 +189,7 @@ def test_pool_priority_falls_back_to_secondary_when_primary_keys_are_disabled(
             "secondary": upstream_config(secondary, KEYS[2:], "SECONDARY_KEYS", priority=1),
         }
     )
-    client = sdk(url)
+    client = sdk_client(url)
     for _ in range(5):
         assert edit(client).data
     assert len(primary.edits) == 2  # each primary key once, then disabled
@@ -213,7 +210,7 @@ def test_pool_prefers_primary_tier_while_it_is_healthy(harness: Harness) -> None
             "primary": upstream_config(primary, KEYS[:2], "PRIMARY_KEYS", priority=0),
         }
     )
-    client = sdk(url)
+    client = sdk_client(url)
     for _ in range(6):
         edit(client)
     assert len(primary.edits) == 6 and not secondary.edits
@@ -228,7 +225,7 @@ def test_pool_connection_refused_fails_over_to_the_next_upstream(harness: Harnes
             "alive": upstream_config(alive, KEYS[1:2], "ALIVE_KEYS", priority=1),
         }
     )
-    assert edit(sdk(url)).data
+    assert edit(sdk_client(url)).data
     assert len(alive.edits) == 1
 
 
@@ -247,7 +244,7 @@ def test_pool_upstream_4xx_passes_through_unchanged_and_is_not_retried(
     fake.enqueue(Reply(status=400, body=blocked))
     url = harness.gateway({"default": upstream_config(fake, KEYS, "POOL_KEYS")})
     with pytest.raises(openai.BadRequestError) as caught:
-        edit(sdk(url))
+        edit(sdk_client(url))
     assert caught.value.body == blocked["error"]
     assert len(fake.edits) == 1
     assert all(view["state"] == "healthy" for view in admin_keys(url).values())
@@ -259,7 +256,7 @@ def test_pool_server_error_is_retried_once_then_reported(harness: Harness) -> No
         fake.by_key[key] = error_reply(503)
     url = harness.gateway({"default": upstream_config(fake, KEYS, "POOL_KEYS")})
     with pytest.raises(openai.InternalServerError) as caught:
-        edit(sdk(url))
+        edit(sdk_client(url))
     assert caught.value.status_code == 502
     assert len(fake.edits) == 2  # the first try and one retry on another key
     assert len({r.key for r in fake.edits}) == 2
@@ -271,7 +268,7 @@ def test_pool_all_keys_disabled_gives_503(harness: Harness) -> None:
     fake.by_key[KEYS[0]] = error_reply(402, "insufficient_quota")
     fake.refused_keys.add(KEYS[1])
     url = harness.gateway({"default": upstream_config(fake, KEYS[:2], "POOL_KEYS")})
-    client = sdk(url)
+    client = sdk_client(url)
     with pytest.raises(openai.InternalServerError) as first:
         edit(client)  # both keys fail in this request: its last failure is reported
     assert first.value.status_code == 502
@@ -294,7 +291,7 @@ def test_pool_key_at_its_concurrency_cap_is_skipped(harness: Harness) -> None:
     url = harness.gateway(
         {"default": upstream_config(fake, KEYS[:2], "POOL_KEYS", key_limits={"max_concurrency": 1})}
     )
-    client = sdk(url)
+    client = sdk_client(url)
     with concurrent.futures.ThreadPoolExecutor(4) as workers:
         results = list(workers.map(lambda _: edit(client), range(2)))
     assert all(result.data for result in results)
@@ -305,7 +302,7 @@ def test_admin_keys_needs_the_admin_key_and_never_shows_secrets(harness: Harness
     fake = harness.upstream()
     fake.by_key[KEYS[0]] = error_reply(429, retry_after="5")
     url = harness.gateway({"default": upstream_config(fake, KEYS, "POOL_KEYS")})
-    edit(sdk(url))
+    edit(sdk_client(url))
     as_client = httpx.get(url + "/admin/keys", headers={"authorization": f"Bearer {CLIENT_KEY}"})
     assert as_client.status_code == 401
     assert httpx.get(url + "/admin/keys").status_code == 401
@@ -329,7 +326,7 @@ def test_admin_keys_is_off_without_an_admin_key(tmp_path: Path) -> None:
     with serve_in_thread(fake.app) as fake_url:
         upstream = upstream_config(fake_url + "/v1", KEYS[:1], "POOL_KEYS")
         del upstream["keys"]
-        config = write_gateway_config(tmp_path, {"default": upstream})
+        config = write_routing_config(tmp_path, {"default": upstream})
         settings = load_settings(
             env={
                 "GATEWAY_CONFIG": str(config),

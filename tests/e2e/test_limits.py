@@ -10,10 +10,11 @@ import pytest
 
 from app.config.settings import load_settings
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, gateway_env
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support import images
-from tests.support.configs import write_gateway_config
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_config import write_gateway_config
+from tests.support.gateway_env import gateway_env
 from tests.support.servers import serve_in_thread
 
 PNG = images.png(64, 64)
@@ -33,7 +34,7 @@ def small_gateway(
             "spool_threshold_bytes": 100_000,
         },
     )
-    env = gateway_env(fake_upstream.url, GATEWAY_CONFIG=str(config))  # type: ignore[attr-defined]
+    env = gateway_env(fake_upstream.url, GATEWAY_CONFIG=str(config))
     with serve_in_thread(create_app(load_settings(env=env))) as url:
         yield url
 

@@ -9,13 +9,14 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, UPSTREAM_KEYS, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.support import images
+from tests.support.constants import CLIENT_KEY, UPSTREAM_KEYS
+from tests.support.gateway_env import gateway_settings
 from tests.support.prom import label_values, total
+from tests.support.sdk import sdk_client
 from tests.support.servers import free_port, serve_in_thread
 
 EDITS = "/v1/images/edits"
@@ -26,12 +27,8 @@ THIRD_KEY = "sk-test-upstream-CCCC3333cccc"
 @pytest.fixture
 def own_gateway(upstream: FakeOpenAIUpstream) -> Iterator[str]:
     """A gateway of this test's own, so its counters start at zero."""
-    with serve_in_thread(create_app(gateway_settings(upstream.url))) as url:  # type: ignore[attr-defined]
+    with serve_in_thread(create_app(gateway_settings(upstream.url))) as url:
         yield url
-
-
-def sdk(url: str) -> OpenAI:
-    return OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
 
 
 def scrape(url: str, key: str = CLIENT_KEY) -> str:
@@ -44,7 +41,7 @@ def scrape(url: str, key: str = CLIENT_KEY) -> str:
 def test_metrics_after_real_traffic(upstream: FakeOpenAIUpstream, redis_url: str) -> None:
     # Three keys: one that answered 429 cools, one that answered 401 is disabled, one serves.
     settings = gateway_settings(
-        upstream.url,  # type: ignore[attr-defined]
+        upstream.url,
         GATEWAY_CACHE_ENABLED="true",
         GATEWAY_REDIS_URL=redis_url,
         GATEWAY_UPSTREAM_KEYS=",".join((*UPSTREAM_KEYS, THIRD_KEY)),
@@ -58,7 +55,7 @@ def test_metrics_after_real_traffic(upstream: FakeOpenAIUpstream, redis_url: str
     png = images.png(64, 64)
     image = ("a.png", png, "image/png")
     with serve_in_thread(create_app(settings)) as url:
-        client = sdk(url)
+        client = sdk_client(url)
         # Two successes paid upstream (1 + 2 images), then the first again from the cache.
         client.images.edit(image=image, prompt=prompt(1))
         client.images.edit(image=image, prompt=prompt(2), n=2)
@@ -147,7 +144,7 @@ def test_metrics_count_unreachable_upstream_as_connect(upstream: FakeOpenAIUpstr
     closed = f"http://127.0.0.1:{free_port()}/v1"
     with serve_in_thread(create_app(gateway_settings(closed))) as url:
         with pytest.raises(openai.InternalServerError):
-            sdk(url).images.edit(image=("a.png", images.png(), "image/png"), prompt="x")
+            sdk_client(url).images.edit(image=("a.png", images.png(), "image/png"), prompt="x")
         text = scrape(url)
     assert total(text, "gateway_upstream_errors_total", kind="connect") == 1
 
@@ -163,7 +160,7 @@ def test_metrics_need_a_client_key_by_default(own_gateway: str) -> None:
 
 def test_metrics_token_replaces_client_keys_for_metrics(upstream: FakeOpenAIUpstream) -> None:
     token = "metrics-token-0123456789abcdef"
-    settings = gateway_settings(upstream.url, GATEWAY_METRICS_TOKEN=token)  # type: ignore[attr-defined]
+    settings = gateway_settings(upstream.url, GATEWAY_METRICS_TOKEN=token)
     with serve_in_thread(create_app(settings)) as url:
         assert httpx.get(url + "/metrics").status_code == 401
         refused = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {CLIENT_KEY}"})
@@ -178,7 +175,7 @@ def test_metrics_token_replaces_client_keys_for_metrics(upstream: FakeOpenAIUpst
 
 
 def test_metrics_public_needs_no_credentials(upstream: FakeOpenAIUpstream) -> None:
-    settings = gateway_settings(upstream.url, GATEWAY_METRICS_PUBLIC="true")  # type: ignore[attr-defined]
+    settings = gateway_settings(upstream.url, GATEWAY_METRICS_PUBLIC="true")
     with serve_in_thread(create_app(settings)) as url:
         response = httpx.get(url + "/metrics")
         assert response.status_code == 200
@@ -187,7 +184,7 @@ def test_metrics_public_needs_no_credentials(upstream: FakeOpenAIUpstream) -> No
 
 
 def test_metrics_report_redis_up_and_errors(upstream: FakeOpenAIUpstream, redis_url: str) -> None:
-    settings = gateway_settings(upstream.url, GATEWAY_REDIS_URL=redis_url)  # type: ignore[attr-defined]
+    settings = gateway_settings(upstream.url, GATEWAY_REDIS_URL=redis_url)
     with serve_in_thread(create_app(settings)) as url:
         assert httpx.get(url + "/readyz").status_code == 200
         text = scrape(url)
@@ -195,7 +192,7 @@ def test_metrics_report_redis_up_and_errors(upstream: FakeOpenAIUpstream, redis_
     assert total(text, "gateway_redis_errors_total") == 0
 
     nowhere = f"redis://127.0.0.1:{free_port()}/0"
-    settings = gateway_settings(upstream.url, GATEWAY_REDIS_URL=nowhere)  # type: ignore[attr-defined]
+    settings = gateway_settings(upstream.url, GATEWAY_REDIS_URL=nowhere)
     with serve_in_thread(create_app(settings)) as url:
         # A down Redis degrades the gateway (served uncached), it does not take it out.
         assert httpx.get(url + "/readyz").json()["checks"]["redis"] == "unreachable"

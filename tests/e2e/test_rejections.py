@@ -10,9 +10,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import CLIENT_KEY
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support import images
+from tests.support.constants import CLIENT_KEY
 
 PNG = images.png(64, 64)
 

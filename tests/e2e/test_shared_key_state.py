@@ -13,9 +13,10 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.test_key_pool import ADMIN_KEY, CLIENT_KEY, KEYS, edit, sdk, upstream_config
+from tests.e2e.test_key_pool import ADMIN_KEY, CLIENT_KEY, KEYS, edit, upstream_config
 from tests.fakes.faulty_upstream import FaultyUpstream, error_reply
-from tests.support.gateway_config import write_gateway_config
+from tests.support.gateway_config import write_routing_config
+from tests.support.sdk import sdk_client
 from tests.support.servers import free_port, serve_in_thread, wait_for_port
 
 CLI = Path(sys.executable).parent / "image-gateway"
@@ -52,7 +53,7 @@ def test_pool_cooldown_through_one_process_is_honoured_by_another(
         fake_url = stack.enter_context(serve_in_thread(fake.app)) + "/v1"
         upstream = upstream_config(fake_url, KEYS[:2], "SHARED_POOL_KEYS")
         del upstream["keys"]
-        config = write_gateway_config(
+        config = write_routing_config(
             tmp_path,
             {"default": upstream},
             pool={"namespace": "t-" + uuid.uuid4().hex[:12]},
@@ -67,10 +68,10 @@ def test_pool_cooldown_through_one_process_is_honoured_by_another(
         first = stack.enter_context(gateway_process(env, tmp_path / "first.log"))
         second = stack.enter_context(gateway_process(env, tmp_path / "second.log"))
 
-        assert edit(sdk(first)).data  # key 1 answers 429, key 2 serves
+        assert edit(sdk_client(first)).data  # key 1 answers 429, key 2 serves
         assert fake.edits_with(KEYS[0]) == 1
         # A fresh process would try key 1 first; the shared cooldown keeps it away.
-        client = sdk(second)
+        client = sdk_client(second)
         for _ in range(5):
             assert edit(client).data
         assert fake.edits_with(KEYS[0]) == 1

@@ -17,18 +17,19 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, gateway_env, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply, images_response
 from tests.support import images
-from tests.support.configs import write_gateway_config
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_config import write_gateway_config
+from tests.support.gateway_env import gateway_env, gateway_settings
 from tests.support.gateway_process import GatewayProcess, gateway_process
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 # Each edit takes this long upstream: the drain has to wait for it.
@@ -101,7 +102,7 @@ class Edit:
         self.thread.start()
 
     def _run(self) -> None:
-        client = OpenAI(base_url=self.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=60)
+        client = sdk_client(self.url, timeout=60)
         try:
             self.result = client.images.edit(image=("a.png", PNG, "image/png"), prompt=self.prompt)
         except Exception as exc:
@@ -137,7 +138,7 @@ def access_lines(output: str) -> list[dict[str, object]]:
 def new_request(kind: str, url: str, kept: httpx.Client) -> tuple[str, float]:
     """One brand-new request; its outcome ("refused", "503" or what else it got) and duration."""
     auth = {"authorization": f"Bearer {CLIENT_KEY}"}
-    sdk = OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=10)
+    sdk = sdk_client(url, timeout=10)
     started = time.monotonic()
     try:
         if kind == "healthz":
@@ -280,11 +281,11 @@ def test_stream_still_running_at_the_drain_limit_ends_with_an_error_event(
     config = write_gateway_config(
         tmp_path, shutdown={"drain_timeout": 0.5}, cache={"enabled": False}
     )
-    settings = gateway_settings(fake_upstream.url, GATEWAY_CONFIG=str(config))  # type: ignore[attr-defined]
+    settings = gateway_settings(fake_upstream.url, GATEWAY_CONFIG=str(config))
     app = create_app(settings)
     try:
         with serve_in_thread(app) as url:
-            client = OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+            client = sdk_client(url)
             stream = client.images.edit(
                 image=("a.png", PNG, "image/png"), prompt="a hat", stream=True, partial_images=1
             )

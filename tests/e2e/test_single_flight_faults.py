@@ -22,13 +22,15 @@ import pytest
 import redis
 from openai import OpenAI
 
-from tests.conftest import CLIENT_KEY, gateway_env
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.support import images
-from tests.support.configs import write_gateway_config
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_config import write_gateway_config
+from tests.support.gateway_env import gateway_env
 from tests.support.gateway_process import GatewayProcess, gateway_process
 from tests.support.prom import total
 from tests.support.redis_server import PrivateRedis
+from tests.support.sdk import sdk_client
 
 LATENCY = 1.0  # the fake upstream's answer time, seconds
 # Acceptance: every request answers within the upstream's latency + 2 s.
@@ -48,8 +50,7 @@ class Replicas:
     gateways: list[GatewayProcess]
 
     def sdk(self, index: int, **options: Any) -> OpenAI:
-        options = {"max_retries": 0, "timeout": 30, **options}
-        return OpenAI(base_url=self.gateways[index].url + "/v1", api_key=CLIENT_KEY, **options)
+        return sdk_client(self.gateways[index].url, **options)
 
     def in_flight(self, index: int) -> float:
         scrape = httpx.get(self.gateways[index].url + "/metrics", timeout=5)
@@ -70,7 +71,7 @@ def replicas(
         directory, retry={"max_attempts": 1}, cache={"enabled": True, "lease_seconds": LEASE}
     )
     env = gateway_env(
-        fake_upstream.url,  # type: ignore[attr-defined]
+        fake_upstream.url,
         GATEWAY_CONFIG=str(config),
         GATEWAY_REDIS_URL=server.url,
         GATEWAY_CACHE_ENABLED="true",

@@ -10,9 +10,10 @@ import threading
 import pytest
 from openai import APIError, OpenAI, RateLimitError
 
-from tests.e2e.test_cache_sdk import cached_settings, gateway, sdk, unique_prompt
+from tests.e2e.test_cache_sdk import cached_settings, gateway, unique_prompt
 from tests.fakes.openai_upstream import RESULT_PNG, FakeOpenAIUpstream, Reply, images_response
 from tests.support import images
+from tests.support.sdk import sdk_client
 
 PNG = images.png(32, 32)
 
@@ -90,7 +91,7 @@ def test_streamed_result_is_cached_as_the_final_image(
 ) -> None:
     prompt = unique_prompt()
     with gateway(cached_settings(fake_upstream, redis_url)) as url:
-        cached = sdk(url)
+        cached = sdk_client(url)
         streamed = list(
             cached.images.edit(
                 image=("a.png", PNG, "image/png"), prompt=prompt, stream=True, partial_images=1

@@ -11,10 +11,11 @@ from openai import OpenAI
 
 from app.config.settings import load_settings
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, gateway_env
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.support import images
-from tests.support.configs import write_gateway_config
+from tests.support.gateway_config import write_gateway_config
+from tests.support.gateway_env import gateway_env
+from tests.support.sdk import sdk_client
 from tests.support.servers import free_port, serve_in_thread
 
 PNG = images.png(64, 64)
@@ -113,7 +114,7 @@ def short_timeout_gateway(
             }
         },
     )
-    env = gateway_env(fake_upstream.url, GATEWAY_CONFIG=str(config))  # type: ignore[attr-defined]
+    env = gateway_env(fake_upstream.url, GATEWAY_CONFIG=str(config))
     with serve_in_thread(create_app(load_settings(env=env))) as url:
         yield url
 
@@ -122,7 +123,7 @@ def test_upstream_timeout_is_504_after_the_configured_total(
     short_timeout_gateway: str, upstream: FakeOpenAIUpstream
 ) -> None:
     upstream.enqueue(Reply(delay=3))
-    client = OpenAI(base_url=short_timeout_gateway + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    client = sdk_client(short_timeout_gateway)
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as caught:
         edit(client)
@@ -136,7 +137,7 @@ def test_upstream_unreachable_is_502(tmp_path: object) -> None:
     dead = f"http://127.0.0.1:{free_port()}/v1"
     settings = load_settings(env=gateway_env(dead))
     with serve_in_thread(create_app(settings)) as url:
-        client = OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+        client = sdk_client(url)
         with pytest.raises(openai.InternalServerError) as caught:
             edit(client)
     assert caught.value.status_code == 502

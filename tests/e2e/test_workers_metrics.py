@@ -7,13 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-from openai import OpenAI
 
-from tests.conftest import CLIENT_KEY, gateway_env
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support import images
+from tests.support.gateway_env import gateway_env
 from tests.support.gateway_process import gateway_process
 from tests.support.prom import total
+from tests.support.sdk import sdk_client
 
 N = 20
 EDITS = "/v1/images/edits"
@@ -24,12 +24,12 @@ def test_two_workers_report_the_sum_of_their_counters(
 ) -> None:
     temp = tmp_path / "tmp"
     temp.mkdir()
-    env = gateway_env(upstream.url, GATEWAY_METRICS_PUBLIC="true", TMPDIR=str(temp))  # type: ignore[attr-defined]
+    env = gateway_env(upstream.url, GATEWAY_METRICS_PUBLIC="true", TMPDIR=str(temp))
     png = images.png(32, 32)
     with gateway_process(env, tmp_path / "gateway.log", workers=2) as gateway:
         for _ in range(N):
             # A client per request: a new connection each time, which either worker may accept.
-            with OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0) as client:
+            with sdk_client(gateway.url) as client:
                 client.images.edit(image=("a.png", png, "image/png"), prompt="x")
         (metrics_dir,) = temp.iterdir()  # made by the CLI for this run
         assert metrics_dir.name.startswith("image-gateway-metrics-")

@@ -68,9 +68,12 @@ def result_png(index: int) -> bytes:
 
 
 class FakeBflUpstream:
+    # Its base URL (no /v1: BFL's paths carry it); set by whoever serves `app`.
+    url: str
+
     def __init__(self, keys: tuple[str, ...] = ()) -> None:
         self.keys = set(keys)
-        self.url = ""  # set by whoever serves the app
+        self.url = ""
         self.hits: list[Hit] = []
         self.tasks: dict[str, BflTask] = {}
         self._counter = itertools.count()

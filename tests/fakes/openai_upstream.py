@@ -86,7 +86,11 @@ def images_response(n: int, *, with_usage_details: bool = False) -> dict[str, An
 
 
 class FakeOpenAIUpstream:
+    # Its base URL ending in /v1, as a gateway config names it; set by whoever serves `app`.
+    url: str
+
     def __init__(self) -> None:
+        self.url = ""
         self.requests: list[RecordedRequest] = []
         self.replies: deque[Reply] = deque()
         # Called for each edit when no scripted reply is queued; returns the reply to send.

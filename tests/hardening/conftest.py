@@ -11,9 +11,9 @@ import pytest
 
 from app.config.settings import Limits, Settings
 from app.main import create_app
-from tests.conftest import gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.hardening.corpus import SMALL_LIMITS
+from tests.support.gateway_env import gateway_settings
 from tests.support.servers import serve_in_thread
 
 
@@ -36,6 +36,6 @@ def small_settings(upstream_url: str, spool_dir: Path, **limits: object) -> Sett
 @pytest.fixture(scope="session")
 def small_gateway(fake_upstream: FakeOpenAIUpstream) -> Iterator[SmallGateway]:
     with tempfile.TemporaryDirectory(prefix="gw-spool-") as spool:
-        settings = small_settings(fake_upstream.url, Path(spool))  # type: ignore[attr-defined]
+        settings = small_settings(fake_upstream.url, Path(spool))
         with serve_in_thread(create_app(settings)) as url:
             yield SmallGateway(url, Path(spool), settings)

@@ -10,11 +10,12 @@ from pydantic import SecretStr
 
 from app.main import create_app
 from app.server.auth import ClientAuthMiddleware
-from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.hardening import multipart as mp
 from tests.hardening.raw_http import RawResponse, connect, head, read_response
 from tests.support import images
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_env import gateway_settings
 from tests.support.servers import serve_in_thread
 
 TARGETS = [
@@ -169,7 +170,7 @@ METRICS_TOKEN = "igw-metrics-token-bypass-test-99"
 def guarded_extras_url(fake_upstream: FakeOpenAIUpstream) -> Iterator[str]:
     """A gateway whose /metrics takes its own token and whose /admin/* takes admin keys."""
     settings = gateway_settings(
-        fake_upstream.url,  # type: ignore[attr-defined]
+        fake_upstream.url,
         GATEWAY_ADMIN_KEYS=ADMIN_KEY,
         GATEWAY_METRICS_TOKEN=METRICS_TOKEN,
     )

@@ -11,12 +11,12 @@ import pytest
 from openai import APIStatusError, BadRequestError, NotFoundError, OpenAI
 
 from app.config.catalog import load_catalog
-from tests.conftest import CLIENT_KEY, REPO
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.hardening import multipart as mp
 from tests.hardening.conftest import SmallGateway
 from tests.hardening.corpus import Case, build
 from tests.support import images
+from tests.support.constants import CLIENT_KEY, REPO
 
 CASES = build(load_catalog(REPO / "config" / "models.yaml", known_upstreams={"default"}))
 

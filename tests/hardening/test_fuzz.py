@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.config.catalog import KNOWN_PARAMS
-from tests.conftest import CLIENT_KEY
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.hardening import multipart as mp
 from tests.support import images
+from tests.support.constants import CLIENT_KEY
 
 FUZZ = settings(
     max_examples=120,

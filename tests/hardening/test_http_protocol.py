@@ -27,10 +27,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.main import create_app
 from app.server.protocol import MAX_HEAD_BYTES, GuardedHttpToolsProtocol
-from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.hardening.raw_http import closed_by_peer, connect, head, read_response
 from tests.support import images
+from tests.support.constants import CLIENT_KEY
+from tests.support.gateway_env import gateway_settings
 from tests.support.servers import serve_in_thread
 
 HEAD_TIMEOUT = 0.5
@@ -42,7 +43,7 @@ class QuickHeadTimeout(GuardedHttpToolsProtocol):
 
 @pytest.fixture(scope="module")
 def guarded_url(fake_upstream: FakeOpenAIUpstream) -> Iterator[str]:
-    settings = gateway_settings(fake_upstream.url)  # type: ignore[attr-defined]
+    settings = gateway_settings(fake_upstream.url)
     with serve_in_thread(create_app(settings), http=QuickHeadTimeout) as url:
         yield url
 
@@ -473,7 +474,7 @@ def test_http_protocol_body_in_2_byte_pieces_is_served_like_stock_uvicorn(
     image = images.noise_png(FLOOD_IMAGE_SIDE, FLOOD_IMAGE_SIDE, seed=16)
     request = sdk_edit_request(image, "flood")
     assert len(request) > 2_400_000
-    settings = gateway_settings(fake_upstream.url)  # type: ignore[attr-defined]
+    settings = gateway_settings(fake_upstream.url)
     runs: dict[str, list[FloodRun]] = {"guarded": [], "stock": []}
     with (
         serve_in_thread(create_app(settings)) as guarded,

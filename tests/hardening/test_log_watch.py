@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from openai import InternalServerError, OpenAI
+from openai import InternalServerError
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.support import images
+from tests.support.gateway_env import gateway_settings
 from tests.support.log_watch import COLLECTOR
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 
@@ -24,7 +25,7 @@ def test_log_watch_collects_a_server_side_traceback() -> None:
     settings = gateway_settings("http://127.0.0.1:9/v1")
     start = len(COLLECTOR.records)
     with serve_in_thread(create_app(settings, transport=ExplodingTransport())) as url:
-        client = OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+        client = sdk_client(url)
         with pytest.raises(InternalServerError) as caught:
             client.images.edit(image=("a.png", images.png(), "image/png"), prompt="x")
     assert caught.value.status_code == 500

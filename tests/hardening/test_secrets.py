@@ -15,15 +15,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openai import APIStatusError, OpenAI
+from openai import APIStatusError
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, REPO, UPSTREAM_KEYS, gateway_env, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, RecordedRequest, Reply
 from tests.hardening import multipart as mp
 from tests.hardening.raw_http import connect, head, read_response
 from tests.support import images
+from tests.support.constants import CLIENT_KEY, REPO, UPSTREAM_KEYS
+from tests.support.gateway_env import gateway_env, gateway_settings
 from tests.support.redis_topologies import sync_redis
+from tests.support.sdk import sdk_client
 from tests.support.servers import free_port, serve_in_thread, wait_for_port
 
 SECOND_CLIENT_KEY = "igw-second-client-key-zyxwvu987654"
@@ -66,7 +68,7 @@ def echoing_upstream(status: int, **extra: object) -> object:
 def run_scenario(base_url: str, upstream: FakeOpenAIUpstream) -> list[str]:
     """Drive the gateway through every path; return everything a client could see."""
     seen: list[str] = []
-    client = OpenAI(base_url=base_url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+    client = sdk_client(base_url)
     image = ("a.png", images.png(64, 64), "image/png")
 
     def record(response: httpx.Response) -> None:
@@ -104,7 +106,7 @@ def run_scenario(base_url: str, upstream: FakeOpenAIUpstream) -> list[str]:
             seen.append("no error")
     upstream.reset()
 
-    wrong = OpenAI(base_url=base_url + "/v1", api_key=WRONG_CLIENT_KEY, max_retries=0)
+    wrong = sdk_client(base_url, key=WRONG_CLIENT_KEY)
     try:
         wrong.images.edit(image=image, prompt="x")
     except APIStatusError as exc:
@@ -196,7 +198,7 @@ def subprocess_gateway(
         env = {
             **os.environ,
             **gateway_env(
-                fake_upstream.url,  # type: ignore[attr-defined]
+                fake_upstream.url,
                 GATEWAY_CONFIG=str(write_config(directory)),
                 GATEWAY_REDIS_URL=redis_url,
                 **SECRET_ENV,
@@ -251,7 +253,7 @@ def test_secrets_never_reach_any_logger_in_process(
     tmp_path: Path,
 ) -> None:
     settings = gateway_settings(
-        fake_upstream.url,  # type: ignore[attr-defined]
+        fake_upstream.url,
         GATEWAY_CONFIG=str(write_config(tmp_path)),
         **SECRET_ENV,
     )

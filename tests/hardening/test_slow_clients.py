@@ -12,10 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openai import InternalServerError, OpenAI
+from openai import InternalServerError
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.hardening import multipart as mp
 from tests.hardening.conftest import SmallGateway, small_settings
@@ -29,6 +28,8 @@ from tests.hardening.raw_http import (
     wait_until,
 )
 from tests.support import images, prom
+from tests.support.constants import CLIENT_KEY
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 IDLE_TIMEOUT = 0.5
@@ -39,7 +40,7 @@ def stall_gateway(fake_upstream: FakeOpenAIUpstream) -> Iterator[SmallGateway]:
     """A gateway that gives up on a silent body after IDLE_TIMEOUT seconds."""
     with tempfile.TemporaryDirectory(prefix="gw-spool-") as spool:
         settings = small_settings(
-            fake_upstream.url,  # type: ignore[attr-defined]
+            fake_upstream.url,
             Path(spool),
             body_idle_timeout=IDLE_TIMEOUT,
             body_timeout=30,
@@ -146,7 +147,7 @@ def test_slow_client_disconnecting_while_upstream_works_lets_the_call_complete(
     assert healthy(stall_gateway.url)
     assert wait_until(lambda: in_flight(stall_gateway.url) == 0)
     # The paid answer was kept: the same edit again is served without a second upstream call.
-    client = OpenAI(base_url=stall_gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    client = sdk_client(stall_gateway.url)
     again = client.images.with_raw_response.edit(
         image=("again.png", image, "image/png"), prompt=prompt
     )
@@ -160,7 +161,7 @@ def one_slot_gateway(fake_upstream: FakeOpenAIUpstream) -> Iterator[SmallGateway
     """A gateway admitting one request at a time: a stalled client holds its only slot."""
     with tempfile.TemporaryDirectory(prefix="gw-spool-") as spool:
         settings = small_settings(
-            fake_upstream.url,  # type: ignore[attr-defined]
+            fake_upstream.url,
             Path(spool),
             body_idle_timeout=IDLE_TIMEOUT,
             max_in_flight=1,
@@ -173,7 +174,7 @@ def test_slow_client_stalled_body_frees_its_slot_at_the_idle_timeout(
     one_slot_gateway: SmallGateway, upstream: FakeOpenAIUpstream
 ) -> None:
     url = one_slot_gateway.url
-    client = OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+    client = sdk_client(url)
     image = ("a.png", images.png(64, 64), "image/png")
     with connect(url) as sock:
         body = edit_body(images.png(64, 64))

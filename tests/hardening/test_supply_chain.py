@@ -8,7 +8,7 @@ import tomllib
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.constants import REPO
 
 _REQUIREMENT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*(.*)$")
 

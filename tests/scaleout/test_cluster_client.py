@@ -17,7 +17,7 @@ from app.shared_state.factory import open_redis
 from tests.support.redis_topologies import ClusterDeployment, running_topology
 
 ROUNDS = 5
-TASKS = 40  # as many concurrent key-pool updates as tests/keys/test_store.py makes
+TASKS = 40  # as many concurrent key-pool updates as tests/unit/keys/test_store.py makes
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,11 @@ from collections.abc import Iterator
 import pytest
 
 from app.main import create_app
-from tests.conftest import gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
-from tests.scaleout.test_sentinel_failover import edit, sdk_client
+from tests.scaleout.test_sentinel_failover import edit
+from tests.support.gateway_env import gateway_settings
 from tests.support.redis_topologies import ClusterDeployment, running_topology
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 RUN_SECONDS = 4.0  # longer than cluster-node-timeout (2 s): the cluster is declared down
@@ -32,7 +33,7 @@ def test_cluster_node_loss_every_edit_answers_and_caching_resumes(
     cluster: ClusterDeployment, fake_upstream: FakeOpenAIUpstream, upstream: FakeOpenAIUpstream
 ) -> None:
     settings = gateway_settings(
-        fake_upstream.url,  # type: ignore[attr-defined]
+        fake_upstream.url,
         GATEWAY_REDIS_URL=cluster.url,
         GATEWAY_CACHE_ENABLED="true",
     )

@@ -13,7 +13,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from app.config.settings import load_settings
 from app.config.yaml_source import ConfigError
 from app.shared_state.factory import RedisTarget, RedisUrlError, open_redis
-from tests.conftest import CONFIG
+from tests.support.constants import CONFIG
 
 PASSWORD = "s3cret-redis-pass"
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import openai
 import pytest
-from openai import OpenAI
 
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, RecordedRequest, Reply
 from tests.support import images
-from tests.support.configs import write_gateway_config
+from tests.support.gateway_config import write_gateway_config
 from tests.support.gateway_process import gateway_process
 from tests.support.nginx import REPLICA_HEADER, nginx_round_robin
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 REPLICAS = 3
@@ -90,7 +90,7 @@ def deployment(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def edit(url: str, key: str) -> tuple[str, Any]:
-    client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+    client = sdk_client(url, key=key)
     raw = client.images.with_raw_response.edit(
         image=("a.png", images.png(32, 32), "image/png"), prompt="x"
     )

@@ -14,10 +14,11 @@ import redis
 from openai import OpenAI
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, gateway_settings
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support import images
+from tests.support.gateway_env import gateway_settings
 from tests.support.redis_topologies import SentinelDeployment, running_topology
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 # Bounds: the run stops by itself even if the failover never completes.
@@ -30,10 +31,6 @@ def sentinel() -> Iterator[SentinelDeployment]:
     with running_topology("sentinel") as deployment:
         assert isinstance(deployment, SentinelDeployment)
         yield deployment
-
-
-def sdk_client(url: str) -> OpenAI:
-    return OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
 
 
 def edit(client: OpenAI, prompt: str) -> tuple[int, str | None]:
@@ -53,7 +50,7 @@ def test_sentinel_failover_every_edit_answers_and_caching_resumes_on_the_promote
     sentinel: SentinelDeployment, fake_upstream: FakeOpenAIUpstream, upstream: FakeOpenAIUpstream
 ) -> None:
     settings = gateway_settings(
-        fake_upstream.url,  # type: ignore[attr-defined]
+        fake_upstream.url,
         GATEWAY_REDIS_URL=sentinel.url,
         GATEWAY_CACHE_ENABLED="true",
     )

@@ -16,13 +16,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SUITES = (
-    "tests/cache/test_store.py",  # lookup-or-lead script, leases
+    "tests/unit/cache/test_store.py",  # lookup-or-lead script, leases
     "tests/e2e/test_cache_sdk.py",  # cache and single-flight through the SDK, two processes
-    "tests/clients/test_limiter.py",  # rate limits, concurrency leases, quotas
-    "tests/clients/test_keystore.py",
-    "tests/clients/test_gate_usage.py",
-    "tests/clients/test_replicas.py",  # limits across gateway replicas
-    "tests/keys/test_store.py",  # key-pool state, compare-and-set, rpm counters
+    "tests/unit/tenants/test_limiter.py",  # rate limits, concurrency leases, quotas
+    "tests/unit/tenants/test_keystore.py",
+    "tests/unit/tenants/test_gate_usage.py",
+    "tests/unit/tenants/test_replicas.py",  # limits across gateway replicas
+    "tests/unit/keys/test_store.py",  # key-pool state, compare-and-set, rpm counters
     "tests/e2e/test_shared_key_state.py",  # key cooldowns across gateway processes
 )
 # Fewer passing tests than this means the child run lost most of its tests, not that it passed.

@@ -14,12 +14,12 @@ from openai import OpenAI
 
 from app.config.settings import Settings, load_settings
 from app.main import create_app
-from tests.support.configs import MODELS
+from tests.support.constants import CLIENT_KEY, MODELS
+from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
 
 BFL_KEYS = ("bfl-test-key-AAAA1111aaaa", "bfl-test-key-BBBB2222bbbb")
 OPENAI_KEYS = ("sk-test-upstream-CCCC3333cccc",)
-CLIENT_KEY = "igw-test-client-key-bfl-0123456789"
 FLUX_MODELS = ("flux-kontext-pro", "flux-kontext-max")
 
 # Loopback and plain http are allowed explicitly: the fake runs on 127.0.0.1 without TLS.
@@ -104,6 +104,5 @@ def serve_bfl_gateway(directory: Path, **config: Any) -> Iterator[str]:
 
 
 def sdk(gateway_url: str, *, max_retries: int = 0) -> OpenAI:
-    return OpenAI(
-        base_url=gateway_url + "/v1", api_key=CLIENT_KEY, max_retries=max_retries, timeout=60
-    )
+    # Longer than sdk_client's default: a BFL edit is a submit and then polls.
+    return sdk_client(gateway_url, max_retries=max_retries, timeout=60)

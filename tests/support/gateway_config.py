@@ -1,4 +1,5 @@
-"""Write a gateway.yaml and models.yaml for one test: several upstreams, one small catalog."""
+"""Write a gateway.yaml (and, for routing tests, a one-model catalog) for tests that need other
+settings than config/gateway.yaml."""
 
 from __future__ import annotations
 
@@ -7,10 +8,28 @@ from typing import Any
 
 import yaml
 
+from tests.support.constants import CONFIG, MODELS
+
 MODEL = "gpt-image-1.5"
 
 
-def write_gateway_config(
+def write_gateway_config(directory: Path, **sections: Any) -> Path:
+    """A gateway.yaml in `directory`: config/gateway.yaml (the code's defaults, spelled out) with
+    the repo's catalog and top-level sections overridden. A mapping is merged key by key into the
+    repo's section, except `upstreams`, which replaces them: a test's upstreams are all there is."""
+    base = yaml.safe_load(CONFIG.read_text())
+    base["catalog"] = str(MODELS)
+    for key, value in sections.items():
+        if key != "upstreams" and isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    path = directory / "gateway.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def write_routing_config(
     directory: Path,
     upstreams: dict[str, dict[str, Any]],
     *,
@@ -19,7 +38,8 @@ def write_gateway_config(
     pool: dict[str, Any] | None = None,
     retry: dict[str, Any] | None = None,
 ) -> Path:
-    """Upstreams as gateway.yaml spells them; the one model serves from `model_upstreams`."""
+    """Upstreams as gateway.yaml spells them, and a catalog of one model served from
+    `model_upstreams` (all of them when not given), written beside the gateway.yaml."""
     catalog = {
         "models": {
             MODEL: {
@@ -29,17 +49,16 @@ def write_gateway_config(
             }
         }
     }
-    (directory / "models.yaml").write_text(yaml.safe_dump(catalog))
-    config: dict[str, Any] = {
-        "catalog": "models.yaml",
-        "default_model": MODEL,
-        "upstreams": upstreams,
+    models = directory / "models.yaml"
+    models.write_text(yaml.safe_dump(catalog))
+    return write_gateway_config(
+        directory,
+        catalog=str(models),
+        default_model=MODEL,
+        upstreams=upstreams,
         # Quick probes and no waiting on gateway internals keep the tests short.
-        "pool": {"probe_interval": 0.2, **(pool or {})},
-        "retry": retry or {},
+        pool={"probe_interval": 0.2, **(pool or {})},
+        retry=retry or {},
         # Repeated identical edits must reach the upstream: these tests count upstream calls.
-        "cache": {"enabled": False},
-    }
-    path = directory / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+        cache={"enabled": False},
+    )

@@ -26,8 +26,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app.main import create_app
-from tests.conftest import CLIENT_KEY, gateway_settings
+from tests.support.constants import CLIENT_KEY
 from tests.support.counting_listener import CountingListener
+from tests.support.gateway_env import gateway_settings
 from tests.support.servers import serve_in_thread
 
 PUBLIC = "93.184.216.34"

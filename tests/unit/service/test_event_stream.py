@@ -15,8 +15,8 @@ from app.intake.form import IntakeForm, TextField
 from app.intake.validation import validate_generation
 from app.service.streaming import event_stream
 from app.upstream.base import PartialSink
-from tests.cache.builders import edit
-from tests.conftest import gateway_settings
+from tests.support.gateway_env import gateway_settings
+from tests.unit.cache.builders import edit
 
 
 def generation(**fields: str) -> Any:

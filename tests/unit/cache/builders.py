@@ -8,8 +8,8 @@ from app.intake.form import IntakeForm, TextField
 from app.intake.request import EditRequest
 from app.intake.spool import SpooledUpload
 from app.intake.validation import validate_edit
-from tests.conftest import gateway_env
 from tests.support import images
+from tests.support.gateway_env import gateway_env
 
 
 def catalog() -> Catalog:

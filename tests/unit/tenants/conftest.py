@@ -16,8 +16,8 @@ from app.intake.sniff import HEAD_BYTES, TAIL_BYTES, sniff_image
 from app.intake.spool import SpooledUpload
 from app.shared_state.factory import open_redis
 from app.tenants.directory import ClientPolicy
-from tests.conftest import CONFIG
 from tests.support import images
+from tests.support.constants import CONFIG
 from tests.support.redis_topologies import with_db
 
 # A database of its own on the shared test Redis: other suites scan theirs and must not see ours.

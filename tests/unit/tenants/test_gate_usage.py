@@ -24,10 +24,10 @@ from app.tenants.gate import ClientGate, MeteredEdit
 from app.tenants.limiter import Limiter
 from app.tenants.usage import Usage, UsageLedger
 from app.upstream.base import UpstreamAnswer
-from tests.clients.conftest import catalog, edit_request, fresh_namespace, policy, redis_client
 from tests.fakes.openai_upstream import images_response
 from tests.support.redis_server import PrivateRedis
 from tests.support.servers import free_port
+from tests.unit.tenants.conftest import catalog, edit_request, fresh_namespace, policy, redis_client
 
 
 def answer(n: int) -> UpstreamAnswer:

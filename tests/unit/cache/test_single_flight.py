@@ -35,10 +35,10 @@ from app.intake.request import EditRequest
 from app.routing.forwarder import AttemptNote
 from app.shared_state.factory import open_redis
 from app.upstream.base import PartialSink, UpstreamAnswer
-from tests.cache.builders import edit
 from tests.support import images
 from tests.support.redis_server import PrivateRedis
 from tests.support.redis_topologies import sync_redis
+from tests.unit.cache.builders import edit
 
 RESULT = images.png(8, 8, colour=(4, 5, 6))
 

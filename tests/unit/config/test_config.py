@@ -8,8 +8,8 @@ import pytest
 
 from app.config.settings import load_settings
 from app.config.yaml_source import ConfigError
-from tests.conftest import CONFIG
-from tests.support.configs import write_gateway_config
+from tests.support.constants import CONFIG
+from tests.support.gateway_config import write_gateway_config
 
 BASE_ENV = {
     "GATEWAY_CONFIG": str(CONFIG),

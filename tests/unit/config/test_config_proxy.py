@@ -11,7 +11,7 @@ import pytest
 from app.config.settings import load_settings
 from app.config.yaml_source import ConfigError
 from app.wiring import environment_egress, secrets_of
-from tests.support.configs import write_gateway_config
+from tests.support.gateway_config import write_gateway_config
 
 BASE_ENV = {"GATEWAY_UPSTREAM_KEYS": "sk-a,sk-b", "GATEWAY_CLIENT_KEYS": "igw-client"}
 

@@ -13,10 +13,10 @@ import pytest
 
 from app.config.settings import load_settings
 from app.main import create_app
-from tests.conftest import UPSTREAM_KEYS
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support import images
-from tests.support.configs import write_gateway_config
+from tests.support.constants import UPSTREAM_KEYS
+from tests.support.gateway_config import write_gateway_config
 from tests.support.servers import serve_in_thread
 
 ADMIN = {"authorization": "Bearer igw-admin-" + secrets.token_hex(8)}
@@ -35,7 +35,7 @@ def admin_url(
     )
     env = {
         "GATEWAY_CONFIG": str(config),
-        "GATEWAY_UPSTREAM_URL": fake_upstream.url,  # type: ignore[attr-defined]
+        "GATEWAY_UPSTREAM_URL": fake_upstream.url,
         "GATEWAY_UPSTREAM_KEYS": ",".join(UPSTREAM_KEYS),
         "GATEWAY_ADMIN_KEYS": ADMIN["authorization"].removeprefix("Bearer "),
     }
@@ -122,7 +122,7 @@ def test_gateway_with_redis_down_fails_open_and_says_so(
     )
     env = {
         "GATEWAY_CONFIG": str(config),
-        "GATEWAY_UPSTREAM_URL": fake_upstream.url,  # type: ignore[attr-defined]
+        "GATEWAY_UPSTREAM_URL": fake_upstream.url,
         "GATEWAY_UPSTREAM_KEYS": ",".join(UPSTREAM_KEYS),
         "GATEWAY_ADMIN_KEYS": ADMIN["authorization"].removeprefix("Bearer "),
         "TEAM_KEYS": key,

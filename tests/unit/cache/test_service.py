@@ -16,9 +16,10 @@ from app.config.yaml_source import ConfigError
 from app.intake.request import EditRequest
 from app.routing.forwarder import AttemptNote
 from app.upstream.base import PartialSink, UpstreamAnswer
-from tests.cache.builders import edit
-from tests.conftest import CONFIG, gateway_env
 from tests.support import images
+from tests.support.constants import CONFIG
+from tests.support.gateway_env import gateway_env
+from tests.unit.cache.builders import edit
 
 RESULT = images.png(8, 8, colour=(1, 2, 3))
 

@@ -2,7 +2,8 @@
 can be written in (IPv4 carried inside IPv6 included), and pinning to the vetted address.
 
 Fetches through the guard (redirects, a Location httpx cannot parse, no connection made) are in
-tests/upstream/test_fetch.py, tests/test_bfl_upstream.py and tests/e2e/test_ssrf.py.
+tests/unit/upstream/test_fetch.py, tests/unit/upstream/test_bfl_upstream.py and
+tests/e2e/test_ssrf.py.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ import pytest
 
 from app.errors import StoreUnavailable
 from app.tenants.keystore import RuntimeKeyStore, key_digest
-from tests.clients.conftest import fresh_namespace, redis_client
 from tests.support.servers import free_port
+from tests.unit.tenants.conftest import fresh_namespace, redis_client
 
 
 class ManualClock:

@@ -16,8 +16,8 @@ from pydantic_settings import BaseSettings
 
 from app.config.settings import Settings, load_settings
 from app.config.yaml_source import ConfigError
-from tests.conftest import CONFIG, REPO
-from tests.support.configs import write_gateway_config
+from tests.support.constants import CONFIG, REPO
+from tests.support.gateway_config import write_gateway_config
 
 BASE_ENV = {
     "GATEWAY_CONFIG": str(CONFIG),

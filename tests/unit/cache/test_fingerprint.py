@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from app.cache.fingerprint import fingerprint
-from tests.cache.builders import edit
 from tests.support import images
+from tests.unit.cache.builders import edit
 
 
 def test_fingerprint_fills_defaults_so_absent_and_explicit_defaults_match() -> None:

@@ -10,9 +10,9 @@ import pytest
 
 from app.errors import InvalidRequest, QuotaExceeded, RateLimited
 from app.tenants.limiter import Limiter, QuotaPeriod
-from tests.clients.conftest import fresh_namespace, policy, redis_client
 from tests.support.redis_server import PrivateRedis
 from tests.support.servers import free_port
+from tests.unit.tenants.conftest import fresh_namespace, policy, redis_client
 
 
 def request_id() -> str:

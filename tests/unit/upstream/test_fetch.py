@@ -1,7 +1,8 @@
 """The download of image URLs the gateway did not choose: the SSRF guard on every hop, size and
 time caps.
 
-The guard's own rules (allowlist patterns, address classes) are tested in tests/test_url_guard.py.
+The guard's own rules (allowlist patterns, address classes) are tested in
+tests/unit/upstream/test_url_guard.py.
 """
 
 from __future__ import annotations

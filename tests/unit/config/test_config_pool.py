@@ -9,8 +9,8 @@ import pytest
 from app.config.settings import load_settings
 from app.config.yaml_source import ConfigError
 from app.wiring import health_policy
-from tests.conftest import CONFIG
-from tests.support.gateway_config import write_gateway_config
+from tests.support.constants import CONFIG
+from tests.support.gateway_config import write_routing_config
 
 
 def test_config_env_keys_still_make_the_default_upstream() -> None:
@@ -39,7 +39,7 @@ def test_config_named_keys_carry_their_caps(tmp_path: Path) -> None:
         "weight": 3,
         "max_concurrency": 10,
     }
-    config = write_gateway_config(tmp_path, {"default": upstream}, retry={"max_attempts": 2})
+    config = write_routing_config(tmp_path, {"default": upstream}, retry={"max_attempts": 2})
     settings = load_settings(
         env={
             "GATEWAY_CONFIG": str(config),
@@ -59,14 +59,14 @@ def test_config_named_keys_carry_their_caps(tmp_path: Path) -> None:
 
 def test_config_refuses_a_missing_named_key(tmp_path: Path) -> None:
     upstream = {"base_url": "http://x/v1", "named_keys": [{"name": "a", "env": "UNSET_KEY"}]}
-    config = write_gateway_config(tmp_path, {"default": upstream})
+    config = write_routing_config(tmp_path, {"default": upstream})
     with pytest.raises(ConfigError, match="UNSET_KEY"):
         load_settings(env={"GATEWAY_CONFIG": str(config), "GATEWAY_ALLOW_ANONYMOUS": "true"})
 
 
 def test_config_refuses_keys_written_in_the_file(tmp_path: Path) -> None:
     upstream = {"base_url": "http://x/v1", "keys": ["sk-in-a-file-1111"]}
-    config = write_gateway_config(tmp_path, {"default": upstream})
+    config = write_routing_config(tmp_path, {"default": upstream})
     with pytest.raises(ConfigError, match="keys never go in this file") as caught:
         load_settings(env={"GATEWAY_CONFIG": str(config), "GATEWAY_ALLOW_ANONYMOUS": "true"})
     assert "sk-in-a-file-1111" not in str(caught.value)
@@ -75,7 +75,7 @@ def test_config_refuses_keys_written_in_the_file(tmp_path: Path) -> None:
 def test_config_ejection_share_and_outlier_window_reach_the_pool(tmp_path: Path) -> None:
     upstream = {"base_url": "http://127.0.0.1:9/v1", "keys_env": "POOL_KEYS"}
     pool = {"max_ejected_share": 0.25, "outlier_window": 12}
-    config = write_gateway_config(tmp_path, {"default": upstream}, pool=pool)
+    config = write_routing_config(tmp_path, {"default": upstream}, pool=pool)
     env = {
         "GATEWAY_CONFIG": str(config),
         "POOL_KEYS": "sk-a-1111",
@@ -101,7 +101,7 @@ def test_config_refuses_an_ejection_setting_out_of_range(
     tmp_path: Path, pool: dict[str, float]
 ) -> None:
     upstream = {"base_url": "http://127.0.0.1:9/v1", "keys_env": "POOL_KEYS"}
-    config = write_gateway_config(tmp_path, {"default": upstream}, pool=pool)
+    config = write_routing_config(tmp_path, {"default": upstream}, pool=pool)
     with pytest.raises(ConfigError, match=next(iter(pool))):
         load_settings(
             env={

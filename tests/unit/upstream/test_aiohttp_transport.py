@@ -20,7 +20,7 @@ import pytest
 from app.config.settings import load_settings
 from app.upstream.aiohttp_transport import AiohttpTransport, UpstreamPool
 from app.wiring import open_http
-from tests.conftest import CONFIG
+from tests.support.constants import CONFIG
 from tests.support.raw_upstream import RawUpstream, answering, reset
 
 OK = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"data":[]}'

@@ -18,15 +18,15 @@ from decimal import Decimal
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 
 from app.config.catalog import ModelPrice
 from app.config.settings import load_settings
-from tests.conftest import REPO, UPSTREAM_KEYS
 from tests.e2e.test_demo_cli import cli
 from tests.fakes.openai_upstream import FakeOpenAIUpstream, Reply
 from tests.support import images, prom
-from tests.support.configs import write_gateway_config
+from tests.support.constants import REPO, UPSTREAM_KEYS
+from tests.support.gateway_config import write_gateway_config
+from tests.support.sdk import sdk_client
 from tests.support.servers import free_port, wait_for_port
 
 ADMIN_KEY = "igw-admin-" + secrets.token_hex(16)
@@ -62,10 +62,6 @@ class Replicas:
         return self.a, self.b
 
 
-def sdk(url: str, key: str) -> OpenAI:
-    return OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
-
-
 def admin(method: str, url: str, path: str, **kwargs: object) -> httpx.Response:
     headers = {"authorization": f"Bearer {ADMIN_KEY}"}
     return httpx.request(method, url + path, headers=headers, timeout=10, **kwargs)  # type: ignore[arg-type]
@@ -74,7 +70,7 @@ def admin(method: str, url: str, path: str, **kwargs: object) -> httpx.Response:
 def edit(url: str, key: str, prompt: str | None = None, **kwargs: object) -> object:
     # A fresh prompt unless one is given: the result cache is on, and only the usage test
     # wants hits.
-    return sdk(url, key).images.edit(
+    return sdk_client(url, key=key).images.edit(
         image=("a.png", PNG, "image/png"),
         prompt=prompt or "edit " + secrets.token_hex(8),
         **kwargs,  # type: ignore[arg-type]
@@ -107,7 +103,7 @@ def replicas(
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
         GATEWAY_CONFIG=str(config),
-        GATEWAY_UPSTREAM_URL=fake_upstream.url,  # type: ignore[attr-defined]
+        GATEWAY_UPSTREAM_URL=fake_upstream.url,
         GATEWAY_UPSTREAM_KEYS=",".join(UPSTREAM_KEYS),
         GATEWAY_ADMIN_KEYS=ADMIN_KEY,
         **{ENV_NAMES[name]: key for name, key in KEYS.items()},
@@ -173,7 +169,7 @@ def test_clients_requests_per_minute_hold_across_replicas(
     key = KEYS["limited"]
     remaining = []
     for number in range(5):
-        raw = sdk(replicas.both[number % 2], key).images.with_raw_response.edit(
+        raw = sdk_client(replicas.both[number % 2], key=key).images.with_raw_response.edit(
             image=("a.png", PNG, "image/png"), prompt="rpm " + secrets.token_hex(8)
         )
         assert raw.headers["x-ratelimit-limit-requests"] == "5"
@@ -245,7 +241,7 @@ def test_clients_model_not_allowed_is_permission_denied(
     assert "gpt-image-1" in caught.value.message
     assert upstream.edits == []
     assert len(edit(replicas.b, key, model="flux-kontext-pro").data) == 1  # type: ignore[attr-defined]
-    listed = {model.id for model in sdk(replicas.a, key).models.list().data}
+    listed = {model.id for model in sdk_client(replicas.a, key=key).models.list().data}
     assert listed == {"flux-kontext-pro"}
 
 

@@ -16,9 +16,9 @@ from app.config.tenants import ClientLimits, ClientsConfig, NamedClient
 from app.config.yaml_source import ConfigError
 from app.main import create_app
 from app.tenants.directory import ClientDirectory
-from tests.conftest import gateway_env
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
-from tests.support.configs import write_gateway_config
+from tests.support.gateway_config import write_gateway_config
+from tests.support.gateway_env import gateway_env
 from tests.support.servers import serve_in_thread
 
 BASE_ENV = {"GATEWAY_UPSTREAM_KEYS": "sk-a"}
@@ -109,7 +109,7 @@ def test_directory_identifies_env_named_and_digest_keys() -> None:
 
 
 def test_admin_runtime_keys_and_usage_need_redis(fake_upstream: FakeOpenAIUpstream) -> None:
-    env = gateway_env(fake_upstream.url, GATEWAY_ADMIN_KEYS="igw-admin-x")  # type: ignore[attr-defined]
+    env = gateway_env(fake_upstream.url, GATEWAY_ADMIN_KEYS="igw-admin-x")
     headers = {"authorization": "Bearer igw-admin-x"}
     with serve_in_thread(create_app(load_settings(env=env))) as url:
         created = httpx.post(url + "/admin/clients/client-1/keys", headers=headers)
