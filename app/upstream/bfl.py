@@ -478,7 +478,9 @@ def _rules(model: ModelRule) -> BflModel:
     if model.bfl is None:
         # Settings validation refuses this at startup (check_catalog); a clear error regardless.
         raise InvalidRequest(
-            f"{model.name} has no bfl rules in the catalog.", param="model", code="model_not_found"
+            f"{model.name} has no bfl rules in the catalog.",
+            param="model",
+            code="model_not_supported",
         )
     return model.bfl
 
