@@ -48,6 +48,7 @@ log = logging.getLogger("gateway.errors")
 #   connect: never delivered | timeout: no answer in time (may be running and billed)
 #   dropped: connection lost mid-request (may be running and billed)
 #   rejected: the upstream's own 4xx about the request | bad_response: unusable 200
+#   accepted: the upstream accepted a request it bills on submit (a BFL task), then it failed
 FailureKind = Literal[
     "rate_limited",
     "auth",
@@ -58,9 +59,10 @@ FailureKind = Literal[
     "dropped",
     "rejected",
     "bad_response",
+    "accepted",
 ]
 
-# Two questions about a failed upstream call, so two sets (FailureKind lives here, not in
+# Questions about a failed upstream call, one set each (FailureKind lives here, not in
 # app/upstream/failures.py, because every GatewayError carries one).
 #
 # Did the upstream run the edit? Unknown after these: the request was delivered and no answer
@@ -69,12 +71,17 @@ FailureKind = Literal[
 #   timeout   no answer within the time allowed
 #   dropped   the connection broke after the request went out (or a stream broke mid-way)
 OUTCOME_UNKNOWN: frozenset[FailureKind] = frozenset({"timeout", "dropped"})
+# Was it paid for, whatever came after? After these, yes: a provider that bills on submit (BFL)
+# accepted the task, then polling, the task itself or its result download failed. Never sent
+# again, on any key or upstream, whatever the model allows; the SDK is told not to retry.
+PAID: frozenset[FailureKind] = frozenset({"accepted"})
 # May the upstream have billed for it? After these the client's image charge is kept (tenants):
 #   timeout, dropped   as above: the edit may have been made
 #   bad_response       the upstream answered 200, so it made (and billed) the images, but the
 #                      answer could not be used (routing still retries it: only a new call can
 #                      give the client its images)
-MAYBE_BILLED: frozenset[FailureKind] = OUTCOME_UNKNOWN | {"bad_response"}
+#   accepted           as above: the task was accepted, so it was billed
+MAYBE_BILLED: frozenset[FailureKind] = OUTCOME_UNKNOWN | PAID | {"bad_response"}
 
 
 class GatewayError(Exception):
@@ -109,6 +116,12 @@ class GatewayError(Exception):
         clone = type(self).__new__(type(self), *self.args)
         clone.__dict__.update(self.__dict__)
         clone.headers = {**self.headers, **headers}
+        return clone
+
+    def with_failure(self, failure: FailureKind) -> Self:
+        """This error, reported as a failure of kind `failure` (a copy, like with_headers)."""
+        clone = self.with_headers({})
+        clone.failure = failure
         return clone
 
     def envelope(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ adding a model is a config edit.
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
@@ -40,7 +41,7 @@ KNOWN_PARAMS = frozenset(
 )
 # Provider fields outside OpenAI's API (Flux's). A model that declares one in its params gets it
 # validated like a known field; for any other model it stays an unknown field, passed through.
-PROVIDER_PARAMS = frozenset({"seed", "safety_tolerance", "prompt_upsampling"})
+PROVIDER_PARAMS = frozenset({"seed", "safety_tolerance", "prompt_upsampling", "steps", "guidance"})
 
 
 class _Strict(BaseModel):
@@ -57,11 +58,12 @@ class CustomSize(_Strict):
 
 
 class ParamRule(_Strict):
-    kind: Literal["enum", "int", "bool", "size", "text"]
+    # number: a decimal such as Flux's guidance (1.5-10); int takes whole numbers only.
+    kind: Literal["enum", "int", "number", "bool", "size", "text"]
     values: tuple[str, ...] = ()
-    min: int | None = None
-    max: int | None = None
-    default: str | int | bool | None = None
+    min: int | float | None = None
+    max: int | float | None = None
+    default: str | bool | int | float | None = None
     custom: CustomSize | None = None
 
     @model_validator(mode="after")
@@ -101,6 +103,57 @@ class ModelPrice(_Strict):
     per_million_output_tokens: Decimal = Field(Decimal(0), ge=0)
 
 
+# --- Black Forest Labs: how the `bfl` dialect (app/upstream/bfl.py) speaks for a model ---
+
+# Fields the size mode sends (width/height or aspect_ratio), never listed in `fields`.
+_BFL_SIZE_FIELDS = frozenset({"size", "aspect_ratio"})
+_BFL_ENDPOINT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+
+
+class BflSize(_Strict):
+    """How the model takes its output size. `aspect_ratio` (FLUX.1 Kontext): the client's
+    aspect_ratio (or one translated from size) as it is. `width_height` (FLUX.2): a WxH size as
+    width and height, checked against these bounds; an aspect_ratio becomes the largest
+    dimensions with its ratio within `ratio_pixels` (app/upstream/bfl_size.py)."""
+
+    mode: Literal["aspect_ratio", "width_height"]
+    multiple_of: int = Field(16, gt=0)
+    min_side: int = Field(64, gt=0)
+    max_pixels: int = Field(4 * 1024 * 1024, gt=0)
+    ratio_pixels: int = Field(1024 * 1024, gt=0)
+
+    @model_validator(mode="after")
+    def _ratio_within_cap(self) -> BflSize:
+        if self.ratio_pixels > self.max_pixels:
+            raise ValueError("ratio_pixels: must not exceed max_pixels")
+        if self.min_side * self.min_side > self.ratio_pixels:
+            raise ValueError("min_side: a square of min_side must fit in ratio_pixels")
+        return self
+
+
+class BflModel(_Strict):
+    """A model's wire rules on Black Forest Labs' task API. Every BFL model is a row like this
+    in config/models.yaml, so a new one is a config edit."""
+
+    # Path of the task endpoint under the upstream's base_url; default: the upstream_model.
+    endpoint: str | None = None
+    # Reference images it takes: input_image, then input_image_2 .. input_image_<max_images>.
+    max_images: int = Field(ge=0)
+    size: BflSize
+    # Params sent as they are, the client's value or else the param's default (`seed` differs
+    # per task when n > 1). Each must be one of the model's params, with its range there.
+    fields: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> BflModel:
+        if self.endpoint is not None and not _BFL_ENDPOINT.match(self.endpoint):
+            raise ValueError("endpoint: a path such as flux-2-pro (no scheme, no leading /)")
+        for name in self.fields:
+            if name in _BFL_SIZE_FIELDS:
+                raise ValueError(f"fields: {name} is sent by the size mode, not listed")
+        return self
+
+
 class ModelRule(_Strict):
     name: str
     upstream_model: str
@@ -120,6 +173,8 @@ class ModelRule(_Strict):
     # Resend after a read timeout or a connection lost mid-request. Off by default: the edit may
     # be running, and billed, upstream.
     resend_after_timeout: bool = False
+    # Needed for a model a `bfl` upstream serves (checked at startup, app/upstream/bfl.py).
+    bfl: BflModel | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelRule:
@@ -131,6 +186,9 @@ class ModelRule(_Strict):
         for source in self.translate:
             if source not in self.params:
                 raise ValueError(f"translate.{source}: the field is not in params")
+        for name in self.bfl.fields if self.bfl else ():
+            if name not in self.params:
+                raise ValueError(f"bfl.fields: {name} is not in params (its range goes there)")
         return self
 
 

@@ -130,9 +130,11 @@ class UpstreamConfig(_Strict):
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
     keys: tuple[SecretStr, ...] = ()
     bfl: BflSettings = BflSettings()
-    # Routing: the lowest priority number is tried first; weight splits traffic within a tier.
+    # Routing (app/routing/forwarder.py): the lowest priority number is tried first; within a
+    # tier a model's upstreams are tried in its list order (a fallback), unless one of them sets
+    # a weight: then the tier's traffic is split by weight (unset counts as 1).
     priority: int = Field(0, ge=0)
-    weight: int = Field(1, ge=1)
+    weight: int | None = Field(None, ge=1)
     # Requests in flight to this upstream, per gateway replica; None means no cap.
     max_concurrency: int | None = Field(None, gt=0)
     key_limits: KeyLimits = KeyLimits()

@@ -10,7 +10,7 @@ from app.config.catalog import ModelRule, ResponseFormat
 from app.intake.sniff import ImageInfo
 from app.intake.spool import SpooledUpload
 
-ParamValue = str | int | bool
+ParamValue = str | int | float | bool
 # One request type for both: the two share every step but the upstream endpoint, and a
 # generation is simply a request without images.
 Operation = Literal["edit", "generation"]

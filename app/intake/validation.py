@@ -344,6 +344,8 @@ def _param(name: str, raw: str, model: ModelRule, rule: ParamRule | None = None)
         return value
     if rule.kind == "int":
         return _int(name, value, rule)
+    if rule.kind == "number":
+        return _number(name, value, rule)
     if rule.kind == "bool":
         lowered = value.lower()
         if lowered in _TRUE:
@@ -361,6 +363,21 @@ def _int(name: str, value: str, rule: ParamRule) -> int:
     if not re.fullmatch(r"[+-]?[0-9]{1,10}", value):
         raise _bad_value(name, value, bounds)
     number = int(value)
+    if (rule.min is not None and number < rule.min) or (rule.max is not None and number > rule.max):
+        raise _bad_value(name, value, bounds)
+    return number
+
+
+def _number(name: str, value: str, rule: ParamRule) -> float:
+    bounds = "a number"
+    if rule.min is not None:
+        bounds += f" from {rule.min:g}"
+    if rule.max is not None:
+        bounds += f" up to {rule.max:g}"
+    # Plain decimals only: float() also reads "nan", "inf" and "1e3", which no upstream takes.
+    if not re.fullmatch(r"[+-]?[0-9]{1,10}(\.[0-9]{1,10})?", value):
+        raise _bad_value(name, value, bounds)
+    number = float(value)
     if (rule.min is not None and number < rule.min) or (rule.max is not None and number > rule.max):
         raise _bad_value(name, value, bounds)
     return number

@@ -21,9 +21,10 @@ DisabledReason = Literal["auth", "quota"]
 
 # Failures that may say the key is unwell (rather than the request being wrong): they count
 # towards an ejection when the pool blames the key (see app/keys/outliers.py). A failed connection
-# is not among them: it happens before any key is sent, so it is always the upstream's.
+# is not among them: it happens before any key is sent, so it is always the upstream's. A paid
+# task that failed afterwards (`accepted`: BFL's Error, a refused result URL) is among them.
 OUTLIER_FAILURES: frozenset[FailureKind] = frozenset(
-    {"server", "timeout", "dropped", "bad_response"}
+    {"server", "timeout", "dropped", "bad_response", "accepted"}
 )
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")

@@ -1,8 +1,10 @@
 """Routing and retries: which upstream and key serve each attempt, and whether to try again.
 
-Routing: a model's upstreams are grouped by their priority (lowest number first); within a tier
-an upstream is drawn by weight, and the pool lends its best key; a tier with no usable key hands
-over to the next tier.
+Routing: a model's `upstreams` list is an ordered fallback. Upstreams are grouped by their
+priority (lowest number first) and, within a tier, tried in the order the model lists them: the
+first with a usable key serves, the next ones only when it has none left (unhealthy, or already
+tried by this request). Traffic is split only where config asks for it: a tier in which an
+upstream sets `weight` is drawn by weight instead (an upstream without one counts as 1).
 
 Retry policy, decided here and nowhere else (a key's own health is the pool's business):
   failure         another attempt?                         why
@@ -14,6 +16,8 @@ Retry policy, decided here and nowhere else (a key's own health is the pool's bu
   timeout,        only if the model sets                   the edit may be running, and billed
   dropped           resend_after_timeout                   (OUTCOME_UNKNOWN, app/errors.py)
   rejected        never                                    the upstream's 4xx goes back as it is
+  accepted        never                                    the upstream accepted a task it bills
+                                                           on submit (BFL): paid for (PAID)
 Every request is bounded by retry.max_attempts, and retry.deadline covers all of its attempts.
 When no key is left to try: 429 with retry-after if what is left is only cooling; else the last
 attempt's error if this request made one; else (nothing usable at all) 503. An ejected key never
@@ -35,6 +39,7 @@ from itertools import groupby
 from app.config.settings import RetryConfig
 from app.errors import (
     OUTCOME_UNKNOWN,
+    PAID,
     FailureKind,
     GatewayError,
     NoUsableKey,
@@ -57,7 +62,8 @@ AttemptNote = Callable[[str, str | None], None]
 @dataclass(frozen=True, slots=True)
 class Route:
     priority: int = 0
-    weight: int = 1
+    # None: no split asked for; the model's list order decides within the priority tier.
+    weight: int | None = None
 
 
 class Forwarder:
@@ -172,6 +178,8 @@ class Forwarder:
             )
 
     def _may_retry(self, edit: EditRequest, failure: FailureKind, server_retries: int) -> bool:
+        if failure in PAID:
+            return False
         if failure in _ANOTHER_KEY:
             return True
         if failure in _SERVER:
@@ -182,15 +190,16 @@ class Forwarder:
 
     def _final(self, edit: EditRequest, error: GatewayError, attempts: int) -> GatewayError:
         unknown = error.failure in OUTCOME_UNKNOWN and not edit.model.resend_after_timeout
-        if attempts >= 2 or unknown:
+        if attempts >= 2 or unknown or error.failure in PAID:
             return error.with_headers({"x-should-retry": "false"})
         return error
 
     async def _lease(self, edit: EditRequest, tried: Mapping[str, set[str]]) -> Lease | Shortage:
         known = [name for name in edit.model.upstreams if name in self._upstreams]
+        # A stable sort: within a priority tier the model's list order stands.
         by_priority = sorted(known, key=lambda name: self._route(name).priority)
         tiers = [
-            self._weighted_order(list(tier))
+            self._tier_order(list(tier))
             for _, tier in groupby(by_priority, key=lambda name: self._route(name).priority)
         ]
         # Every tier's usable keys first; only when there are none anywhere do ejected keys
@@ -211,12 +220,19 @@ class Forwarder:
     def _route(self, upstream: str) -> Route:
         return self._routes.get(upstream, Route())
 
-    def _weighted_order(self, names: list[str]) -> list[str]:
+    def _tier_order(self, names: list[str]) -> list[str]:
+        """The order one priority tier is tried in: the model's list order (a fallback), unless
+        an upstream in it sets a weight (a split)."""
+        weights = [self._route(name).weight for name in names]
+        if len(names) < 2 or all(weight is None for weight in weights):
+            return names
         # Weighted sampling without replacement (Efraimidis-Spirakis): the first upstream is
         # drawn by weight, the next ones follow in case it has no key to lend.
-        if len(names) < 2:
-            return names
-        return sorted(names, key=lambda name: -(self._rng() ** (1.0 / self._route(name).weight)))
+        drawn = {
+            name: self._rng() ** (1.0 / (weight or 1))
+            for name, weight in zip(names, weights, strict=True)
+        }
+        return sorted(names, key=lambda name: -drawn[name])
 
     def _no_key_left(
         self,

@@ -1,8 +1,12 @@
-"""The Black Forest Labs dialect (Flux Kontext): JSON submit, poll the task, download the result.
+"""The Black Forest Labs dialect (FLUX.2, FLUX.1 Kontext): JSON submit, poll the task, download
+the result.
 
-One BFL task makes one image, so n images are n tasks, run in parallel up to a bound. Polling and
-result URLs come from the upstream's answers and go through the SSRF guard before any fetch.
-Transport failures and task statuses are translated into gateway errors here, once.
+What each model takes (endpoint, reference images, size mode, fields) is its catalog row's `bfl`
+block, so a new BFL model is a config edit. One BFL task makes one image, so n images are n
+tasks, run in parallel up to a bound. Polling and result URLs come from the upstream's answers
+and go through the SSRF guard before any fetch. Transport failures and task statuses are
+translated into gateway errors here, once; any failure after BFL accepted a task is `accepted`
+(billed: never submitted again).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 import httpx
 import orjson
 
-from app.config.catalog import Catalog
+from app.config.catalog import BflModel, Catalog, ModelRule
 from app.config.yaml_source import ConfigError
 from app.errors import (
     OUTCOME_UNKNOWN,
@@ -33,7 +37,9 @@ from app.errors import (
 from app.intake.request import EditRequest, ParamValue
 from app.observability.redaction import Redactor
 from app.upstream.base import PartialSink, UpstreamAnswer, UpstreamKey
+from app.upstream.bfl_size import size_fields
 from app.upstream.failures import (
+    after_acceptance,
     credentials_rejected,
     json_object,
     picked_headers,
@@ -49,13 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.upstream.bfl")
 
-# Request fields BFL's Kontext endpoints document. Nothing else is sent: the schema also has
-# webhook_url, and a client must not choose where BFL calls back.
-_FLUX_PARAMS = ("aspect_ratio", "output_format", "safety_tolerance", "prompt_upsampling")
-_IMAGE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
-# One field above per image. Catalog rules beyond what BFL takes would fail only once paid for:
-# settings validation refuses them at startup (check_catalog).
-BFL_MAX_IMAGES = len(_IMAGE_FIELDS)
 _POOL_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-reset", "x-ratelimit-remaining")
 _MODERATED = ("Request Moderated", "Content Moderated")
 # Result downloads retried on transport errors and 5xx: the task is paid for, the URL lasts ~10 min.
@@ -113,19 +112,28 @@ class BflUpstream:
         self, edit: EditRequest, key: UpstreamKey | None, *, on_partial: PartialSink | None = None
     ) -> UpstreamAnswer:
         # BFL makes no partial images: a streaming client gets keep-alives, then the result.
-        _check_request(edit)
+        rules = _rules(edit.model)
+        sized = _check_request(edit, rules)
         if key is None:
             raise _failure(UpstreamFailed, f"The upstream {self.name!r} has no key to use.", "auth")
-        payload = await asyncio.to_thread(_payload_json, edit)
-        seed = _param(edit, "seed")
+        payload = await asyncio.to_thread(_payload_json, edit, rules, sized)
+        seed = _param(edit, "seed") if "seed" in rules.fields else None
+        endpoint = rules.endpoint or edit.model.upstream_model
         total = edit.model.timeout or self._config.timeouts.total
+        accepted: list[str] = []  # ids of this edit's tasks BFL accepted (and so billed)
         try:
             async with asyncio.timeout(total):
-                images = await self._run_tasks(edit, payload, seed, key)
+                images = await self._run_tasks(edit.n, endpoint, payload, seed, key, accepted)
         except TimeoutError:
-            raise _failure(
+            late = _failure(
                 UpstreamTimeout, f"The upstream did not finish within {total:g} seconds.", "timeout"
-            ) from None
+            )
+            raise (after_acceptance(late) if accepted else late) from None
+        except GatewayError as error:
+            if not accepted:
+                raise
+            # Paid for: no other key or upstream may submit this edit again.
+            raise after_acceptance(error) from None
         encoded = await asyncio.to_thread(
             lambda: [base64.b64encode(image).decode("ascii") for image in images]
         )
@@ -139,7 +147,13 @@ class BflUpstream:
         return UpstreamAnswer(body=body, request_id=None)
 
     async def _run_tasks(
-        self, edit: EditRequest, payload: bytes, seed: ParamValue | None, key: UpstreamKey
+        self,
+        n: int,
+        endpoint: str,
+        payload: bytes,
+        seed: ParamValue | None,
+        key: UpstreamKey,
+        accepted: list[str],
     ) -> list[bytes]:
         bound = asyncio.Semaphore(self._bfl.max_parallel_tasks)
 
@@ -147,20 +161,21 @@ class BflUpstream:
             # The same seed n times would make n identical images.
             task_seed = None if seed is None else (int(seed) + index) % 2**32
             async with bound:
-                return await self._task(edit.model.upstream_model, payload, task_seed, key)
+                return await self._task(endpoint, payload, task_seed, key, accepted)
 
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one(index)) for index in range(edit.n)]
+                tasks = [group.create_task(one(index)) for index in range(n)]
         except BaseExceptionGroup as errors:
             raise _first_gateway_error(errors) from None
         return [task.result() for task in tasks]
 
     async def _task(
-        self, endpoint: str, payload: bytes, seed: int | None, key: UpstreamKey
+        self, endpoint: str, payload: bytes, seed: int | None, key: UpstreamKey, accepted: list[str]
     ) -> bytes:
         deadline = asyncio.get_running_loop().time() + self._bfl.poll_deadline
         task_id, polling_url = await self._submit(endpoint, payload, seed, key)
+        accepted.append(task_id)
         log.debug("bfl task %s submitted on %s", task_id, self.name)
         sample_url = await self._poll(task_id, polling_url, key, deadline)
         return await self._download(sample_url, deadline)
@@ -404,35 +419,87 @@ class BflUpstream:
 
 
 def check_catalog(catalog: Catalog, upstream: str) -> None:
-    """Refuse catalog rules the BFL upstream `upstream` cannot honour, for the models it serves."""
+    """Refuse catalog rules the BFL upstream `upstream` cannot honour, for the models it serves:
+    what would otherwise fail only once paid for."""
     for model in catalog.models.values():
         if upstream not in model.upstreams:
             continue
+        where = f"catalog: models.{model.name}"
+        rules = model.bfl
+        if rules is None:
+            raise ConfigError(
+                f"{where}.bfl: needed for the bfl upstream {upstream!r}: max_images, size "
+                "(mode aspect_ratio or width_height) and the fields it takes"
+            )
         if model.mask.allowed:
             raise ConfigError(
-                f"catalog: models.{model.name}.mask.allowed: must be false, the bfl upstream "
-                f"{upstream!r} takes no mask"
+                f"{where}.mask.allowed: must be false, the bfl upstream {upstream!r} takes no mask"
             )
-        if model.images.max_count > BFL_MAX_IMAGES:
+        if model.images.max_count > rules.max_images:
             raise ConfigError(
-                f"catalog: models.{model.name}.images.max_count: at most {BFL_MAX_IMAGES} for "
+                f"{where}.images.max_count: at most bfl.max_images ({rules.max_images}) for "
                 f"the bfl upstream {upstream!r}"
             )
+        _check_size_rule(model, rules, where)
 
 
-def _check_request(edit: EditRequest) -> None:
-    """What BFL cannot do. The catalog rejects these earlier; this holds if its rules drift."""
+def _check_size_rule(model: ModelRule, rules: BflModel, where: str) -> None:
+    """The sizes the model's params admit must be sizes its BFL size mode can send."""
+    size = model.params.get("size")
+    if size is None:
+        return
+    if rules.size.mode == "aspect_ratio":
+        if "size" not in model.translate:
+            raise ConfigError(
+                f"{where}.translate.size: needed: bfl.size.mode aspect_ratio takes no size, so "
+                "each size must map to an aspect_ratio"
+            )
+        return
+    for value in size.values:
+        try:
+            size_fields(rules.size, value, None)
+        except InvalidRequest:
+            raise ConfigError(
+                f"{where}.params.size: {value!r} is outside bfl.size (multiples of "
+                f"{rules.size.multiple_of}, at least {rules.size.min_side}, at most "
+                f"{rules.size.max_pixels} pixels)"
+            ) from None
+    custom = size.custom
+    if custom is not None and (
+        custom.multiple_of % rules.size.multiple_of or custom.max_pixels > rules.size.max_pixels
+    ):
+        raise ConfigError(
+            f"{where}.params.size.custom: admits sizes outside bfl.size (multiples of "
+            f"{rules.size.multiple_of}, at most {rules.size.max_pixels} pixels)"
+        )
+
+
+def _rules(model: ModelRule) -> BflModel:
+    if model.bfl is None:
+        # Settings validation refuses this at startup (check_catalog); a clear error regardless.
+        raise InvalidRequest(
+            f"{model.name} has no bfl rules in the catalog.",
+            param="model",
+            code="model_not_supported",
+        )
+    return model.bfl
+
+
+def _check_request(edit: EditRequest, rules: BflModel) -> dict[str, ParamValue]:
+    """What BFL cannot do, before anything is sent; the task body's size fields. The catalog
+    rejects most of these earlier; this holds if its rules drift."""
     if edit.mask is not None:
         raise InvalidRequest(
             f"{edit.model.name} does not take a mask.", param="mask", code="unsupported_parameter"
         )
-    if len(edit.images) > BFL_MAX_IMAGES:
+    if len(edit.images) > rules.max_images:
         raise InvalidRequest(
             f"{len(edit.images)} images were sent; {edit.model.name} accepts at most "
-            f"{BFL_MAX_IMAGES}.",
+            f"{rules.max_images}.",
             param="image",
             code="too_many_images",
         )
+    return size_fields(rules.size, edit.params.get("size"), edit.params.get("aspect_ratio"))
 
 
 def _param(edit: EditRequest, name: str) -> ParamValue | None:
@@ -443,16 +510,24 @@ def _param(edit: EditRequest, name: str) -> ParamValue | None:
     return rule.default if rule is not None else None
 
 
-def _payload_json(edit: EditRequest) -> bytes:
-    """The task body without its seed (added per task); base64 images, no data-URI prefix."""
+def _payload_json(edit: EditRequest, rules: BflModel, sized: dict[str, ParamValue]) -> bytes:
+    """The task body without its seed (added per task); base64 images, no data-URI prefix.
+    Only the model's own fields are sent: BFL's schema also has webhook_url, and a client must
+    not choose where BFL calls back."""
     payload: dict[str, Any] = {"prompt": edit.prompt}
-    for field, image in zip(_IMAGE_FIELDS, edit.images, strict=False):
-        payload[field] = base64.b64encode(image.upload.read_all()).decode("ascii")
-    for name in _FLUX_PARAMS:
+    for index, image in enumerate(edit.images):
+        payload[image_field(index)] = base64.b64encode(image.upload.read_all()).decode("ascii")
+    payload.update(sized)
+    for name in rules.fields:
         value = _param(edit, name)
-        if value is not None:
+        if value is not None and name != "seed":
             payload[name] = value
     return orjson.dumps(payload)
+
+
+def image_field(index: int) -> str:
+    """BFL's name for the reference image at `index`: input_image, input_image_2, ..."""
+    return "input_image" if index == 0 else f"input_image_{index + 1}"
 
 
 async def _chunks(*parts: bytes | memoryview) -> AsyncIterator[bytes]:

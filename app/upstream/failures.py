@@ -66,6 +66,15 @@ def rate_limited(
     )
 
 
+def after_acceptance(error: GatewayError) -> GatewayError:
+    """`error`, raised after the upstream accepted a request it bills on submit (a BFL task):
+    reported as `accepted`, which routing never sends again, and told to the SDK the same way.
+    A rejection stays one: the upstream judged the request, and nothing retries that either."""
+    if error.failure is None or error.failure == "rejected":
+        return error
+    return error.with_failure("accepted").with_headers({"x-should-retry": "false"})
+
+
 def json_object(content: bytes) -> dict[str, Any] | None:
     try:
         value = orjson.loads(content)

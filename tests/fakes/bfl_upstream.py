@@ -1,5 +1,6 @@
-"""A fake Black Forest Labs API on a real port: Kontext submit endpoints with an x-key check, a
-polling endpoint answering scripted status sequences, and result downloads. Records every hit.
+"""A fake Black Forest Labs API on a real port: Kontext and FLUX.2 submit endpoints with an x-key
+check, a polling endpoint answering scripted status sequences, and result downloads. Records
+every hit.
 
 The same class doubles as a decoy: a server on a host the gateway must refuse, which records any
 request that reaches it (a refused URL must never be fetched).
@@ -22,7 +23,15 @@ from starlette.routing import Route
 
 from tests.support import images
 
-ENDPOINTS = ("flux-kontext-pro", "flux-kontext-max")
+ENDPOINTS = (
+    "flux-kontext-pro",
+    "flux-kontext-max",
+    "flux-2-pro",
+    "flux-2-max",
+    "flux-2-flex",
+    "flux-2-klein-4b",
+    "flux-2-klein-9b",
+)
 DEFAULT_STATUSES = ("Pending", "Ready")
 
 

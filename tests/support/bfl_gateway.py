@@ -1,5 +1,5 @@
 """Gateways with a `bfl` upstream for tests: a tmp gateway.yaml and a tmp copy of the catalog
-pointing the Flux Kontext models at the fake BFL server."""
+pointing the Flux models (Kontext and FLUX.2) at the fake BFL server."""
 
 from __future__ import annotations
 
@@ -20,7 +20,16 @@ from tests.support.servers import serve_in_thread
 
 BFL_KEYS = ("bfl-test-key-AAAA1111aaaa", "bfl-test-key-BBBB2222bbbb")
 OPENAI_KEYS = ("sk-test-upstream-CCCC3333cccc",)
-FLUX_MODELS = ("flux-kontext-pro", "flux-kontext-max")
+# The catalog's models with `bfl` rules; write_bfl_config points them all at the bfl upstream.
+FLUX_MODELS = (
+    "flux-kontext-pro",
+    "flux-kontext-max",
+    "flux-2-pro",
+    "flux-2-max",
+    "flux-2-flex",
+    "flux-2-klein-4b",
+    "flux-2-klein-9b",
+)
 
 # Loopback and plain http are allowed explicitly: the fake runs on 127.0.0.1 without TLS.
 TEST_BFL = {

@@ -80,7 +80,7 @@ def test_config_unknown_key_is_an_error(tmp_path: Path) -> None:
 def test_config_bad_catalog_names_model_and_key(tmp_path: Path) -> None:
     models = tmp_path / "models.yaml"
     models.write_text(
-        "models:\n  m1:\n    upstreams: [default]\n    params:\n      n: {kind: number}\n"
+        "models:\n  m1:\n    upstreams: [default]\n    params:\n      n: {kind: decimal}\n"
     )
     path = write_gateway_config(tmp_path, catalog=str(models), default_model="m1")
     with pytest.raises(ConfigError) as caught:

@@ -229,3 +229,72 @@ def test_forwarder_tells_the_sdk_not_to_retry_only_when_the_outcome_is_unknown(
         asyncio.run(forward.edit(make_edit(("up",))))
     assert failing.calls == ["up#1"]
     assert caught.value.headers.get("x-should-retry") == should_retry
+
+
+# A model's upstreams are an ordered fallback (issue 16); weights split only when set.
+
+
+def test_forwarder_serves_from_the_first_listed_upstream_of_a_tier() -> None:
+    first = ScriptedUpstream("first", lambda _: None)
+    second = ScriptedUpstream("second", lambda _: None)
+    # Same priority, no weights: before issue 16 this tier was split at random.
+    forward = forwarder([first, second], routes={"first": Route(), "second": Route()})
+
+    async def run() -> Counter[str]:
+        return Counter([(await forward.edit(make_edit(("first", "second"))))[1] for _ in range(50)])
+
+    assert asyncio.run(run()) == Counter({"first": 50})
+    assert not second.calls
+
+
+def test_forwarder_list_order_is_the_models_own() -> None:
+    a = ScriptedUpstream("a", lambda _: None)
+    b = ScriptedUpstream("b", lambda _: None)
+    forward = forwarder([a, b])
+    assert asyncio.run(forward.edit(make_edit(("b", "a"))))[1] == "b"
+    assert asyncio.run(forward.edit(make_edit(("a", "b"))))[1] == "a"
+
+
+def test_forwarder_falls_back_in_list_order_when_the_first_fails() -> None:
+    down = ScriptedUpstream("down", lambda _: "connect")
+    up = ScriptedUpstream("up", lambda _: None)
+    forward = forwarder([down, up], keys=1)
+    _, served_by = asyncio.run(forward.edit(make_edit(("down", "up"))))
+    assert served_by == "up" and down.calls == ["down#1"]
+
+
+def test_forwarder_priority_still_comes_before_list_order() -> None:
+    listed_first = ScriptedUpstream("listed_first", lambda _: None)
+    preferred = ScriptedUpstream("preferred", lambda _: None)
+    routes = {"listed_first": Route(priority=1), "preferred": Route(priority=0)}
+    forward = forwarder([listed_first, preferred], routes=routes)
+    assert asyncio.run(forward.edit(make_edit(("listed_first", "preferred"))))[1] == "preferred"
+
+
+def test_forwarder_one_weight_in_a_tier_asks_for_a_split() -> None:
+    first = ScriptedUpstream("first", lambda _: None)
+    second = ScriptedUpstream("second", lambda _: None)
+    routes = {"first": Route(), "second": Route(weight=1)}  # unset counts as 1: an even split
+    forward = forwarder([first, second], routes=routes)
+
+    async def run() -> Counter[str]:
+        return Counter(
+            [(await forward.edit(make_edit(("first", "second"))))[1] for _ in range(400)]
+        )
+
+    served = asyncio.run(run())
+    assert 140 < served["second"] < 260 and served["first"] + served["second"] == 400
+
+
+# A task the upstream accepted was paid for: never submitted again (issue 16).
+
+
+def test_forwarder_never_retries_an_accepted_task() -> None:
+    up = ScriptedUpstream("up", lambda _: "accepted")
+    other = ScriptedUpstream("other", lambda _: None)
+    forward = forwarder([up, other], keys=3)
+    with pytest.raises(GatewayError) as caught:
+        asyncio.run(forward.edit(make_edit(("up", "other"), resend_after_timeout=True)))
+    assert up.calls == ["up#1"] and not other.calls
+    assert caught.value.failure == "accepted"
+    assert caught.value.headers["x-should-retry"] == "false"

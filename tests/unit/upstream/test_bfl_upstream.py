@@ -151,8 +151,9 @@ def test_bfl_upstream_submit_read_timeout_is_timeout_sent_once(
     [
         (("Request Moderated",), 400, "rejected"),
         (("Pending", "Content Moderated"), 400, "rejected"),
-        (("Error",), 502, "server"),
-        (("Task not found",), 502, "server"),
+        # After BFL accepted the task, so paid for: `accepted`, which routing never resubmits.
+        (("Error",), 502, "accepted"),
+        (("Task not found",), 502, "accepted"),
     ],
 )
 def test_bfl_upstream_terminal_statuses(
@@ -172,7 +173,8 @@ def test_bfl_upstream_poll_deadline_is_timeout(tmp_path: Path, bfl: FakeBflUpstr
     config, edit = upstream_config(tmp_path, bfl.url)
     config = config.model_copy(update={"bfl": config.bfl.model_copy(update={"poll_deadline": 0.3})})
     error = failure_of(config, edit)
-    assert (error.status_code, error.failure) == (504, "timeout")
+    assert (error.status_code, error.failure) == (504, "accepted")
+    assert error.headers["x-should-retry"] == "false"
 
 
 def test_bfl_upstream_result_retried_after_a_5xx(tmp_path: Path, bfl: FakeBflUpstream) -> None:
@@ -188,7 +190,7 @@ def test_bfl_upstream_https_required_unless_allowed(tmp_path: Path, bfl: FakeBfl
     error = failure_of(config, edit)
     assert (error.status_code, error.failure, error.code) == (
         502,
-        "bad_response",
+        "accepted",  # refused after BFL accepted (and billed) the task
         "upstream_url_refused",
     )
     assert [hit.method for hit in bfl.hits] == ["POST"]  # the http polling URL was not fetched
@@ -256,7 +258,7 @@ def test_bfl_upstream_polling_url_to_a_refused_address_or_port_connects_nowhere(
         assert listener.count == 0
     assert (error.status_code, error.failure, error.code) == (
         502,
-        "bad_response",
+        "accepted",  # refused after BFL accepted (and billed) the task
         "upstream_url_refused",
     )
     assert reason in error.message and "polling URL" in error.message
@@ -313,7 +315,7 @@ def test_bfl_upstream_unparseable_redirect_is_an_upstream_error_not_a_crash(
     error = failure_of(config, edit)
     assert (error.status_code, error.failure, error.code) == (
         502,
-        "bad_response",
+        "accepted",  # refused after BFL accepted (and billed) the task
         "upstream_url_refused",
     )
     assert f"{what} URL" in error.message and "cannot be parsed" in error.message
