@@ -86,7 +86,9 @@ def estimate_cost_nanos(price: ModelPrice, images: int, tokens: TokenUsage) -> i
 
 
 def tokens_of(body: dict[str, Any]) -> TokenUsage:
-    """The answer's `usage`; input without `input_tokens_details` counts as text."""
+    """The answer's `usage`. Input that `input_tokens_details` does not call image tokens counts
+    as text: an upstream that omits the details (the gateway then fills in zeros) is priced at
+    the text rate, as a model with one input rate always was."""
     usage = body.get("usage")
     if not isinstance(usage, dict):
         return TokenUsage()
@@ -94,15 +96,13 @@ def tokens_of(body: dict[str, Any]) -> TokenUsage:
     details = details if isinstance(details, dict) else {}
     input_tokens = _count(usage, "input_tokens")
     image = min(_count(details, "image_tokens"), input_tokens)
-    text = _count(details, "text_tokens") if "text_tokens" in details else input_tokens - image
-    text = min(text, input_tokens - image)
     return TokenUsage(
         input_tokens=input_tokens,
         output_tokens=_count(usage, "output_tokens"),
         total_tokens=_count(usage, "total_tokens"),
-        text_input_tokens=text,
+        text_input_tokens=input_tokens - image,
         image_input_tokens=image,
-        cached_input_tokens=min(_count(details, "cached_tokens"), text + image),
+        cached_input_tokens=min(_count(details, "cached_tokens"), input_tokens),
     )
 
 
