@@ -141,12 +141,13 @@ class MaskRules(_Strict):
     max_bytes: ByteSize = ByteSize(4 * 1024 * 1024)
 
 
-class MarkupRules(_Strict):
-    """A markup edit: a transparent PNG of annotations, sized like the first image."""
+class MarkupRules(Combination):
+    """A markup edit: a transparent PNG of annotations, sized like the first image; its
+    combination rules hold whenever one is sent."""
 
     allowed: bool = False
     max_bytes: ByteSize = ByteSize(4 * 1024 * 1024)
-    # Fields or files it may not be sent with (OpenAI: "Cannot be combined with mask").
+    # OpenAI: "Cannot be combined with mask".
     excludes: tuple[str, ...] = ("mask",)
 
 
@@ -229,9 +230,7 @@ class ModelRule(_Strict):
     def _check_combinations(self) -> None:
         """Every field a combination rule names must be one this model can be sent."""
         nameable = set(self.params) | OVERLAY_FILES | {"stream", "partial_images"}
-        rules: list[tuple[str, Combination]] = [
-            ("markup", Combination(excludes=self.markup.excludes))
-        ]
+        rules: list[tuple[str, Combination]] = [("markup", self.markup)]
         for name, rule in self.params.items():
             rules.append((f"params.{name}", rule))
             rules += [(f"params.{name}.when.{value}", c) for value, c in rule.when.items()]

@@ -78,13 +78,14 @@ def _request(
     *,
     markup: ImageInput | None = None,
 ) -> EditRequest:
-    sent_streaming = [name for name in ("partial_images",) if name in fields]
+    partials_sent = "partial_images" in fields
     stream, partial_images = _streaming(fields, model)
     known = {name: value for name, value in fields.items() if _is_known(name, model)}
     extra = tuple((name, value) for name, value in fields.items() if not _is_known(name, model))
     params = {name: _param(name, value, model) for name, value in known.items()}
-    present = set(params) | set(sent_streaming)
-    present |= {name for name, on in (("stream", stream), ("mask", mask), ("markup", markup)) if on}
+    # What was sent, by name, for the `excludes` rules: fields, the streaming switches, files.
+    sent = {"stream": stream, "partial_images": partials_sent, "mask": mask, "markup": markup}
+    present = set(params) | {name for name, value in sent.items() if value}
     _check_combinations(params, present, model)
     _check_translations(params, model)
     response_format = cast(ResponseFormat | None, params.get("response_format"))
@@ -445,8 +446,7 @@ def _check_combinations(params: dict[str, ParamValue], present: set[str], model:
         for combination in rule.combinations(_text(value)):
             _check_combination(name, _text(value), combination, params, present, model)
     if "markup" in present:
-        markup_rule = Combination(excludes=model.markup.excludes)
-        _check_combination("markup", None, markup_rule, params, present, model)
+        _check_combination("markup", None, model.markup, params, present, model)
 
 
 def _check_combination(
