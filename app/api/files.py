@@ -19,8 +19,11 @@ router = APIRouter()
 
 # The raw paths the auth middleware may let through without a key (and nothing else). The URLs
 # are built by app/service/edits.file_url.
-FILE_PATH = re.compile(r"/v1/images/files/[A-Za-z0-9_-]{32}\.(?:png|jpeg|webp)")
-_NAME = re.compile(r"([A-Za-z0-9_-]{32})\.(png|jpeg|webp)")
+FILE_PATH = re.compile(r"/v1/images/files/[A-Za-z0-9_-]{32}\.(?:png|jpeg|webp|gif|svg)")
+_NAME = re.compile(r"([A-Za-z0-9_-]{32})\.(png|jpeg|webp|gif|svg)")
+# An SVG is a document that could carry scripts: served as an image that runs nothing, loads
+# nothing and is never sniffed into something else (inline styles are how SVGs draw).
+_SVG_HEADERS = {"content-security-policy": "default-src 'none'; style-src 'unsafe-inline'"}
 
 
 def _not_found() -> NotFound:
@@ -52,5 +55,6 @@ async def get_image_file(name: str, gateway: GatewayDep) -> Response:
             # The bytes behind an id never change.
             "cache-control": f"public, max-age={max_age}, immutable",
             "x-content-type-options": "nosniff",
+            **(_SVG_HEADERS if ext == "svg" else {}),
         },
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,20 @@ from app.errors import UpstreamFailed
 
 FetchImage = Callable[[str], Awaitable[bytes]]
 
-_CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_CONTENT_TYPES = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "svg": "image/svg+xml",
+}
+# An SVG's root element must show within this many characters (after a BOM, the XML
+# declaration, comments and a doctype).
+_SVG_PROLOGUE_CHARS = 4096
+_SVG_ROOT = re.compile(
+    r"\A\s*(?:<\?xml[^>]*\?>\s*)?(?:(?:<!--.*?-->|<!DOCTYPE[^>]*>)\s*)*<svg[\s>/]",
+    re.DOTALL | re.IGNORECASE,
+)
 
 
 def content_type_of(ext: str) -> str:
@@ -26,14 +40,27 @@ def content_type_of(ext: str) -> str:
 
 
 def image_ext(data: bytes) -> str:
-    """The file extension of image bytes by their magic number (what the files route serves)."""
+    """The file extension of image bytes by their magic number (what the files route serves);
+    an SVG by being UTF-8 text whose root element is `<svg>`."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
     if data.startswith(b"\xff\xd8\xff"):
         return "jpeg"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
-    raise _bad_answer("an image that is not PNG, JPEG or WebP")
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if _is_svg(data):
+        return "svg"
+    raise _bad_answer("an image that is not PNG, JPEG, WebP, GIF or SVG")
+
+
+def _is_svg(data: bytes) -> bool:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return _SVG_ROOT.match(text.removeprefix("\ufeff")[:_SVG_PROLOGUE_CHARS]) is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import orjson
 from app.intake.request import EditRequest, ParamValue
 
 # Bump when the canonical form or the entry format changes: old entries then simply miss.
-FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSION = 3
 # Fields that shape the response, not the images, or that the gateway never forwards.
 _NOT_IN_FINGERPRINT = frozenset({"response_format", "stream", "partial_images"})
 
@@ -48,6 +48,7 @@ def fingerprint(edit: EditRequest, *, scope: str | None = None) -> str:
         "extra": sorted([name, value] for name, value in edit.extra_fields),
         "images": [image.sha256 for image in edit.images],
         "mask": edit.mask.sha256 if edit.mask is not None else None,
+        "markup": edit.markup.sha256 if edit.markup is not None else None,
     }
     encoded = orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(encoded).hexdigest()

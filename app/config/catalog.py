@@ -12,7 +12,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from app.config.yaml_source import ConfigError, format_validation_error, read_yaml
 
@@ -37,11 +45,16 @@ KNOWN_PARAMS = frozenset(
         "stream",
         "user",
         "safety_identifier",
+        "complexity",
+        "frame_count",
+        "frame_duration_ms",
     }
 )
 # Provider fields outside OpenAI's API (Flux's). A model that declares one in its params gets it
 # validated like a known field; for any other model it stays an unknown field, passed through.
 PROVIDER_PARAMS = frozenset({"seed", "safety_tolerance", "prompt_upsampling", "steps", "guidance"})
+# The files an edit can carry besides its images: what a combination rule may name too.
+OVERLAY_FILES = frozenset({"mask", "markup"})
 
 
 class _Strict(BaseModel):
@@ -53,11 +66,36 @@ class CustomSize(_Strict):
 
     multiple_of: int = Field(16, gt=0)
     max_edge: int = Field(3840, gt=0)
+    # Only third-party references give a lower bound (655,360 for gpt-image-2): a setting.
+    min_pixels: int = Field(0, ge=0)
     max_pixels: int = Field(3840 * 2160, gt=0)
     max_ratio: float = Field(3.0, ge=1.0)
 
 
-class ParamRule(_Strict):
+class Combination(_Strict):
+    """What sending a field needs from the other fields, and what it rules out.
+
+    `requires`: other field -> the values it must have (as sent, or its default when not sent);
+    a violation names the field that carries the rule. `excludes`: fields or files (`mask`,
+    `markup`, `stream`...) that may not be sent with it; a violation names the excluded one.
+    """
+
+    requires: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    excludes: tuple[str, ...] = ()
+
+    @field_validator("requires", mode="before")
+    @classmethod
+    def _values_as_text(cls, value: Any) -> Any:
+        # YAML reads `n: [1]` as integers; values are compared as the text a form carries.
+        if isinstance(value, dict):
+            return {
+                key: [_text(item) for item in items] if isinstance(items, list) else items
+                for key, items in value.items()
+            }
+        return value
+
+
+class ParamRule(Combination):
     # number: a decimal such as Flux's guidance (1.5-10); int takes whole numbers only.
     kind: Literal["enum", "int", "number", "bool", "size", "text"]
     values: tuple[str, ...] = ()
@@ -65,12 +103,22 @@ class ParamRule(_Strict):
     max: int | float | None = None
     default: str | bool | int | float | None = None
     custom: CustomSize | None = None
+    # Rules that hold only for some values of this field (e.g. output_format: gif).
+    when: dict[str, Combination] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _values_for_enum(self) -> ParamRule:
         if self.kind == "enum" and not self.values:
             raise ValueError("an enum parameter needs values")
+        for value in self.when:
+            if self.kind == "enum" and value not in self.values:
+                raise ValueError(f"when.{value}: not one of the values")
         return self
+
+    def combinations(self, value: str) -> tuple[Combination, ...]:
+        """The rules that apply when this field is sent with `value`."""
+        specific = self.when.get(value)
+        return (self,) if specific is None else (self, specific)
 
 
 class Translation(_Strict):
@@ -95,12 +143,56 @@ class MaskRules(_Strict):
     max_bytes: ByteSize = ByteSize(4 * 1024 * 1024)
 
 
+class MarkupRules(Combination):
+    """A markup edit: a transparent PNG of annotations, sized like the first image; its
+    combination rules hold whenever one is sent."""
+
+    allowed: bool = False
+    max_bytes: ByteSize = ByteSize(4 * 1024 * 1024)
+    # OpenAI: "Cannot be combined with mask".
+    excludes: tuple[str, ...] = ("mask",)
+
+
 class ModelPrice(_Strict):
-    """Upstream list prices in USD, for usage cost estimates (tokens from the answer's usage)."""
+    """Upstream list prices in USD, for usage cost estimates (tokens from the answer's usage).
+
+    Input is priced by kind when the answer splits it (`usage.input_tokens_details`): text, image,
+    and the cached share of each. A rate left out falls back to the one above it: image input to
+    text input, cached input to uncached, so a model priced with one input rate stays as before.
+    """
 
     per_image: Decimal = Field(Decimal(0), ge=0)
     per_million_input_tokens: Decimal = Field(Decimal(0), ge=0)
+    per_million_cached_input_tokens: Decimal | None = Field(None, ge=0)
+    per_million_image_input_tokens: Decimal | None = Field(None, ge=0)
+    per_million_cached_image_input_tokens: Decimal | None = Field(None, ge=0)
     per_million_output_tokens: Decimal = Field(Decimal(0), ge=0)
+
+    @property
+    def text_input(self) -> Decimal:
+        return self.per_million_input_tokens
+
+    @property
+    def cached_text_input(self) -> Decimal:
+        return _first(self.per_million_cached_input_tokens, self.per_million_input_tokens)
+
+    @property
+    def image_input(self) -> Decimal:
+        return _first(self.per_million_image_input_tokens, self.per_million_input_tokens)
+
+    @property
+    def cached_image_input(self) -> Decimal:
+        return _first(self.per_million_cached_image_input_tokens, self.image_input)
+
+
+def _first(value: Decimal | None, fallback: Decimal) -> Decimal:
+    return fallback if value is None else value
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 # --- Black Forest Labs: how the `bfl` dialect (app/upstream/bfl.py) speaks for a model ---
@@ -162,6 +254,7 @@ class ModelRule(_Strict):
     prompt_max_chars: int = Field(32000, gt=0)
     images: ImageRules = ImageRules()
     mask: MaskRules = MaskRules()
+    markup: MarkupRules = MarkupRules()
     response_formats: tuple[ResponseFormat, ...] = ("b64_json",)
     params: dict[str, ParamRule] = Field(default_factory=dict)
     # Fields accepted from the client but never forwarded (the upstream rejects them).
@@ -189,7 +282,23 @@ class ModelRule(_Strict):
         for name in self.bfl.fields if self.bfl else ():
             if name not in self.params:
                 raise ValueError(f"bfl.fields: {name} is not in params (its range goes there)")
+        self._check_combinations()
         return self
+
+    def _check_combinations(self) -> None:
+        """Every field a combination rule names must be one this model can be sent."""
+        nameable = set(self.params) | OVERLAY_FILES | {"stream", "partial_images"}
+        rules: list[tuple[str, Combination]] = [("markup", self.markup)]
+        for name, rule in self.params.items():
+            rules.append((f"params.{name}", rule))
+            rules += [(f"params.{name}.when.{value}", c) for value, c in rule.when.items()]
+        for where, combination in rules:
+            for other in combination.requires:
+                if other not in self.params:
+                    raise ValueError(f"{where}.requires.{other}: not in params")
+            for other in combination.excludes:
+                if other not in nameable:
+                    raise ValueError(f"{where}.excludes: {other!r} is not a field of this model")
 
 
 class Catalog(_Strict):

@@ -81,7 +81,8 @@ def text_fields(body: dict[str, Any], *, skip: tuple[str, ...] = ()) -> list[Tex
 
 
 class JsonEditReader:
-    """Turns a JSON edit's `images` and `mask` into spooled uploads, under the upload limits."""
+    """Turns a JSON edit's `images`, `mask` and `markup` into spooled uploads, under the upload
+    limits."""
 
     def __init__(
         self,
@@ -99,7 +100,7 @@ class JsonEditReader:
         self._hash_uploads = hash_uploads
 
     async def form(self, body: dict[str, Any]) -> IntakeForm:
-        form = IntakeForm(fields=text_fields(body, skip=("images", "image", "mask")))
+        form = IntakeForm(fields=text_fields(body, skip=("images", "image", "mask", "markup")))
         try:
             for param, field_name, reference in _image_references(body):
                 data = await self._image_bytes(reference, param)
@@ -171,7 +172,8 @@ class JsonEditReader:
 
 
 def _image_references(body: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(param for errors, multipart field name, reference) for each image and the mask."""
+    """(param for errors, multipart field name, reference) for each image, the mask and the
+    markup (both image references like those in `images`)."""
     if "image" in body and "images" not in body:
         raise InvalidRequest(
             'A JSON edit sends its images as `images: [{"image_url": ...}]`.',
@@ -188,15 +190,17 @@ def _image_references(body: dict[str, Any]) -> list[tuple[str, str, dict[str, An
             code="invalid_type",
         )
     found = [(f"images[{i}]", f"image[{i}]", item) for i, item in enumerate(images)]
-    mask = body.get("mask")
-    if mask is not None:
-        if not isinstance(mask, dict):
+    for overlay in ("mask", "markup"):
+        reference = body.get(overlay)
+        if reference is None:
+            continue
+        if not isinstance(reference, dict):
             raise InvalidRequest(
-                'mask must be an object like {"image_url": "data:image/png;base64,..."}.',
-                param="mask",
+                f'{overlay} must be an object like {{"image_url": "data:image/png;base64,..."}}.',
+                param=overlay,
                 code="invalid_type",
             )
-        found.append(("mask", "mask", mask))
+        found.append((overlay, overlay, reference))
     return found
 
 

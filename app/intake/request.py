@@ -20,7 +20,7 @@ Operation = Literal["edit", "generation"]
 class ImageInput:
     upload: SpooledUpload
     info: ImageInfo
-    param: str  # how errors name it: "image", "image[1]", "mask"
+    param: str  # how errors name it: "image", "image[1]", "mask", "markup"
 
     @property
     def sha256(self) -> str:
@@ -41,6 +41,8 @@ class EditRequest:
     response_format: ResponseFormat | None
     n: int
     operation: Operation = "edit"
+    # A markup edit's annotation layer (a transparent PNG sized like the first image).
+    markup: ImageInput | None = None
     # Streaming shapes the answer, not the image: kept out of params (and the cache key). The
     # OpenAI dialect streams from upstreams whose model declares `stream`; others are emulated.
     stream: bool = False

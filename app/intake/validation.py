@@ -12,6 +12,7 @@ from typing import cast
 from app.config.catalog import (
     KNOWN_PARAMS,
     Catalog,
+    Combination,
     CustomSize,
     ModelRule,
     ParamRule,
@@ -27,6 +28,8 @@ from app.intake.spool import SpooledUpload
 # int() reads but upstreams do not.
 _IMAGE_FIELD = re.compile(r"^image(\[([0-9]{0,4})\])?$")
 _MASK_FIELDS = ("mask", "mask[]")
+_MARKUP_FIELDS = ("markup", "markup[]")
+_OVERLAY_FIELDS = _MASK_FIELDS + _MARKUP_FIELDS
 _SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 _TRUE = ("true", "1")
 _FALSE = ("false", "0")
@@ -42,9 +45,10 @@ def validate_edit(
     model = _model(fields.pop("model", None), catalog, default_model)
     prompt = _prompt(fields.pop("prompt", None), model)
     images = _images(form.files, model, max_pixels)
-    mask = _mask(form.files, model, images[0], max_pixels)
+    mask = _overlay(form.files, "mask", model, images[0], max_pixels)
+    markup = _overlay(form.files, "markup", model, images[0], max_pixels)
     _reject_unexpected_files(form.files)
-    return _request(fields, model, prompt, images, mask, "edit")
+    return _request(fields, model, prompt, images, mask, "edit", markup=markup)
 
 
 def validate_generation(form: IntakeForm, catalog: Catalog, *, default_model: str) -> EditRequest:
@@ -52,7 +56,7 @@ def validate_generation(form: IntakeForm, catalog: Catalog, *, default_model: st
     sent = [text.name for text in form.fields] + [upload.field for upload in form.files]
     for name in sent:
         base = name.split("[", 1)[0]
-        if base in ("image", "images", "mask"):
+        if base in ("image", "images", "mask", "markup"):
             raise InvalidRequest(
                 f"A generation takes no {base}; send images to /v1/images/edits.",
                 param=base,
@@ -71,12 +75,19 @@ def _request(
     images: tuple[ImageInput, ...],
     mask: ImageInput | None,
     operation: Operation,
+    *,
+    markup: ImageInput | None = None,
 ) -> EditRequest:
+    partials_sent = "partial_images" in fields
     stream, partial_images = _streaming(fields, model)
     known = {name: value for name, value in fields.items() if _is_known(name, model)}
     extra = tuple((name, value) for name, value in fields.items() if not _is_known(name, model))
     params = {name: _param(name, value, model) for name, value in known.items()}
-    _check_combinations(params, model)
+    # What was sent, by name, for the `excludes` rules: fields, the streaming switches, files.
+    sent = {"stream": stream, "partial_images": partials_sent, "mask": mask, "markup": markup}
+    present = set(params) | {name for name, value in sent.items() if value}
+    _check_combinations(params, present, model)
+    _check_translations(params, model)
     response_format = cast(ResponseFormat | None, params.get("response_format"))
     if response_format is not None and response_format not in model.response_formats:
         raise InvalidRequest(
@@ -94,6 +105,7 @@ def _request(
         prompt=prompt,
         images=images,
         mask=mask,
+        markup=markup,
         params=params,
         extra_fields=extra,
         response_format=response_format,
@@ -132,7 +144,7 @@ def _is_known(name: str, model: ModelRule) -> bool:
 def _single_valued(form: IntakeForm) -> dict[str, str]:
     fields: dict[str, str] = {}
     for text in form.fields:
-        if _IMAGE_FIELD.match(text.name) or text.name in _MASK_FIELDS:
+        if _IMAGE_FIELD.match(text.name) or text.name in _OVERLAY_FIELDS:
             raise InvalidRequest(
                 f"Invalid type for {text.name!r}: expected a file, but got a string instead.",
                 param=text.name.split("[", 1)[0],
@@ -277,55 +289,67 @@ def _sniff(
     return info
 
 
-def _mask(
-    files: list[SpooledUpload], model: ModelRule, first: ImageInput, max_pixels: int
+def _overlay(
+    files: list[SpooledUpload],
+    kind: str,
+    model: ModelRule,
+    first: ImageInput,
+    max_pixels: int,
 ) -> ImageInput | None:
-    masks = [upload for upload in files if upload.field in _MASK_FIELDS]
-    if not masks:
+    """The mask or the markup: a PNG with alpha, exactly the size of the first image."""
+    names = _MASK_FIELDS if kind == "mask" else _MARKUP_FIELDS
+    uploads = [upload for upload in files if upload.field in names]
+    if not uploads:
         return None
-    if not model.mask.allowed:
+    rules = model.mask if kind == "mask" else model.markup
+    if not rules.allowed:
         raise InvalidRequest(
-            f"{model.name} does not take a mask.", param="mask", code="unsupported_parameter"
+            f"{model.name} does not take a {kind}.", param=kind, code="unsupported_parameter"
         )
-    if len(masks) > 1:
-        raise InvalidRequest("Only one mask may be sent.", param="mask", code="duplicate_parameter")
-    upload = masks[0]
-    limit = int(model.mask.max_bytes)
+    if len(uploads) > 1:
+        raise InvalidRequest(
+            f"Only one {kind} may be sent.", param=kind, code="duplicate_parameter"
+        )
+    upload = uploads[0]
+    limit = int(rules.max_bytes)
     if upload.size > limit:
         raise PayloadTooLarge(
-            f"The mask is {upload.size} bytes; the limit is {limit}.",
-            param="mask",
+            f"The {kind} is {upload.size} bytes; the limit is {limit}.",
+            param=kind,
             code="file_too_large",
         )
-    info = _sniff(upload, "mask", max_pixels, full_head=True)
+    code = f"invalid_{kind}"
+    info = _sniff(upload, kind, max_pixels, full_head=True)
     if info.kind != "png":
         raise InvalidRequest(
-            f"The mask is a {info.kind.upper()} image; it must be a PNG with an alpha channel.",
-            param="mask",
-            code="invalid_mask",
+            f"The {kind} is a {info.kind.upper()} image; it must be a PNG with an alpha channel.",
+            param=kind,
+            code=code,
         )
     if not info.has_alpha:
-        raise InvalidRequest(
-            "The mask has no alpha channel; transparent pixels mark the area to edit.",
-            param="mask",
-            code="invalid_mask",
+        why = (
+            "transparent pixels mark the area to edit"
+            if kind == "mask"
+            else "the markup is drawn on a transparent layer"
         )
+        raise InvalidRequest(f"The {kind} has no alpha channel; {why}.", param=kind, code=code)
     if (info.width, info.height) != (first.info.width, first.info.height):
         raise InvalidRequest(
-            f"The mask is {info.width}x{info.height} but {first.param} is "
+            f"The {kind} is {info.width}x{info.height} but {first.param} is "
             f"{first.info.width}x{first.info.height}; they must be the same size.",
-            param="mask",
-            code="invalid_mask",
+            param=kind,
+            code=code,
         )
-    return ImageInput(upload=upload, info=info, param="mask")
+    return ImageInput(upload=upload, info=info, param=kind)
 
 
 def _reject_unexpected_files(files: list[SpooledUpload]) -> None:
     for upload in files:
-        if not _IMAGE_FIELD.match(upload.field) and upload.field not in _MASK_FIELDS:
+        if not _IMAGE_FIELD.match(upload.field) and upload.field not in _OVERLAY_FIELDS:
             shown = upload.field[:100]
             raise InvalidRequest(
-                f"Unexpected file in field {shown!r}; files are accepted as `image` and `mask`.",
+                f"Unexpected file in field {shown!r}; files are accepted as `image`, `mask` "
+                "and `markup`.",
                 param=shown,
                 code="unexpected_file",
             )
@@ -359,7 +383,10 @@ def _param(name: str, raw: str, model: ModelRule, rule: ParamRule | None = None)
 
 
 def _int(name: str, value: str, rule: ParamRule) -> int:
-    bounds = f"an integer from {rule.min} to {rule.max}"
+    if rule.max is None:
+        bounds = f"an integer of at least {rule.min}"
+    else:
+        bounds = f"an integer from {rule.min} to {rule.max}"
     if not re.fullmatch(r"[+-]?[0-9]{1,10}", value):
         raise _bad_value(name, value, bounds)
     number = int(value)
@@ -397,7 +424,8 @@ def _size(name: str, value: str, rule: ParamRule) -> str:
         if custom is not None:
             expected += (
                 f", or WxH with both sides multiples of {custom.multiple_of}, at most "
-                f"{custom.max_edge} per side and {custom.max_pixels} pixels, and a ratio within "
+                f"{custom.max_edge} per side, {custom.min_pixels} to {custom.max_pixels} "
+                "pixels, and a ratio within "
                 f"1:{custom.max_ratio:g} to {custom.max_ratio:g}:1"
             )
         raise _bad_value(name, value, expected)
@@ -411,7 +439,7 @@ def _custom_size_ok(width: int, height: int, custom: CustomSize) -> bool:
         and width % custom.multiple_of == 0
         and height % custom.multiple_of == 0
         and max(width, height) <= custom.max_edge
-        and width * height <= custom.max_pixels
+        and custom.min_pixels <= width * height <= custom.max_pixels
         and max(width, height) / min(width, height) <= custom.max_ratio
     )
 
@@ -425,20 +453,55 @@ def _bad_value(name: str, value: str, expected: str) -> InvalidRequest:
     )
 
 
-def _check_combinations(params: dict[str, ParamValue], model: ModelRule) -> None:
-    output_format = params.get("output_format", "png")
-    if params.get("background") == "transparent" and output_format not in ("png", "webp"):
-        raise InvalidRequest(
-            "background='transparent' needs output_format 'png' or 'webp'.",
-            param="background",
-            code="invalid_value",
-        )
-    if "output_compression" in params and output_format not in ("jpeg", "webp"):
-        raise InvalidRequest(
-            "output_compression applies only to output_format 'jpeg' or 'webp'.",
-            param="output_compression",
-            code="invalid_value",
-        )
+def _check_combinations(params: dict[str, ParamValue], present: set[str], model: ModelRule) -> None:
+    """The catalog's cross-field rules (`requires`, `excludes`, `when`): each sent field's rules,
+    then the markup's. `present` names everything sent, files and streaming fields included."""
+    for name, value in params.items():
+        rule = model.params.get(name)
+        if rule is None:
+            continue
+        for combination in rule.combinations(_text(value)):
+            _check_combination(name, _text(value), combination, params, present, model)
+    if "markup" in present:
+        _check_combination("markup", None, model.markup, params, present, model)
+
+
+def _check_combination(
+    name: str,
+    value: str | None,
+    combination: Combination,
+    params: dict[str, ParamValue],
+    present: set[str],
+    model: ModelRule,
+) -> None:
+    sent_as = name if value is None else f"{name}={value!r}"
+    for other, allowed in combination.requires.items():
+        other_rule = model.params.get(other)
+        actual = params.get(other, other_rule.default if other_rule is not None else None)
+        if actual is None or _text(actual) not in allowed:
+            shown = "not sent" if actual is None else repr(_text(actual))
+            raise InvalidRequest(
+                f"{sent_as} needs {other} to be "
+                f"{' or '.join(repr(v) for v in allowed)} (it is {shown}) on {model.name}.",
+                param=name,
+                code="invalid_value",
+            )
+    for other in combination.excludes:
+        if other in present:
+            raise InvalidRequest(
+                f"{other} cannot be combined with {sent_as} on {model.name}.",
+                param=other,
+                code="unsupported_parameter",
+            )
+
+
+def _text(value: ParamValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _check_translations(params: dict[str, ParamValue], model: ModelRule) -> None:
     for source, translation in model.translate.items():
         if source in params and translation.to in params:
             raise InvalidRequest(

@@ -50,8 +50,8 @@ EJECTION_OVERRIDES: Final = frozenset({"cap", "panic"})
 # What an upstream call ended with: "ok", "cancelled", or one of app.errors.FailureKind.
 UPSTREAM_OUTCOMES: Final = frozenset({"ok", "cancelled", *get_args(FailureKind)})
 # Fields a validation error can name, besides the optional images API fields.
-_REQUEST_FIELDS: Final = frozenset({"image", "mask", "prompt", "model"})
-_INDEXED = re.compile(r"^(image|mask)\[\d*\]$")
+_REQUEST_FIELDS: Final = frozenset({"image", "mask", "markup", "prompt", "model"})
+_INDEXED = re.compile(r"^(image|mask|markup)\[\d*\]$")
 REDIS_COMPONENTS: Final = frozenset(
     {"cache", "keys", "health", "client_keys", "client_limits", "client_usage"}
 )

@@ -89,8 +89,8 @@ class MeteredEdit:
         image charge back (no upstream made anything) and notes the calls and cost it saved;
         otherwise the charge is kept for the images made."""
         images = _image_count(body) if images is None else images
-        input_tokens, output_tokens, total_tokens = tokens_of(body)
-        cost = estimate_cost_nanos(edit.model.price, images, input_tokens, output_tokens)
+        tokens = tokens_of(body)
+        cost = estimate_cost_nanos(edit.model.price, images, tokens)
         if cache_hit:
             await self._slot.settle(0)
             usage = Usage(
@@ -107,9 +107,9 @@ class MeteredEdit:
                 requests=1,
                 images=images,
                 input_bytes=_input_bytes(edit),
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                total_tokens=total_tokens,
+                input_tokens=tokens.input_tokens,
+                output_tokens=tokens.output_tokens,
+                total_tokens=tokens.total_tokens,
                 cost_nano_usd=cost,
             )
         await self._gate._record(self.policy, edit, usage)
@@ -137,5 +137,6 @@ def _image_count(body: dict[str, Any]) -> int:
 
 
 def _input_bytes(edit: EditRequest) -> int:
+    overlays = (edit.mask, edit.markup)
     total = sum(image.upload.size for image in edit.images)
-    return total + (edit.mask.upload.size if edit.mask is not None else 0)
+    return total + sum(overlay.upload.size for overlay in overlays if overlay is not None)

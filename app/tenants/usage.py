@@ -42,7 +42,7 @@ class Usage:
     cache_hits: int = 0  # edits answered from the cache
     cached_images: int = 0  # images served from the cache
     upstream_calls_saved: int = 0  # upstream calls the cache hits made unnecessary
-    input_bytes: int = 0  # uploaded image and mask bytes
+    input_bytes: int = 0  # uploaded image, mask and markup bytes
     input_tokens: int = 0  # from the upstream's `usage`
     output_tokens: int = 0
     total_tokens: int = 0
@@ -53,25 +53,63 @@ class Usage:
 COUNTERS = tuple(f.name for f in fields(Usage))
 
 
-def estimate_cost_nanos(price: ModelPrice, images: int, input_tokens: int, out_tokens: int) -> int:
-    usd = (
-        price.per_image * images
-        + price.per_million_input_tokens * input_tokens / 1_000_000
-        + price.per_million_output_tokens * out_tokens / 1_000_000
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """The token counts of one answer's `usage`; input split by kind when the answer says so."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    text_input_tokens: int = 0
+    image_input_tokens: int = 0
+    cached_input_tokens: int = 0
+
+
+def estimate_cost_nanos(price: ModelPrice, images: int, tokens: TokenUsage) -> int:
+    """The one place an answer's cost is computed, in integer nano-dollars.
+
+    Cached tokens are a share of the input that OpenAI reports as one number: they are taken
+    from the image tokens first (an edit's repeated reference images are what a cache holds;
+    text is a few dozen tokens), then from the text tokens.
+    """
+    cached_image = min(tokens.cached_input_tokens, tokens.image_input_tokens)
+    cached_text = min(tokens.cached_input_tokens - cached_image, tokens.text_input_tokens)
+    per_million = (
+        price.text_input * (tokens.text_input_tokens - cached_text)
+        + price.cached_text_input * cached_text
+        + price.image_input * (tokens.image_input_tokens - cached_image)
+        + price.cached_image_input * cached_image
+        + price.per_million_output_tokens * tokens.output_tokens
     )
+    usd = price.per_image * images + per_million / 1_000_000
     return int((usd * NANOS_PER_USD).to_integral_value())
 
 
-def tokens_of(body: dict[str, Any]) -> tuple[int, int, int]:
+def tokens_of(body: dict[str, Any]) -> TokenUsage:
+    """The answer's `usage`. Input that `input_tokens_details` does not call image tokens counts
+    as text: an upstream that omits the details (the gateway then fills in zeros) is priced at
+    the text rate, as a model with one input rate always was."""
     usage = body.get("usage")
     if not isinstance(usage, dict):
-        return 0, 0, 0
+        return TokenUsage()
+    details = usage.get("input_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    input_tokens = _count(usage, "input_tokens")
+    image = min(_count(details, "image_tokens"), input_tokens)
+    return TokenUsage(
+        input_tokens=input_tokens,
+        output_tokens=_count(usage, "output_tokens"),
+        total_tokens=_count(usage, "total_tokens"),
+        text_input_tokens=input_tokens - image,
+        image_input_tokens=image,
+        cached_input_tokens=min(_count(details, "cached_tokens"), input_tokens),
+    )
 
-    def number(name: str) -> int:
-        value = usage.get(name)
-        return value if isinstance(value, int) and value >= 0 else 0
 
-    return number("input_tokens"), number("output_tokens"), number("total_tokens")
+def _count(source: dict[str, Any], name: str) -> int:
+    value = source.get(name)
+    # bool is an int subclass: `true` is no token count.
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def day_of(now: float) -> str:

@@ -83,7 +83,8 @@ class MultipartBody:
 
 
 def openai_edit_body(edit: EditRequest) -> MultipartBody:
-    """The OpenAI dialect: one file as `image`, several as `image[]`, ints and bools as text."""
+    """The OpenAI dialect: one file as `image`, several as `image[]`, then `mask` and `markup`;
+    ints and bools as text."""
     fields = [("model", edit.model.upstream_model), ("prompt", edit.prompt)]
     fields += [(name, _text(value)) for name, value in edit.params.items()]
     fields += list(edit.extra_fields)
@@ -91,4 +92,6 @@ def openai_edit_body(edit: EditRequest) -> MultipartBody:
     files = [(image_field, image) for image in edit.images]
     if edit.mask is not None:
         files.append(("mask", edit.mask))
+    if edit.markup is not None:
+        files.append(("markup", edit.markup))
     return MultipartBody(fields, files)

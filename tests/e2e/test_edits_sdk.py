@@ -118,7 +118,7 @@ def test_edit_normalizes_fields_for_the_upstream(
         output_compression=80,
         background="opaque",
         response_format="b64_json",
-        extra_body={"complexity": "low", "moderation": "low"},
+        extra_body={"lighting": "soft", "moderation": "low"},
     )
     fields = upstream.edits[0].fields
     assert dict(fields) == {
@@ -130,7 +130,7 @@ def test_edit_normalizes_fields_for_the_upstream(
         "output_compression": "80",
         "background": "opaque",
         "moderation": "low",
-        "complexity": "low",  # unknown fields pass through unchanged
+        "lighting": "soft",  # unknown fields pass through unchanged
     }
     assert "response_format" not in dict(fields)  # OpenAI rejects it for GPT image models
 

@@ -1,7 +1,9 @@
 """A fake OpenAI-compatible upstream on a real port: records every request, replies as scripted.
 
 It parses multipart with Starlette's own form parser, independently of the gateway's intake, so
-tests compare what really went over the wire.
+tests compare what really went over the wire (every text field, and every file part with its
+name, filename, Content-Type and bytes). Unscripted, it answers in the `output_format` asked
+for when that is gif or svg (GPT Image 2.6), and with a PNG otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ from starlette.routing import Route
 from tests.support import images
 
 RESULT_PNG = images.png(16, 16, colour=(250, 0, 0))
+RESULT_GIF = images.animated_gif(16, 16, frames=3)
+RESULT_SVG = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n'
+    b'<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16" viewBox="0 0 16 16">'
+    b'<rect width="16" height="16" fill="red"/></svg>'
+)
+RESULTS = {"gif": RESULT_GIF, "svg": RESULT_SVG}
 
 
 @dataclass
@@ -74,13 +83,15 @@ class Reply:
     stream_drop: bool = False
 
 
-def images_response(n: int, *, with_usage_details: bool = False) -> dict[str, Any]:
+def images_response(
+    n: int, *, with_usage_details: bool = False, image: bytes = RESULT_PNG
+) -> dict[str, Any]:
     usage: dict[str, Any] = {"input_tokens": 50, "output_tokens": 100, "total_tokens": 150}
     if with_usage_details:
         usage["input_tokens_details"] = {"text_tokens": 10, "image_tokens": 40}
     return {
         "created": int(time.time()),
-        "data": [{"b64_json": base64.b64encode(RESULT_PNG).decode()} for _ in range(n)],
+        "data": [{"b64_json": base64.b64encode(image).decode()} for _ in range(n)],
         "usage": usage,
     }
 
@@ -169,7 +180,9 @@ class FakeOpenAIUpstream:
                 self._events(reply, prefix, partials), media_type="text/event-stream"
             )
         if reply.body is None:
-            body: Any = images_response(int(record.field_map().get("n", "1")))
+            fields = record.field_map()
+            image = RESULTS.get(fields.get("output_format", ""), RESULT_PNG)
+            body: Any = images_response(int(fields.get("n", "1")), image=image)
         else:
             body = reply.body
         if isinstance(body, bytes):

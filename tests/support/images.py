@@ -43,6 +43,24 @@ def webp(width: int = 40, height: int = 30, *, lossless: bool = False) -> bytes:
     return buffer.getvalue()
 
 
+def animated_gif(width: int = 16, height: int = 16, *, frames: int = 3) -> bytes:
+    """A real animated GIF: `frames` frames of different colours, 200 ms each."""
+    shots = [Image.new("P", (width, height), index * 40) for index in range(frames)]
+    buffer = io.BytesIO()
+    shots[0].save(buffer, format="GIF", save_all=True, append_images=shots[1:], duration=200)
+    return buffer.getvalue()
+
+
+def markup_png(width: int = 64, height: int = 64) -> bytes:
+    """A markup layer: transparent everywhere except a red stroke across the middle."""
+    image = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    for x in range(width):
+        image.putpixel((x, height // 2), (255, 0, 0, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def other_format(kind: str) -> bytes:
     if kind == "svg":
         return (

@@ -40,7 +40,22 @@ def test_fingerprint_changes_with_every_input_that_decides_the_result() -> None:
         edit({"prompt": "x", "output_format": "webp"}),
         edit({"prompt": "x", "input_fidelity": "high"}),
         edit({"prompt": "x", "user": "u1"}),
-        edit({"prompt": "x", "complexity": "low"}),  # unknown fields reach the upstream too
+        edit({"prompt": "x", "lighting": "soft"}),  # unknown fields reach the upstream too
+        edit({"prompt": "x", "model": "gpt-image-2.6-flare"}),
+        edit({"prompt": "x", "model": "gpt-image-2.6-flare", "complexity": "low"}),
+        edit({"prompt": "x", "model": "gpt-image-2.6-flare", "output_format": "gif"}),
+        edit(
+            {
+                "prompt": "x",
+                "model": "gpt-image-2.6-flare",
+                "output_format": "gif",
+                "frame_count": "4",
+            }
+        ),
+        edit(
+            {"prompt": "x", "model": "gpt-image-2.6-flare"},
+            [("image", png, "a"), ("markup", images.markup_png(), "m")],
+        ),
     ]
     prints = [fingerprint(v) for v in variants]
     assert base not in prints
