@@ -38,9 +38,10 @@ KNOWN_PARAMS = frozenset(
         "safety_identifier",
     }
 )
-# Provider fields outside OpenAI's API (Flux's). A model that declares one in its params gets it
-# validated like a known field; for any other model it stays an unknown field, passed through.
-PROVIDER_PARAMS = frozenset({"seed", "safety_tolerance", "prompt_upsampling"})
+# Provider fields outside OpenAI's API (Flux's; Gemini's image_size). A model that declares one in
+# its params gets it validated like a known field; for any other model it stays an unknown field,
+# passed through.
+PROVIDER_PARAMS = frozenset({"seed", "safety_tolerance", "prompt_upsampling", "image_size"})
 
 
 class _Strict(BaseModel):
