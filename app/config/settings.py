@@ -124,6 +124,13 @@ class GeminiSettings(_Strict):
     # One call makes one image, so n > 1 is n calls, at most this many at once.
     max_parallel_calls: int = Field(4, ge=1, le=16)
 
+    @field_validator("response_modalities")
+    @classmethod
+    def _asks_for_images(cls, modalities: tuple[str, ...]) -> tuple[str, ...]:
+        if "IMAGE" not in modalities:
+            raise ValueError("must include IMAGE: an answer without one is refused")
+        return modalities
+
 
 class KeyLimits(_Strict):
     """Per-key caps; a key at a cap is skipped, never queued behind."""

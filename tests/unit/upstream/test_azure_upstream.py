@@ -12,6 +12,7 @@ import pytest
 from pydantic import SecretStr
 
 from app.config.settings import AzureSettings, Settings
+from app.config.yaml_source import ConfigError
 from app.errors import GatewayError
 from app.intake.request import EditRequest
 from app.observability.redaction import Redactor
@@ -168,3 +169,14 @@ def test_azure_failures_map_like_openai(tmp_path: Path) -> None:
     assert isinstance(refused, GatewayError) and refused.failure == "auth"
     broken, _ = azure_call(tmp_path, lambda _: httpx.Response(500, json={"error": {}}))
     assert isinstance(broken, GatewayError) and broken.failure == "server"
+
+
+def test_startup_refuses_a_deployment_for_a_model_not_in_the_catalog(tmp_path: Path) -> None:
+    path = write_provider_config(
+        tmp_path,
+        azure_url=BASE,
+        gemini_url="http://127.0.0.1:9",
+        azure={"deployments": {"gpt-image-15": "typo"}},
+    )
+    with pytest.raises(ConfigError, match=r"upstreams\.azure\.azure\.deployments: 'gpt-image-15'"):
+        provider_settings(path)

@@ -288,3 +288,15 @@ def test_check_catalog_refuses_a_mask_for_a_gemini_model(tmp_path: Path) -> None
     )
     with pytest.raises(ConfigError, match=f"models.{PRO}.mask.allowed"):
         check_catalog(Catalog(models=models), "gemini")
+
+
+def test_startup_refuses_modalities_without_images(tmp_path: Path) -> None:
+    path = write_provider_config(
+        tmp_path, azure_url="http://127.0.0.1:9", gemini_url="https://gemini.test"
+    )
+    text = path.read_text().replace(
+        "type: gemini", "type: gemini\n    gemini: {response_modalities: [TEXT]}"
+    )
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="response_modalities"):
+        provider_settings(path)
