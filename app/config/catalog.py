@@ -50,9 +50,12 @@ KNOWN_PARAMS = frozenset(
         "frame_duration_ms",
     }
 )
-# Provider fields outside OpenAI's API (Flux's). A model that declares one in its params gets it
-# validated like a known field; for any other model it stays an unknown field, passed through.
-PROVIDER_PARAMS = frozenset({"seed", "safety_tolerance", "prompt_upsampling", "steps", "guidance"})
+# Provider fields outside OpenAI's API (Flux's; Gemini's image_size). A model that declares one in
+# its params gets it validated like a known field; for any other model it stays an unknown field,
+# passed through.
+PROVIDER_PARAMS = frozenset(
+    {"seed", "safety_tolerance", "prompt_upsampling", "steps", "guidance", "image_size"}
+)
 # The files an edit can carry besides its images: what a combination rule may name too.
 OVERLAY_FILES = frozenset({"mask", "markup"})
 

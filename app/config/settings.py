@@ -41,6 +41,7 @@ from app.config.yaml_source import ConfigError, YamlFileSource, find_paths, form
 from app.shared_state.factory import RedisTarget, RedisUrlError
 from app.upstream.bfl import check_catalog as check_bfl_catalog
 from app.upstream.egress import PROXY_VARIABLES, Egress, Proxy, ProxyUrlError
+from app.upstream.gemini import check_catalog as check_gemini_catalog
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 DEFAULT_UPSTREAM = "default"
@@ -98,6 +99,39 @@ class BflSettings(UrlGuardConfig):
     max_parallel_tasks: int = Field(4, ge=1, le=24)
 
 
+class AzureSettings(_Strict):
+    """How an Azure OpenAI upstream addresses its deployments (app/upstream/azure.py)."""
+
+    # deployments: {base_url}/openai/deployments/{deployment}/images/edits?api-version=...
+    # v1: {base_url}/openai/v1/images/edits, the deployment named in the body's `model`.
+    api_form: Literal["deployments", "v1"] = "deployments"
+    # null: 2025-04-01-preview for the deployments form, none for v1 (Azure's v1 API needs none).
+    api_version: str | None = Field(None, pattern=r"^[A-Za-z0-9.-]{1,40}$")
+    # Public model name -> the Azure deployment serving it; a model not listed here is served by
+    # the deployment named like its upstream_model.
+    deployments: dict[str, str] = Field(default_factory=dict)
+
+
+class GeminiSettings(_Strict):
+    """How a Google Gemini upstream is called (app/upstream/gemini.py)."""
+
+    # {base_url}/{api_version}/models/{model}:generateContent
+    api_version: str = Field("v1beta", pattern=r"^v[0-9a-z]{1,20}$")
+    # What the answer may hold; Gemini's own default is text and image (the text is dropped).
+    response_modalities: tuple[Literal["TEXT", "IMAGE"], ...] = Field(
+        ("TEXT", "IMAGE"), min_length=1
+    )
+    # One call makes one image, so n > 1 is n calls, at most this many at once.
+    max_parallel_calls: int = Field(4, ge=1, le=16)
+
+    @field_validator("response_modalities")
+    @classmethod
+    def _asks_for_images(cls, modalities: tuple[str, ...]) -> tuple[str, ...]:
+        if "IMAGE" not in modalities:
+            raise ValueError("must include IMAGE: an answer without one is refused")
+        return modalities
+
+
 class KeyLimits(_Strict):
     """Per-key caps; a key at a cap is skipped, never queued behind."""
 
@@ -124,12 +158,14 @@ class KeySpec(_Strict):
 
 
 class UpstreamConfig(_Strict):
-    type: Literal["openai", "demo", "bfl"] = "openai"
+    type: Literal["openai", "demo", "bfl", "azure", "gemini"] = "openai"
     base_url: str = ""
     keys_env: str | None = None
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
     keys: tuple[SecretStr, ...] = ()
     bfl: BflSettings = BflSettings()
+    azure: AzureSettings = AzureSettings()
+    gemini: GeminiSettings = GeminiSettings()
     # Routing (app/routing/forwarder.py): the lowest priority number is tried first; within a
     # tier a model's upstreams are tried in its list order (a fallback), unless one of them sets
     # a weight: then the tier's traffic is split by weight (unset counts as 1).
@@ -601,6 +637,14 @@ class Settings(BaseSettings):
                 )
             if upstream.type == "bfl":
                 check_bfl_catalog(self.catalog, name)
+            if upstream.type == "gemini":
+                check_gemini_catalog(self.catalog, name)
+            for model in upstream.azure.deployments:
+                if model not in self.catalog.models:
+                    raise ConfigError(
+                        f"{self.config}: upstreams.{name}.azure.deployments: {model!r} is not "
+                        "a model in the catalog"
+                    )
             if not upstream.keys:
                 raise ConfigError(
                     f"environment: {upstream.keys_env or '(no keys_env)'}: upstream {name!r} "

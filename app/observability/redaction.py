@@ -14,10 +14,19 @@ REDACTED = "[redacted]"
 _KEY_SHAPED = re.compile(r"\b(?:sk|igw)-[A-Za-z0-9_\-*.]{4,}")
 
 
+# A masked echo keeps a key's tail ("azure-te...22bbbb0000"): of a secret this long, the last
+# characters are as telling as the whole, and are replaced too. Keys without a recognisable prefix
+# (Azure's hex keys, Google's AIza... keys) are only caught this way.
+_TAIL = 10
+_TAIL_FROM = 24
+
+
 class Redactor:
     def __init__(self, secrets: Iterable[str]) -> None:
+        whole = {s for s in secrets if len(s) >= 4}
+        tails = {s[-_TAIL:] for s in whole if len(s) >= _TAIL_FROM}
         # Longest first, so a secret that contains another is replaced whole.
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._secrets = sorted(whole | tails, key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:

@@ -6,13 +6,20 @@ GatewayError (app/errors.py: FailureKind, OUTCOME_UNKNOWN, MAYBE_BILLED).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import orjson
 
-from app.errors import GatewayError, RateLimited, UpstreamFailed
+from app.errors import (
+    GatewayError,
+    RateLimited,
+    UpstreamFailed,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 
 # Upstream headers a client may act on; everything else from the upstream stays here.
 RATE_LIMIT_HEADERS = ("retry-after", "retry-after-ms")
@@ -90,3 +97,33 @@ def unparseable_redirect() -> GatewayError:
     return UpstreamFailed(
         "The upstream answered with a redirect whose Location cannot be parsed.", failure="server"
     )
+
+
+@contextmanager
+def transport_failures(upstream: str, total: float) -> Iterator[None]:
+    """Translate what can go wrong on the way to an upstream that answers in one response (a
+    deadline of `total` seconds, httpx's transport errors) into gateway errors, once. Only a
+    failure before the request was written is `connect`; after that the call may be running, and
+    billed, upstream."""
+    try:
+        yield
+    except (TimeoutError, httpx.TimeoutException) as exc:
+        if isinstance(exc, httpx.ConnectTimeout):
+            raise UpstreamUnreachable(
+                f"The upstream {upstream!r} timed out connecting.", failure="connect"
+            ) from None
+        raise UpstreamTimeout(
+            f"The upstream did not answer within {total:g} seconds.", failure="timeout"
+        ) from None
+    except httpx.ConnectError:
+        raise UpstreamUnreachable(
+            f"The upstream {upstream!r} refused the connection.", failure="connect"
+        ) from None
+    except httpx.InvalidURL:
+        raise unparseable_redirect() from None
+    except httpx.TransportError as exc:
+        raise UpstreamFailed(
+            f"The connection to the upstream failed mid-request ({type(exc).__name__}).",
+            code="upstream_connection_lost",
+            failure="dropped",
+        ) from None

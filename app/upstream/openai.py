@@ -3,28 +3,24 @@ JSON POST {base}/images/generations; with `stream`, the upstream's SSE is read a
 its partial images handed to the caller's `on_partial` at once, the completed event kept as the
 answer.
 
-Transport failures and upstream statuses are translated into gateway errors here, once.
+Transport failures and upstream statuses are translated into gateway errors here, once. Where a
+call goes and how it authenticates is a `WireTarget`, so a provider speaking the same wire format
+on other paths (Azure OpenAI, app/upstream/azure.py) composes this dialect instead of copying it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import httpx
 import orjson
 
 from app.config.settings import UpstreamConfig
-from app.errors import (
-    GatewayError,
-    UpstreamFailed,
-    UpstreamRejected,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-)
+from app.errors import GatewayError, UpstreamFailed, UpstreamRejected
 from app.intake.request import EditRequest
 from app.observability.redaction import Redactor
 from app.upstream.base import PartialSink, UpstreamAnswer, UpstreamKey
@@ -34,7 +30,7 @@ from app.upstream.failures import (
     picked_headers,
     quota_exhausted,
     rate_limited,
-    unparseable_redirect,
+    transport_failures,
 )
 from app.upstream.multipart_body import openai_edit_body
 
@@ -50,27 +46,62 @@ _POOL_HEADERS = (
 MAX_EVENT_BYTES = 96 * 1024 * 1024
 
 
+# The three calls of the images API a dialect of this wire format makes.
+Call = Literal["images/edits", "images/generations", "models"]
+
+
+class WireTarget(Protocol):
+    """Where each call goes and how a key is presented."""
+
+    def url(self, call: Call, model: str) -> str: ...
+
+    def auth_headers(self, key: UpstreamKey) -> dict[str, str]: ...
+
+
+class OpenAITarget:
+    """OpenAI and resellers: `{base}/images/edits`, `Authorization: Bearer <key>`."""
+
+    def __init__(self, base_url: str) -> None:
+        self._base = base_url.rstrip("/")
+
+    def url(self, call: Call, model: str) -> str:
+        return f"{self._base}/{call}"
+
+    def auth_headers(self, key: UpstreamKey) -> dict[str, str]:
+        return {"authorization": f"Bearer {key.secret.get_secret_value()}"}
+
+
+# The `code` an upstream 4xx is answered with instead of its own, given the upstream's `error`
+# object (None keeps the upstream's): how a provider's own refusals become OpenAI's codes.
+RejectionCode = Callable[[dict[str, Any]], str | None]
+
+
 class OpenAIUpstream:
     def __init__(
-        self, name: str, config: UpstreamConfig, client: httpx.AsyncClient, redactor: Redactor
+        self,
+        name: str,
+        config: UpstreamConfig,
+        client: httpx.AsyncClient,
+        redactor: Redactor,
+        *,
+        target: WireTarget | None = None,
+        rejection_code: RejectionCode | None = None,
     ) -> None:
         self.name = name
         self._config = config
         self._client = client
         self._redact = redactor
-        self._edits_url = config.base_url.rstrip("/") + "/images/edits"
-        self._generations_url = config.base_url.rstrip("/") + "/images/generations"
-        self._models_url = config.base_url.rstrip("/") + "/models"
+        self._target = target or OpenAITarget(config.base_url)
+        self._rejection_code = rejection_code
 
     async def probe(self, key: UpstreamKey) -> bool:
         """`GET {base}/models`: free, and it fails with 401/403 for a key that is still bad."""
-        headers = {
-            "authorization": f"Bearer {key.secret.get_secret_value()}",
-            "accept": "application/json",
-        }
+        headers = {**self._target.auth_headers(key), "accept": "application/json"}
         timeout = httpx.Timeout(_PROBE_TIMEOUT, connect=self._config.timeouts.connect)
         try:
-            response = await self._client.get(self._models_url, headers=headers, timeout=timeout)
+            response = await self._client.get(
+                self._target.url("models", ""), headers=headers, timeout=timeout
+            )
         except (httpx.HTTPError, httpx.InvalidURL):  # InvalidURL: a 3xx Location httpx can't parse
             return False
         # 429 means the key authenticated; its rate limit is the pool's business, not the probe's.
@@ -84,28 +115,11 @@ class OpenAIUpstream:
         streaming = edit.stream and "stream" in edit.model.params
         total = edit.model.timeout or self._config.timeouts.total
         request = self._request(edit, key, streaming, total)
-        try:
+        with transport_failures(self.name, total):
             async with asyncio.timeout(total):
                 if streaming:
                     return await self._streamed(request, on_partial)
                 response = await self._client.send(request)
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            if isinstance(exc, httpx.ConnectTimeout):
-                raise self._unreachable("timed out connecting") from None
-            raise UpstreamTimeout(
-                f"The upstream did not answer within {total:g} seconds.", failure="timeout"
-            ) from None
-        except httpx.ConnectError:
-            raise self._unreachable("refused the connection") from None
-        except httpx.InvalidURL:
-            raise unparseable_redirect() from None
-        except httpx.TransportError as exc:
-            # The request may have been delivered and may be running (and billed) upstream.
-            raise UpstreamFailed(
-                f"The connection to the upstream failed mid-request ({type(exc).__name__}).",
-                code="upstream_connection_lost",
-                failure="dropped",
-            ) from None
         return self._interpret(response)
 
     def _request(
@@ -118,15 +132,16 @@ class OpenAIUpstream:
             )
         headers = {"accept": "text/event-stream" if streaming else "application/json"}
         if key is not None:
-            headers["authorization"] = f"Bearer {key.secret.get_secret_value()}"
+            headers.update(self._target.auth_headers(key))
         timeout = httpx.Timeout(total, connect=self._config.timeouts.connect)
+        model = edit.model.upstream_model
         if edit.operation == "generation":
-            payload: dict[str, Any] = {"model": edit.model.upstream_model, "prompt": edit.prompt}
+            payload: dict[str, Any] = {"model": model, "prompt": edit.prompt}
             payload.update(edit.params)
             payload.update(dict(edit.extra_fields))
             return self._client.build_request(
                 "POST",
-                self._generations_url,
+                self._target.url("images/generations", model),
                 content=orjson.dumps(payload),
                 headers={**headers, "content-type": "application/json"},
                 timeout=timeout,
@@ -135,7 +150,11 @@ class OpenAIUpstream:
         headers["content-type"] = body.content_type
         headers["content-length"] = str(body.length)
         return self._client.build_request(
-            "POST", self._edits_url, content=body.stream(), headers=headers, timeout=timeout
+            "POST",
+            self._target.url("images/edits", model),
+            content=body.stream(),
+            headers=headers,
+            timeout=timeout,
         )
 
     async def _streamed(
@@ -184,9 +203,6 @@ class OpenAIUpstream:
             )
         return UpstreamAnswer(body=_images_response(completed), request_id=request_id)
 
-    def _unreachable(self, what: str) -> GatewayError:
-        return UpstreamUnreachable(f"The upstream {self.name!r} {what}.", failure="connect")
-
     def _interpret(self, response: httpx.Response) -> UpstreamAnswer:
         request_id = response.headers.get("x-request-id")
         if response.status_code == 200:
@@ -214,6 +230,8 @@ class OpenAIUpstream:
         detail = _error_detail(response.content)
         message = self._redact(str(detail.get("message") or f"HTTP {status}"))
         code = detail.get("code")
+        if 400 <= status < 500 and self._rejection_code is not None:
+            code = self._rejection_code(detail) or code
         if status in (401, 403):
             return credentials_rejected(headers=headers, upstream_headers=upstream_headers)
         if status == 402 or code == "insufficient_quota":

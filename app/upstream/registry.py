@@ -12,9 +12,11 @@ import httpx
 
 from app.config.settings import UpstreamConfig
 from app.observability.redaction import Redactor
+from app.upstream.azure import AzureUpstream
 from app.upstream.base import Upstream
 from app.upstream.bfl import BflUpstream
 from app.upstream.demo import DemoUpstream
+from app.upstream.gemini import GeminiUpstream
 from app.upstream.openai import OpenAIUpstream
 
 # name, the upstream's config, the shared HTTP client, the redactor of secrets in its errors.
@@ -35,5 +37,7 @@ def _demo(name: str, _config: UpstreamConfig, _client: httpx.AsyncClient, _: Red
 DIALECTS: Mapping[str, Dialect] = {
     "openai": Dialect(OpenAIUpstream),
     "bfl": Dialect(BflUpstream),
+    "azure": Dialect(AzureUpstream),
+    "gemini": Dialect(GeminiUpstream),
     "demo": Dialect(_demo, keyed=False),
 }
