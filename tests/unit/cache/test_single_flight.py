@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import shutil
 import threading
 import time
@@ -113,6 +114,9 @@ def redis_store(url: str, *, timeout: float = 1.0, retry_after: float = 0.0) -> 
     return RedisStore(open_redis(url, timeout=timeout), timeout=timeout, retry_after=retry_after)
 
 
+LEASE = 2.0
+
+
 def test_single_flight_lease_is_renewed_while_the_call_runs_and_freed_by_an_upstream_error(
     redis_url: str,
 ) -> None:
@@ -120,27 +124,30 @@ def test_single_flight_lease_is_renewed_while_the_call_runs_and_freed_by_an_upst
         request, key = unique_edit()
         failing = Upstream(error=UpstreamFailed("upstream answered 500"), open_=False)
         healthy = Upstream()
-        first = replica(redis_store(redis_url), failing, lease_seconds=0.3)
-        second = replica(redis_store(redis_url), healthy, lease_seconds=0.3)
+        # Renewed every third of its 2 s: a busy machine may delay a beat by a second and the
+        # lease still holds (a 0.3 s lease lost to a 0.2 s stall made this test flaky).
+        first = replica(redis_store(redis_url), failing, lease_seconds=LEASE)
+        second = replica(redis_store(redis_url), healthy, lease_seconds=LEASE)
         inspect = sync_redis(redis_url)
 
         leader = run(first, request)
         await until(lambda: bool(failing.calls))
         follower = run(second, request)
-        # Several leases long: the leader's heartbeat keeps its short lease alive, so the
-        # follower waits instead of paying a second time.
+        # Longer than the lease: the leader's heartbeat keeps it alive (its time to live goes
+        # back up), so the follower waits instead of paying a second time.
         ttls = []
-        for _ in range(10):
+        for _ in range(25):
             await asyncio.sleep(0.1)
             ttls.append(inspect.pttl(lock_key(key)))
         assert not healthy.calls
-        assert all(0 < ttl <= 300 for ttl in ttls), ttls
+        assert all(0 < ttl <= LEASE * 1000 for ttl in ttls), ttls
+        assert any(later > earlier for earlier, later in itertools.pairwise(ttls)), ttls
 
         failing.gate.set()  # the upstream fails: the leader gives the lease back at once
         ended = time.monotonic()
         assert isinstance((await asyncio.gather(leader, return_exceptions=True))[0], UpstreamFailed)
         outcome = await asyncio.wait_for(follower, 5)
-        assert time.monotonic() - ended < 1.0  # a poll or two, not a lease
+        assert time.monotonic() - ended < 1.0  # a poll or two, not a lease (>= 1.3 s)
         assert outcome.x_cache == "miss" and len(healthy.calls) == 1
         assert inspect.exists(lock_key(key)) == 0
 
