@@ -41,6 +41,11 @@ def create_app(
         multiprocess_dir=settings.metrics_multiprocess_dir,
         clients=client_names(settings.clients, len(settings.client_keys)),
     )
+    metrics.show_known_series_at_zero(
+        routes=[route.path for route in images.routes],
+        served_models=served_models(settings),
+        redis=settings.redis_url is not None,
+    )
     drain = Drain(settings.shutdown.drain_timeout)
 
     @asynccontextmanager
@@ -130,3 +135,13 @@ def create_app(
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def served_models(settings: Settings) -> dict[str, list[str]]:
+    """Each upstream in use -> the catalog models it serves."""
+    return {
+        upstream: [
+            name for name, model in settings.catalog.models.items() if upstream in model.upstreams
+        ]
+        for upstream in sorted(settings.catalog.upstreams_in_use())
+    }
