@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"image-gateway: configuration error:\n{exc}", file=sys.stderr)
         return 2
-    host = args.host if args.host is not None else (DEMO_HOST if settings.demo else DEFAULT_HOST)
+    host = bind_address(args.host, demo=settings.demo)
     metrics_dir = None
     if args.workers > 1 and settings.metrics_multiprocess_dir is None:
         # prometheus-client's multiprocess mode: every worker writes its values to files in this
@@ -101,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
         _remove(metrics_dir)
     return 0
+
+
+def bind_address(requested: str | None, *, demo: bool) -> str:
+    """--host if given; else loopback for the demo (it serves anyone), every interface if not."""
+    if requested is not None:
+        return requested
+    return DEMO_HOST if demo else DEFAULT_HOST
 
 
 def _stopped(sig: int, frame: FrameType | None) -> None:
