@@ -311,12 +311,18 @@ class GatewayMetrics:
         self._redis_up: Gauge | None = None
 
     def show_known_series_at_zero(
-        self, *, routes: Iterable[str], served_models: Mapping[str, Iterable[str]], redis: bool
+        self,
+        *,
+        routes: Iterable[str],
+        served_models: Mapping[str, Iterable[str]],
+        clients: Iterable[str],
+        redis: bool,
     ) -> None:
         """Create, at 0, every series the dashboards and alerts read for the label values known
         from configuration: `routes` (the image routes), the catalog's models, `served_models`
-        (upstream -> the models it serves), the configured clients, and Redis' components when
-        `redis`. Bounded by configuration: no label value here comes from a request.
+        (upstream -> the models it serves), `clients` (those that can send requests), and
+        Redis' components when `redis`. Bounded by configuration: no label value here comes
+        from a request.
         """
         routes = tuple(routes)
         models = sorted(self._models)
@@ -354,7 +360,7 @@ class GatewayMetrics:
             for other, other_models in served.items():
                 if other != upstream and set(upstream_models) & set(other_models):
                     self._failovers.labels(upstream, other)
-        for client in sorted(self._clients):
+        for client in sorted(set(clients) & self._clients):
             for limit in sorted(CLIENT_LIMITS):
                 self._client_refusals.labels(client, limit)
             for model in models:

@@ -17,9 +17,11 @@ SERVED = {
 }
 
 
-def started(*, redis: bool = True) -> str:
+def started(*, redis: bool = True, clients: tuple[str, ...] = CLIENTS) -> str:
     metrics = GatewayMetrics(models=MODELS, clients=CLIENTS)
-    metrics.show_known_series_at_zero(routes=ROUTES, served_models=SERVED, redis=redis)
+    metrics.show_known_series_at_zero(
+        routes=ROUTES, served_models=SERVED, clients=clients, redis=redis
+    )
     return metrics.scrape().decode()
 
 
@@ -72,3 +74,6 @@ def test_known_series_stay_within_configured_label_values() -> None:
         assert label_values(text, name, "client") == set(CLIENTS)
         assert label_values(text, name, "model") == set(MODELS)
     assert "other" not in label_values(text, "gateway_requests_total", "model")
+    # Only clients that can send requests (and that the metrics know): never a new label value.
+    text = started(clients=("design", "not-configured"))
+    assert label_values(text, "gateway_client_refusals_total", "client") == {"design"}
