@@ -1,4 +1,10 @@
-"""`image-gateway serve [--host H] [--port P] [--workers N] [--demo]`."""
+"""`image-gateway serve [--host H] [--port P] [--workers N] [--demo]`.
+
+Without --host the gateway binds 0.0.0.0 (every interface), except in demo mode (--demo or
+GATEWAY_DEMO=true), which binds 127.0.0.1: the demo serves anyone without a key, so it is
+reachable from other machines only when --host says so (the container image passes 0.0.0.0 and
+docker-compose.yml publishes it on 127.0.0.1 only).
+"""
 
 from __future__ import annotations
 
@@ -22,13 +28,19 @@ from app.server.workers import run_workers
 
 # Seconds uvicorn waits past the drain limit before cancelling what is left itself.
 SHUTDOWN_BACKSTOP = 5
+DEFAULT_HOST = "0.0.0.0"
+DEMO_HOST = "127.0.0.1"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="image-gateway")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    serve.add_argument(
+        "--host",
+        default=None,
+        help=f"address to bind (default {DEFAULT_HOST}; {DEMO_HOST} in demo mode)",
+    )
     serve.add_argument("--port", type=int, default=8080, help="port to bind (default 8080)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     serve.add_argument(
@@ -53,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"image-gateway: configuration error:\n{exc}", file=sys.stderr)
         return 2
+    host = bind_address(args.host, demo=settings.demo)
     metrics_dir = None
     if args.workers > 1 and settings.metrics_multiprocess_dir is None:
         # prometheus-client's multiprocess mode: every worker writes its values to files in this
@@ -64,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     options: dict[str, Any] = dict(
         app="app.main:create_app",
         factory=True,
-        host=args.host,
+        host=host,
         port=args.port,
         workers=args.workers,
         loop="uvloop",
@@ -88,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
         _remove(metrics_dir)
     return 0
+
+
+def bind_address(requested: str | None, *, demo: bool) -> str:
+    """--host if given; else loopback for the demo (it serves anyone), every interface if not."""
+    if requested is not None:
+        return requested
+    return DEMO_HOST if demo else DEFAULT_HOST
 
 
 def _stopped(sig: int, frame: FrameType | None) -> None:

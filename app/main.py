@@ -24,7 +24,7 @@ from app.server.drain import Drain, DrainMiddleware
 from app.server.heap import keep_freed_heap, malloc_trim, trim_heap_periodically
 from app.server.request_id import RequestIdMiddleware
 from app.shared_state.health import check_redis, watch_redis
-from app.tenants.directory import ClientDirectory, client_names
+from app.tenants.directory import ANONYMOUS, ClientDirectory, client_names
 from app.wiring import Gateway, open_gateway, secrets_of
 
 
@@ -36,10 +36,18 @@ def create_app(
     settings = settings if settings is not None else load_settings()
     # Here, not in the CLI: with --workers each worker process builds its own app.
     keep_freed_heap(int(settings.limits.malloc_keep_bytes))
+    clients = client_names(settings.clients, len(settings.client_keys))
     metrics = GatewayMetrics(
         models=settings.catalog.models,
         multiprocess_dir=settings.metrics_multiprocess_dir,
-        clients=client_names(settings.clients, len(settings.client_keys)),
+        clients=clients,
+    )
+    metrics.show_known_series_at_zero(
+        routes=[route.path for route in images.routes],
+        served_models=served_models(settings),
+        # The anonymous client sends nothing where anonymous requests are refused.
+        clients=[name for name in clients if name != ANONYMOUS or settings.allow_anonymous],
+        redis=settings.redis_url is not None,
     )
     drain = Drain(settings.shutdown.drain_timeout)
 
@@ -130,3 +138,13 @@ def create_app(
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def served_models(settings: Settings) -> dict[str, list[str]]:
+    """Each upstream in use -> the catalog models it serves."""
+    return {
+        upstream: [
+            name for name, model in settings.catalog.models.items() if upstream in model.upstreams
+        ]
+        for upstream in sorted(settings.catalog.upstreams_in_use())
+    }

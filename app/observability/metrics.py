@@ -5,6 +5,11 @@ Every label value is bounded: routes are route templates, models come from the c
 from the images API's field names, keys are key ids, clients are names from configuration
 (runtime keys belong to a configured client). A client-supplied string never becomes a
 label value, so no client can grow the series count or smuggle text into the scrape.
+
+Every labelled series a shipped dashboard or alert reads exists from startup, at 0, for the label
+values configuration makes known (`show_known_series_at_zero`): an operator then tells "nothing
+happened" (0) from "not measured" (no data), and `rate()` sees a series' first increment (a
+series born at 1 has no earlier 0 to rise from).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import inspect
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Final, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -70,6 +75,10 @@ CLIENT_LIMITS: Final = frozenset(
 
 OTHER = "other"
 NONE = "none"
+# The status classes dashboards and alerts select (the 5xx ratio above all).
+STATUS_CLASSES: Final = ("2xx", "4xx", "5xx")
+# Where a client's images came from.
+IMAGE_SOURCES: Final = ("upstream", "cache")
 
 
 # The key pool's view: read in memory, or from Redis (hence awaitable) when the pool shares state.
@@ -300,6 +309,69 @@ class GatewayMetrics:
         )
         # Created on the first check: a gateway without Redis must not report it down.
         self._redis_up: Gauge | None = None
+
+    def show_known_series_at_zero(
+        self,
+        *,
+        routes: Iterable[str],
+        served_models: Mapping[str, Iterable[str]],
+        clients: Iterable[str],
+        redis: bool,
+    ) -> None:
+        """Create, at 0, every series the dashboards and alerts read for the label values known
+        from configuration: `routes` (the image routes), the catalog's models, `served_models`
+        (upstream -> the models it serves), `clients` (those that can send requests), and
+        Redis' components when `redis`. Bounded by configuration: no label value here comes
+        from a request.
+        """
+        routes = tuple(routes)
+        models = sorted(self._models)
+        served = {upstream: sorted(set(names)) for upstream, names in served_models.items()}
+        failures = sorted(get_args(FailureKind))
+        for route in routes:
+            self._request_bytes.labels(route)
+            self._response_bytes.labels(route)
+            for model in models:
+                self._request_seconds.labels(route, model)
+                for status in STATUS_CLASSES:
+                    self._requests.labels(route, model, status)
+        for model in models:
+            self._upload_bytes.labels(model)
+            self._images.labels(model)
+            self._cache_stores.labels(model)
+            self._cache_stored_bytes.labels(model)
+            self._cache_served_bytes.labels(model)
+            self._cache_joins.labels(model)
+            for result in CACHE_RESULTS:
+                self._cache_lookups.labels(model, result)
+        for param in sorted({*_REQUEST_FIELDS, *KNOWN_PARAMS, OTHER, NONE}):
+            self._rejections.labels(param)
+        for upstream, upstream_models in served.items():
+            for model in upstream_models:
+                self._upstream_seconds.labels(upstream, self.model_label(model))
+                for outcome in sorted(UPSTREAM_OUTCOMES):
+                    self._upstream_requests.labels(upstream, self.model_label(model), outcome)
+            for kind in failures:
+                self._upstream_errors.labels(upstream, kind)
+                self._retries.labels(upstream, kind)
+            for reason in sorted(EJECTION_OVERRIDES):
+                self._ejection_overrides.labels(upstream, reason)
+            # A failover moves a request to another upstream serving the same model.
+            for other, other_models in served.items():
+                if other != upstream and set(upstream_models) & set(other_models):
+                    self._failovers.labels(upstream, other)
+        for client in sorted(set(clients) & self._clients):
+            for limit in sorted(CLIENT_LIMITS):
+                self._client_refusals.labels(client, limit)
+            for model in models:
+                self._client_cost.labels(client, model)
+                for outcome in sorted(CLIENT_OUTCOMES):
+                    self._client_requests.labels(client, model, outcome)
+                for source in IMAGE_SOURCES:
+                    self._client_images.labels(client, model, source)
+        if redis:
+            for component in sorted(REDIS_COMPONENTS):
+                self._redis_errors.labels(component)
 
     # Requests (the observability middleware calls these).
     def model_label(self, model: str | None) -> str:

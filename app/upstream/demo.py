@@ -3,6 +3,11 @@
 It tints the first image towards a colour derived from the prompt (only inside the mask's
 transparent area when a mask is given), so a newcomer sees the whole path work offline. A
 generation paints a gradient in the prompt's colours: the same prompt, the same image.
+
+The output options a real upstream honours are honoured here too, so they can be tried offline:
+`size` (WxH; the catalog turns `aspect_ratio` into a size for GPT image models) and
+`aspect_ratio` (models that take it as is, e.g. FLUX) set the output's dimensions, the source
+cropped to fit around its centre; `output_format` (png, jpeg, webp) sets the encoding.
 """
 
 from __future__ import annotations
@@ -14,14 +19,23 @@ import io
 import time
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from app.intake.request import EditRequest
 from app.upstream.base import PartialSink, UpstreamAnswer, UpstreamKey
 
-# Demo output is capped so a large upload cannot make the demo slow.
+# Demo output is capped so a large upload or size cannot make the demo slow: a source is read at
+# most MAX_EDGE on its longest side, and a requested size above MAX_PIXELS is scaled down to it
+# (aspect ratio kept). The catalog's fixed sizes (up to 1536x1024) are served exactly.
 MAX_EDGE = 1024
+MAX_PIXELS = 2048 * 2048
 GENERATED_EDGE = 256
+# output_format -> (Pillow's format name, media type).
+FORMATS = {
+    "png": ("PNG", "image/png"),
+    "jpeg": ("JPEG", "image/jpeg"),
+    "webp": ("WEBP", "image/webp"),
+}
 
 
 class DemoUpstream:
@@ -33,14 +47,16 @@ class DemoUpstream:
     ) -> UpstreamAnswer:
         render = _render_all if edit.operation == "edit" else _generate_all
         images = await asyncio.to_thread(render, edit)
+        output_format = _output_format(edit)
         if edit.response_format == "url":
-            data = [{"url": "data:image/png;base64," + image} for image in images]
+            media_type = FORMATS[output_format][1]
+            data = [{"url": f"data:{media_type};base64," + image} for image in images]
         else:
             data = [{"b64_json": image} for image in images]
         body: dict[str, Any] = {
             "created": int(time.time()),
             "data": data,
-            "output_format": "png",
+            "output_format": output_format,
             "usage": {
                 "input_tokens": 0,
                 "output_tokens": 0,
@@ -56,17 +72,46 @@ def _prompt_colour(prompt: str) -> tuple[int, int, int]:
     return digest[0], digest[1], digest[2]
 
 
-def _generated_size(edit: EditRequest) -> tuple[int, int]:
-    size = str(edit.params.get("size", ""))
-    width, _, height = size.partition("x")
+def _output_format(edit: EditRequest) -> str:
+    requested = str(edit.params.get("output_format", "png"))
+    return requested if requested in FORMATS else "png"
+
+
+def _encode(image: Image.Image, output_format: str) -> str:
+    """base64 of `image` in `output_format` (JPEG has no alpha: flattened onto white)."""
+    if output_format == "jpeg" and image.mode != "RGB":
+        flat = Image.new("RGB", image.size, (255, 255, 255))
+        flat.paste(image, mask=image.getchannel("A") if "A" in image.getbands() else None)
+        image = flat
+    buffer = io.BytesIO()
+    image.save(buffer, format=FORMATS[output_format][0])
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _within_cap(width: int, height: int) -> tuple[int, int]:
+    scale = min(1.0, (MAX_PIXELS / max(width * height, 1)) ** 0.5)
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _requested_size(edit: EditRequest, natural: tuple[int, int]) -> tuple[int, int]:
+    """The output's dimensions: `size` (WxH), else `aspect_ratio` (W:H) cropped from `natural`,
+    else `natural` itself (the source's size for an edit)."""
+    width, _, height = str(edit.params.get("size", "")).partition("x")
     if width.isdigit() and height.isdigit():
-        scale = min(1.0, MAX_EDGE / max(int(width), int(height), 1))
-        return max(1, int(int(width) * scale)), max(1, int(int(height) * scale))
-    return GENERATED_EDGE, GENERATED_EDGE
+        return _within_cap(int(width), int(height))
+    across, _, down = str(edit.params.get("aspect_ratio", "")).partition(":")
+    if across.isdigit() and down.isdigit() and int(across) > 0 and int(down) > 0:
+        # The largest W:H box inside `natural`: a crop, never an enlargement.
+        ratio = int(across) / int(down)
+        box_width = min(natural[0], round(natural[1] * ratio))
+        box_height = min(natural[1], round(natural[0] / ratio))
+        return max(1, box_width), max(1, box_height)
+    return natural
 
 
 def _generate_all(edit: EditRequest) -> list[str]:
-    width, height = _generated_size(edit)
+    width, height = _requested_size(edit, (GENERATED_EDGE, GENERATED_EDGE))
+    output_format = _output_format(edit)
     start = _prompt_colour(edit.prompt)
     end = _prompt_colour(edit.prompt[::-1] + "|end")
     results = []
@@ -76,9 +121,7 @@ def _generate_all(edit: EditRequest) -> list[str]:
         image = Image.composite(
             Image.new("RGB", (width, height), end), Image.new("RGB", (width, height), start), ramp
         )
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        results.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+        results.append(_encode(image, output_format))
     return results
 
 
@@ -94,6 +137,12 @@ def _render_all(edit: EditRequest) -> list[str]:
     base.thumbnail((MAX_EDGE, MAX_EDGE))
     if mask is not None:
         mask = mask.resize(base.size)
+    size = _requested_size(edit, base.size)
+    if size != base.size:
+        # Scaled to cover `size`, then cropped around the centre: the mask follows the image.
+        base = ImageOps.fit(base, size)
+        mask = ImageOps.fit(mask, size) if mask is not None else None
+    output_format = _output_format(edit)
     colour = _prompt_colour(edit.prompt)
     results = []
     for variant in range(edit.n):
@@ -102,7 +151,5 @@ def _render_all(edit: EditRequest) -> list[str]:
         tinted = Image.blend(base, overlay, strength)
         tinted.putalpha(base.getchannel("A"))
         out = Image.composite(tinted, base, mask) if mask is not None else tinted
-        buffer = io.BytesIO()
-        out.save(buffer, format="PNG")
-        results.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+        results.append(_encode(out, output_format))
     return results

@@ -73,7 +73,7 @@ def test_compose_gateway_scales_behind_nginx() -> None:
     gateway, nginx = services["gateway"], services["nginx"]
     # A fixed host port would make `--scale gateway=3` fail on the second replica.
     assert "ports" not in gateway and "container_name" not in gateway
-    assert nginx["ports"] == ["8080:8080"]
+    assert nginx["ports"] == ["127.0.0.1:8080:8080"]  # the demo serves anyone who reaches it
     conf = mounts(nginx)["/etc/nginx/nginx.conf"].read_text()
     assert "server gateway:8080 resolve;" in conf and "resolver 127.0.0.11" in conf
     assert "location = /metrics" in conf  # not reachable from outside

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -58,6 +59,39 @@ def test_demo_cli_serves_a_real_edit() -> None:
         assert edited.convert("RGB").getpixel((5, 30)) != (120, 120, 120)
         models = client.models.list()
         assert {m.owned_by for m in models.data} == {"image-gateway-demo"}
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a socket listening on `port` (Linux: /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, port_hex = local.partition(":")
+            if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                # The kernel prints each 32-bit word in host (little-endian) order.
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(str(ipaddress.ip_address(words)))
+    return found
+
+
+def test_demo_without_host_listens_on_loopback_only() -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    process = subprocess.Popen(
+        [*cli(), "serve", "--demo", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        assert listening_addresses(port) == {"127.0.0.1"}
     finally:
         process.terminate()
         process.wait(timeout=20)
