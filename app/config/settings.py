@@ -600,7 +600,7 @@ class Settings(BaseSettings):
         limited = (
             clients.default_limits.any_set()
             or any(client.limits.any_set() for client in clients.named.values())
-            or bool(clients.teams)
+            or any(team.has_budget() for team in clients.teams.values())
         )
         # Limits held per process would multiply with every replica: they need the shared store.
         if limited and self.redis_url is None:

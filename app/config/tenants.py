@@ -68,6 +68,9 @@ class Team(_Strict):
     budget_usd_per_day: Decimal | None = Field(None, ge=0)
     budget_usd_per_month: Decimal | None = Field(None, ge=0)
 
+    def has_budget(self) -> bool:
+        return self.budget_usd_per_day is not None or self.budget_usd_per_month is not None
+
 
 class ClientsConfig(_Strict):
     # Redis key prefix for runtime keys, limits and usage; replicas sharing it share them.
