@@ -99,9 +99,7 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 
 def ratio(url: str, period: str) -> float | None:
-    return sample(
-        metrics(url), "gateway_client_budget_used_ratio", client="team-a", period=period
-    )
+    return sample(metrics(url), "gateway_client_budget_used_ratio", client="team-a", period=period)
 
 
 def test_budget_third_edit_is_insufficient_quota_and_never_reaches_the_upstream(
@@ -195,7 +193,9 @@ def test_cache_hit_usage_is_zero_and_counted_as_saved(
     assert unsaved == 0.0  # there from startup, at 0
 
 
-def test_streaming_cache_hit_usage_is_zero(replicas: Replicas, upstream: FakeOpenAIUpstream) -> None:
+def test_streaming_cache_hit_usage_is_zero(
+    replicas: Replicas, upstream: FakeOpenAIUpstream
+) -> None:
     client = sdk_client(replicas.a, key=SAVER_KEY)
     prompt = f"streamed {uuid.uuid4().hex}"
     client.images.edit(image=PNG, prompt=prompt, model="gpt-image-1")
@@ -204,4 +204,3 @@ def test_streaming_cache_hit_usage_is_zero(replicas: Replicas, upstream: FakeOpe
     assert len(upstream.edits) == 1  # the stream was a cache hit
     assert completed and all(event.usage.total_tokens == 0 for event in completed)
     assert all(event.usage.input_tokens_details.image_tokens == 0 for event in completed)
-
