@@ -27,8 +27,10 @@ from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support import images, prom
 from tests.support.constants import UPSTREAM_KEYS
 from tests.support.gateway_config import write_gateway_config
+from tests.support.redis_topologies import with_db
 from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
+from tests.unit.tenants.conftest import CLIENTS_DB
 
 ADMIN_KEY = "igw-admin-" + secrets.token_hex(16)
 BUDGETED_KEY = "igw-budgeted-" + secrets.token_hex(16)
@@ -51,7 +53,8 @@ def replicas(
     namespace = "t-" + uuid.uuid4().hex[:12]
     config = write_gateway_config(
         tmp_path_factory.mktemp("budgets"),
-        redis_url=redis_url,
+        # The tenants' database: suites that scan database 0 must not see these keys.
+        redis_url=with_db(redis_url, CLIENTS_DB),
         retry={"max_attempts": 1},
         pool={"namespace": namespace},
         clients={
