@@ -48,6 +48,7 @@ def create_app(
         # The anonymous client sends nothing where anonymous requests are refused.
         clients=[name for name in clients if name != ANONYMOUS or settings.allow_anonymous],
         redis=settings.redis_url is not None,
+        teams=settings.clients.teams,
     )
     drain = Drain(settings.shutdown.drain_timeout)
 

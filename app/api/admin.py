@@ -55,7 +55,7 @@ async def list_clients(gateway: GatewayDep) -> Response:
             {
                 "name": name,
                 "models": sorted(policy.models) if policy.models is not None else None,
-                "limits": policy.limits.model_dump(),
+                "limits": policy.limits.model_dump(mode="json"),
             }
         )
     return _json({"object": "list", "data": data})
@@ -68,13 +68,16 @@ async def show_client(name: str, gateway: GatewayDep) -> Response:
         raise NotFound(f"No client named {name[:64]!r} is configured.")
     policy = directory.policy(name)
     used = await gateway.clients.gate.limiter.quota_used(name)  # 503 when Redis is down
+    budgets = gateway.clients.gate.budgets
+    spent = await budgets.spent(name) if budgets is not None else []  # 503 when Redis is down
     return _json(
         {
             "object": "client",
             "name": name,
             "models": sorted(policy.models) if policy.models is not None else None,
-            "limits": policy.limits.model_dump(),
+            "limits": policy.limits.model_dump(mode="json"),
             "quota_used": used,
+            "budgets": spent,
         }
     )
 

@@ -34,4 +34,5 @@ async def scrape_metrics(request: Request, gateway: GatewayDep) -> Response:
                 headers={"www-authenticate": "Bearer"},
             )
     await gateway.metrics.refresh_keys()
+    await gateway.metrics.refresh_budgets()
     return Response(gateway.metrics.scrape(), media_type=CONTENT_TYPE)

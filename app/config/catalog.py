@@ -170,6 +170,13 @@ class ModelPrice(_Strict):
     per_million_image_input_tokens: Decimal | None = Field(None, ge=0)
     per_million_cached_image_input_tokens: Decimal | None = Field(None, ge=0)
     per_million_output_tokens: Decimal = Field(Decimal(0), ge=0)
+    # What one image may cost at most, in tokens, for the worst case a spend budget reserves
+    # before the call (app/tenants/budgets.py); the answer's `usage` prices the call after it.
+    # Settings, not facts: the defaults are OpenAI's published gpt-image-1 counts at their
+    # largest (high quality at 1536x1024 is 6,240 output tokens; high input fidelity adds up to
+    # as many per input image). A model whose sizes go beyond should set more.
+    max_input_tokens_per_image: int = Field(6240, ge=0)  # per input image (and mask, markup)
+    max_output_tokens_per_image: int = Field(6240, ge=0)  # per image made
 
     @property
     def text_input(self) -> Decimal:

@@ -597,8 +597,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _clients_can_be_served(self) -> Self:
         clients = self.clients
-        limited = clients.default_limits.any_set() or any(
-            client.limits.any_set() for client in clients.named.values()
+        limited = (
+            clients.default_limits.any_set()
+            or any(client.limits.any_set() for client in clients.named.values())
+            or any(team.has_budget() for team in clients.teams.values())
         )
         # Limits held per process would multiply with every replica: they need the shared store.
         if limited and self.redis_url is None:
@@ -613,6 +615,27 @@ class Settings(BaseSettings):
                 "clients under `clients.named`, or set GATEWAY_ALLOW_ANONYMOUS=true to serve "
                 "without client authentication"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _teams_of_known_clients(self) -> Self:
+        env_clients = {f"client-{number}" for number in range(1, len(self.client_keys) + 1)}
+        known = env_clients | set(self.clients.named)
+        seen: dict[str, str] = {}
+        for team, body in self.clients.teams.items():
+            for member in body.members:
+                if member not in known:
+                    raise ConfigError(
+                        f"{self.config}: clients.teams.{team}.members: {member!r} is not a "
+                        "client (members are clients.named names, or client-<n> for the "
+                        "GATEWAY_CLIENT_KEYS ones)"
+                    )
+                if member in seen:
+                    raise ConfigError(
+                        f"{self.config}: clients.teams.{team}.members: {member!r} is already a "
+                        f"member of team {seen[member]!r}; a client is in one team at most"
+                    )
+                seen[member] = team
         return self
 
     @model_validator(mode="after")

@@ -1,8 +1,10 @@
-"""The `clients:` section of gateway.yaml: named clients, their keys, models and limits."""
+"""The `clients:` section of gateway.yaml: named clients, their keys, models and limits, and the
+teams whose members share a spend budget."""
 
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -18,13 +20,16 @@ class _Strict(BaseModel):
 
 
 class ClientLimits(_Strict):
-    """Per-client limits; null means unlimited. Quotas count images (n), by UTC day and month."""
+    """Per-client limits; null means unlimited. Quotas count images (n), budgets USD at the
+    catalog's prices (app/tenants/budgets.py), both by UTC day and month."""
 
     requests_per_minute: int | None = Field(None, ge=0)
     images_per_minute: int | None = Field(None, ge=0)
     concurrent_requests: int | None = Field(None, ge=0)
     images_per_day: int | None = Field(None, ge=0)
     images_per_month: int | None = Field(None, ge=0)
+    budget_usd_per_day: Decimal | None = Field(None, ge=0)
+    budget_usd_per_month: Decimal | None = Field(None, ge=0)
 
     def over(self, defaults: ClientLimits) -> ClientLimits:
         """These limits where set (an explicit null included), the defaults elsewhere."""
@@ -56,12 +61,25 @@ class NamedClient(_Strict):
         return value
 
 
+class Team(_Strict):
+    """Clients that share a spend budget, on top of their own (a client is in one team at most)."""
+
+    members: tuple[str, ...] = Field(min_length=1)
+    budget_usd_per_day: Decimal | None = Field(None, ge=0)
+    budget_usd_per_month: Decimal | None = Field(None, ge=0)
+
+    def has_budget(self) -> bool:
+        return self.budget_usd_per_day is not None or self.budget_usd_per_month is not None
+
+
 class ClientsConfig(_Strict):
     # Redis key prefix for runtime keys, limits and usage; replicas sharing it share them.
     namespace: str = Field("igw", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     # Limits for every client that does not set its own (GATEWAY_CLIENT_KEYS clients included).
     default_limits: ClientLimits = ClientLimits()
     named: dict[str, NamedClient] = Field(default_factory=dict)
+    # Spend budgets shared by several clients (members: named clients or client-<n>).
+    teams: dict[str, Team] = Field(default_factory=dict)
 
     @field_validator("named")
     @classmethod
@@ -75,3 +93,21 @@ class ClientsConfig(_Strict):
             if RESERVED_NAME.match(name):
                 raise ValueError(f"{name!r}: this name is reserved for built-in clients")
         return value
+
+    @field_validator("teams")
+    @classmethod
+    def _plain_team_names(cls, value: dict[str, Team]) -> dict[str, Team]:
+        for name in value:
+            if not CLIENT_NAME.match(name):
+                raise ValueError(
+                    f"{name!r}: team names are 1-63 of a-z 0-9 _ . - (starting with a letter "
+                    "or digit)"
+                )
+        return value
+
+    def team_of(self, client: str) -> str | None:
+        """The team `client` is a member of (settings check that there is at most one)."""
+        for team, body in self.teams.items():
+            if client in body.members:
+                return team
+        return None

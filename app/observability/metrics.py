@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from app.config.catalog import KNOWN_PARAMS
 from app.errors import FailureKind
 from app.keys.health import KeySnapshot, KeyStatus
+from app.tenants.budgets import PERIODS, BudgetUse
 
 log = logging.getLogger("gateway.metrics")
 
@@ -69,6 +70,10 @@ CLIENT_LIMITS: Final = frozenset(
         "concurrent_requests",
         "images_per_day",
         "images_per_month",
+        "budget_usd_per_day",
+        "budget_usd_per_month",
+        "team_budget_usd_per_day",
+        "team_budget_usd_per_month",
         "model_not_allowed",
     }
 )
@@ -85,6 +90,8 @@ IMAGE_SOURCES: Final = ("upstream", "cache")
 KeySource = Callable[[], Iterable[KeySnapshot] | Awaitable[Iterable[KeySnapshot]]]
 # A key source slower than this (Redis in trouble) leaves the previous snapshot in the scrape.
 KEY_REFRESH_SECONDS = 2.0
+# Spend budgets as Redis holds them (app/tenants/budgets.py), read before each scrape.
+BudgetSource = Callable[[], Awaitable[Iterable[BudgetUse]]]
 
 
 def status_class(status: int) -> str:
@@ -135,6 +142,34 @@ class _KeyCollector(Collector):
         yield cooldown
 
 
+class _BudgetCollector(Collector):
+    """Spent / budget per client and team, this UTC day and month, as Redis held them at the
+    start of this scrape (see `refresh_budgets`): every replica reads the same shared spend, and
+    a new day reads 0 without waiting for a request. A client without a budget reads 0."""
+
+    def __init__(self) -> None:
+        self.ratios: dict[tuple[str, str, str], float] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            "client": GaugeMetricFamily(
+                "gateway_client_budget_used_ratio",
+                "Share of a client's spend budget used this UTC day or month (spent and "
+                "reserved / budget; 0 without a budget).",
+                labels=["client", "period"],
+            ),
+            "team": GaugeMetricFamily(
+                "gateway_team_budget_used_ratio",
+                "Share of a team's spend budget used this UTC day or month (spent and "
+                "reserved / budget).",
+                labels=["team", "period"],
+            ),
+        }
+        for (kind, name, period), ratio in sorted(self.ratios.items()):
+            families[kind].add_metric([name, period], ratio)
+        yield from families.values()
+
+
 class GatewayMetrics:
     """The gateway's collectors, in a registry of their own (so tests can build many apps).
 
@@ -156,6 +191,9 @@ class GatewayMetrics:
         self._key_sources: list[KeySource] = []
         self._key_collector = _KeyCollector()
         self.registry.register(self._key_collector)
+        self._budget_sources: list[BudgetSource] = []
+        self._budget_collector = _BudgetCollector()
+        self.registry.register(self._budget_collector)
         r = self.registry
 
         self._requests = Counter(
@@ -301,6 +339,13 @@ class GatewayMetrics:
             ["client", "model"],
             registry=r,
         )
+        self._client_saved = Counter(
+            "gateway_client_saved_usd",
+            "Estimated upstream spend the cache saved per client and model, in USD (what its "
+            "hits would have cost).",
+            ["client", "model"],
+            registry=r,
+        )
         self._client_refusals = Counter(
             "gateway_client_refusals",
             "Requests refused by a client's limit, quota or model permission.",
@@ -317,11 +362,12 @@ class GatewayMetrics:
         served_models: Mapping[str, Iterable[str]],
         clients: Iterable[str],
         redis: bool,
+        teams: Iterable[str] = (),
     ) -> None:
         """Create, at 0, every series the dashboards and alerts read for the label values known
         from configuration: `routes` (the image routes), the catalog's models, `served_models`
-        (upstream -> the models it serves), `clients` (those that can send requests), and
-        Redis' components when `redis`. Bounded by configuration: no label value here comes
+        (upstream -> the models it serves), `clients` (those that can send requests), `teams`,
+        and Redis' components when `redis`. Bounded by configuration: no label value here comes
         from a request.
         """
         routes = tuple(routes)
@@ -363,12 +409,18 @@ class GatewayMetrics:
         for client in sorted(set(clients) & self._clients):
             for limit in sorted(CLIENT_LIMITS):
                 self._client_refusals.labels(client, limit)
+            for period in PERIODS:
+                self._budget_collector.ratios[("client", client, period)] = 0.0
             for model in models:
                 self._client_cost.labels(client, model)
+                self._client_saved.labels(client, model)
                 for outcome in sorted(CLIENT_OUTCOMES):
                     self._client_requests.labels(client, model, outcome)
                 for source in IMAGE_SOURCES:
                     self._client_images.labels(client, model, source)
+        for team in teams:
+            for period in PERIODS:
+                self._budget_collector.ratios[("team", team, period)] = 0.0
         if redis:
             for component in sorted(REDIS_COMPONENTS):
                 self._redis_errors.labels(component)
@@ -445,6 +497,24 @@ class GatewayMetrics:
             return
         self._key_collector.keys = keys
 
+    def watch_budgets(self, source: BudgetSource) -> None:
+        """Report the spend budgets `source` lists (spent / budget) on every scrape."""
+        self._budget_sources.append(source)
+
+    async def refresh_budgets(self) -> None:
+        """Ask every budget source for its spend now; /metrics calls this before `scrape()`.
+        Redis slow or down: the previous values stay in the scrape."""
+        ratios: dict[tuple[str, str, str], float] = {}
+        try:
+            async with asyncio.timeout(KEY_REFRESH_SECONDS):
+                for source in self._budget_sources:
+                    for use in await source():
+                        ratios[(use.kind, use.name, use.period)] = use.ratio
+        except Exception:
+            log.warning("budgets unavailable for this scrape; showing the previous values")
+            return
+        self._budget_collector.ratios.update(ratios)
+
     # The result cache.
     def record_cache_lookup(self, model: str, result: CacheResult) -> None:
         self._cache_lookups.labels(self.model_label(model), bounded(result, _CACHE_RESULTS)).inc()
@@ -462,7 +532,14 @@ class GatewayMetrics:
 
     # Clients (the client gate and limiter call these).
     def record_client_edit(
-        self, client: str, model: str, *, outcome: str, images: int, cost_usd: float
+        self,
+        client: str,
+        model: str,
+        *,
+        outcome: str,
+        images: int,
+        cost_usd: float,
+        saved_usd: float = 0.0,
     ) -> None:
         client_label = bounded(client, self._clients)
         model_label = self.model_label(model)
@@ -473,6 +550,8 @@ class GatewayMetrics:
             self._client_images.labels(client_label, model_label, source).inc(images)
         if cost_usd:
             self._client_cost.labels(client_label, model_label).inc(cost_usd)
+        if saved_usd:
+            self._client_saved.labels(client_label, model_label).inc(saved_usd)
 
     def record_client_refusal(self, client: str, limit: str) -> None:
         self._client_refusals.labels(
@@ -503,6 +582,8 @@ class GatewayMetrics:
         MultiProcessCollector(merged, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
         # Key state is this worker's view of the pool (shared through Redis when configured).
         merged.register(self._key_collector)
+        # Budgets are read from Redis, the same for every worker.
+        merged.register(self._budget_collector)
         return generate_latest(merged)
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ from app.tenants.directory import ClientPolicy
 from app.tenants.gate import ClientGate, MeteredEdit
 from app.upstream.base import PartialSink
 from app.upstream.fetch import ImageFetcher
+from app.upstream.images_response import spent_nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +244,10 @@ class ImageService:
         body = outcome.result.render(
             response_format, lambda file_id, ext: file_url(base_url, file_id, ext)
         )
+        if outcome.x_cache == "hit":
+            # The tokens were spent once, by the call that filled the cache; /admin/usage counts
+            # them as saved.
+            body = spent_nothing(body)
         return outcome, body
 
     async def _body(

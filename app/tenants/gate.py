@@ -1,9 +1,10 @@
 """The client's side of one edit: limits on the way in, permission for the model, image charges
-around the upstream call, and usage on the way out.
+and spend reservations around the upstream call, and usage on the way out.
 
     async with gate.enter(policy, request_id) as metered:   # requests/min, concurrency
         ...intake, validation...
-        await metered.charge(edit)        # 403 for a model not allowed; images/min, quotas
+        await metered.charge(edit)        # 403 for a model not allowed; images/min, quotas,
+                                          # the worst-case cost on the spend budgets
         ...cache or upstream...
         await metered.answered(edit, body, cache_hit=...)    # or metered.failed(edit, error)
 """
@@ -14,21 +15,33 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from app.errors import MAYBE_BILLED, GatewayError, PermissionDenied
+from app.errors import MAYBE_BILLED, GatewayError, PermissionDenied, QuotaExceeded
 from app.intake.request import EditRequest
 from app.observability.metrics import GatewayMetrics
+from app.tenants.budgets import Budgets, Reservation
 from app.tenants.directory import ClientPolicy
 from app.tenants.limiter import Limiter, Slot
-from app.tenants.usage import Usage, UsageLedger, estimate_cost_nanos, tokens_of
+from app.tenants.usage import (
+    Usage,
+    UsageLedger,
+    estimate_cost_nanos,
+    tokens_of,
+    worst_case_cost_nanos,
+)
 
 
 class ClientGate:
     def __init__(
-        self, limiter: Limiter, ledger: UsageLedger | None, metrics: GatewayMetrics
+        self,
+        limiter: Limiter,
+        ledger: UsageLedger | None,
+        metrics: GatewayMetrics,
+        budgets: Budgets | None = None,
     ) -> None:
         self._limiter = limiter
         self._ledger = ledger
         self.metrics = metrics
+        self.budgets = budgets
 
     @property
     def limiter(self) -> Limiter:
@@ -51,6 +64,7 @@ class MeteredEdit:
     def __init__(self, gate: ClientGate, slot: Slot) -> None:
         self._gate = gate
         self._slot = slot
+        self._reservation: Reservation | None = None
 
     @property
     def policy(self) -> ClientPolicy:
@@ -71,10 +85,19 @@ class MeteredEdit:
     # Charge before anything is paid for (a cache lookup, an upstream call), then exactly one of
     # answered() or failed().
     async def charge(self, edit: EditRequest) -> None:
-        """Charge `n` images to images/min and the quotas (429 when over), before any upstream
-        call. 403 first if the client may not use the model."""
+        """Charge `n` images to images/min and the quotas, then reserve the request's worst-case
+        cost on the spend budgets (429 when over either), before any upstream call. 403 first if
+        the client may not use the model."""
         self.allow(edit)
         await self._slot.take_images(edit.n)
+        budgets = self._gate.budgets
+        if budgets is None:
+            return
+        try:
+            self._reservation = await budgets.reserve(self.policy.name, worst_case(edit))
+        except QuotaExceeded:
+            await self._slot.settle(0)  # refused: nothing will be made
+            raise
 
     async def answered(
         self,
@@ -93,16 +116,20 @@ class MeteredEdit:
         cost = estimate_cost_nanos(edit.model.price, images, tokens)
         if cache_hit:
             await self._slot.settle(0)
+            await self._settle_spend(0)
             usage = Usage(
                 requests=1,
                 cache_hits=1,
                 cached_images=images,
                 upstream_calls_saved=calls_saved,
                 input_bytes=_input_bytes(edit),
+                saved_input_tokens=tokens.input_tokens,
+                saved_output_tokens=tokens.output_tokens,
                 saved_nano_usd=cost,
             )
         else:
             await self._slot.settle(images)
+            await self._settle_spend(cost)
             usage = Usage(
                 requests=1,
                 images=images,
@@ -119,16 +146,35 @@ class MeteredEdit:
             outcome="cache_hit" if cache_hit else "ok",
             images=images,
             cost_usd=0.0 if cache_hit else cost / 1e9,
+            saved_usd=cost / 1e9 if cache_hit else 0.0,
         )
 
     async def failed(self, edit: EditRequest, error: GatewayError) -> None:
         """Account a failed upstream call: the charge is given back unless the upstream may
         have done (and billed) the work."""
-        await self._slot.settle(None if error.failure in MAYBE_BILLED else 0)
+        maybe_billed = error.failure in MAYBE_BILLED
+        await self._slot.settle(None if maybe_billed else 0)
+        await self._settle_spend(None if maybe_billed else 0)
         await self._gate._record(self.policy, edit, Usage(errors=1, input_bytes=_input_bytes(edit)))
         self._gate.metrics.record_client_edit(
             self.policy.name, edit.model.name, outcome="error", images=0, cost_usd=0.0
         )
+
+    async def _settle_spend(self, cost: int | None) -> None:
+        if self._reservation is not None:
+            await self._reservation.settle(cost)
+
+
+def worst_case(edit: EditRequest) -> int:
+    """The most this request may cost upstream, in nano-USD, at its model's catalog price."""
+    overlays = sum(overlay is not None for overlay in (edit.mask, edit.markup))
+    return worst_case_cost_nanos(
+        edit.model.price,
+        n=edit.n,
+        input_images=len(edit.images) + overlays,
+        prompt_bytes=len(edit.prompt.encode()),
+        partial_images=edit.partial_images if edit.stream else 0,
+    )
 
 
 def _image_count(body: dict[str, Any]) -> int:

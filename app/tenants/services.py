@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 
 from app.config.settings import Settings
 from app.observability.metrics import GatewayMetrics
+from app.tenants.budgets import Budgets
 from app.tenants.directory import ClientDirectory
 from app.tenants.gate import ClientGate
 from app.tenants.keystore import RuntimeKeyStore
@@ -48,9 +49,18 @@ def open_client_services(
         on_refused=metrics.record_client_refusal,
     )
     directory = ClientDirectory(settings.clients, env_keys=settings.client_keys, runtime_keys=keys)
+    # Budgets are state, like the limits: the same Redis as the limiter.
+    budgets = Budgets.from_config(
+        redis,
+        settings.clients,
+        {name: directory.policy(name).limits for name in directory.names},
+        on_store_error=on_error,
+        on_refused=metrics.record_client_refusal,
+    )
+    metrics.watch_budgets(budgets.used_ratios)
     return ClientServices(
         directory=directory,
-        gate=ClientGate(limiter, usage, metrics),
+        gate=ClientGate(limiter, usage, metrics, budgets),
         keys=keys,
         usage=usage,
     )

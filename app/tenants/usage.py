@@ -47,6 +47,8 @@ class Usage:
     output_tokens: int = 0
     total_tokens: int = 0
     cost_nano_usd: int = 0  # estimated upstream spend
+    saved_input_tokens: int = 0  # tokens the cache hits would have cost upstream
+    saved_output_tokens: int = 0
     saved_nano_usd: int = 0  # estimated spend the cache avoided
 
 
@@ -83,6 +85,30 @@ def estimate_cost_nanos(price: ModelPrice, images: int, tokens: TokenUsage) -> i
     )
     usd = price.per_image * images + per_million / 1_000_000
     return int((usd * NANOS_PER_USD).to_integral_value())
+
+
+# OpenAI bills each partial image of a streamed answer as this many more output tokens.
+OUTPUT_TOKENS_PER_PARTIAL_IMAGE = 100
+
+
+def worst_case_cost_nanos(
+    price: ModelPrice, *, n: int, input_images: int, prompt_bytes: int, partial_images: int = 0
+) -> int:
+    """The most a request may cost before it is made, priced like an answer by
+    estimate_cost_nanos: `n` images, each at its most output tokens (and its partial images),
+    every input image (mask and markup included) at its most input tokens, uncached, and the
+    prompt at one token per byte (a token is never shorter than a byte)."""
+    partials = partial_images * OUTPUT_TOKENS_PER_PARTIAL_IMAGE
+    output = n * (price.max_output_tokens_per_image + partials)
+    image_input = input_images * price.max_input_tokens_per_image
+    tokens = TokenUsage(
+        input_tokens=image_input + prompt_bytes,
+        output_tokens=output,
+        total_tokens=image_input + prompt_bytes + output,
+        text_input_tokens=prompt_bytes,
+        image_input_tokens=image_input,
+    )
+    return estimate_cost_nanos(price, n, tokens)
 
 
 def tokens_of(body: dict[str, Any]) -> TokenUsage:

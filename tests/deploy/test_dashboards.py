@@ -17,6 +17,7 @@ from app.api import admin, files, health, images, models
 from app.api import metrics as metrics_api
 from app.keys.health import KeySnapshot
 from app.observability.metrics import GatewayMetrics
+from app.tenants.budgets import BudgetUse
 from tests.support.prom import samples
 
 CONFIG = Path(__file__).resolve().parents[2] / "config"
@@ -51,6 +52,15 @@ def exported_series() -> dict[str, set[str]]:
     metrics.record_redis_error("cache")
     metrics.set_redis_up(True)
     metrics.record_client_edit("team-a", "m", outcome="ok", images=1, cost_usd=0.04)
+    metrics.record_client_edit(
+        "team", "m", outcome="cache_hit", images=1, cost_usd=0.0, saved_usd=0.04
+    )
+
+    async def budgets() -> list[BudgetUse]:
+        return [BudgetUse("client", "team", "day", 0.5), BudgetUse("team", "design", "day", 0.2)]
+
+    metrics.watch_budgets(budgets)
+    asyncio.run(metrics.refresh_budgets())
     metrics.record_client_refusal("team-a", "images_per_day")
     asyncio.run(metrics.refresh_keys())
     metrics.record_client_edit("team", "m", outcome="ok", images=1, cost_usd=0.5)
@@ -132,6 +142,7 @@ def test_dashboards_and_alerts_exist() -> None:
         assert any(alert in name for name in names)
     assert any("GatewayP99LatencyHigh" in name for name in names)
     assert any("RedisDown" in name for name in names)
+    assert any("BudgetNearlySpent" in name for name in names)
 
 
 def test_every_promql_expression_uses_exported_metrics_and_labels() -> None:

@@ -20,7 +20,7 @@ SERVED = {
 def started(*, redis: bool = True, clients: tuple[str, ...] = CLIENTS) -> str:
     metrics = GatewayMetrics(models=MODELS, clients=CLIENTS)
     metrics.show_known_series_at_zero(
-        routes=ROUTES, served_models=SERVED, clients=clients, redis=redis
+        routes=ROUTES, served_models=SERVED, clients=clients, redis=redis, teams=("design",)
     )
     return metrics.scrape().decode()
 
@@ -49,6 +49,14 @@ def test_known_series_start_at_zero() -> None:
         text, "gateway_upstream_errors_total", "kind"
     )
     assert label_values(text, "gateway_request_duration_seconds_bucket", "model") == set(MODELS)
+    assert label_values(text, "gateway_client_saved_usd_total", "client") == set(CLIENTS)
+    # Spend over budget: 0 for every client (without a budget too) and team, day and month.
+    budgets = series(text, "gateway_client_budget_used_ratio")
+    assert {(s["client"], s["period"]) for s in budgets} == {
+        (client, period) for client in CLIENTS for period in ("day", "month")
+    }
+    teams = series(text, "gateway_team_budget_used_ratio")
+    assert {(s["team"], s["period"]) for s in teams} == {("design", "day"), ("design", "month")}
 
 
 def test_known_series_pair_only_upstreams_that_can_fail_over() -> None:

@@ -109,6 +109,10 @@ def test_gate_usage_counts_upstream_edits_cache_hits_errors_and_costs(
     assert (flux["cached_images"], flux["upstream_calls_saved"]) == (2, 1)
     assert Decimal(str(flux["cost_usd"])) == Decimal("0.04")  # one image at $0.04
     assert Decimal(str(flux["saved_usd"])) == Decimal("0.08")  # two cached images
+    # What the hit's answer reported spending upstream, counted as saved, never as used.
+    assert (flux["saved_input_tokens"], flux["saved_output_tokens"]) == (50, 100)
+    assert (flux["input_tokens"], flux["output_tokens"]) == (50, 100)  # the paid edit's only
+    assert (gpt["saved_input_tokens"], gpt["saved_output_tokens"]) == (0, 0)
     assert report["totals"]["requests"] == 3 and report["totals"]["cache_hits"] == 1
 
     requests = "gateway_client_requests_total"
@@ -122,6 +126,10 @@ def test_gate_usage_counts_upstream_edits_cache_hits_errors_and_costs(
     assert sample(metrics, images, client="team", model="gpt-image-1", source="upstream") == 2
     cost = sample(metrics, "gateway_client_cost_usd_total", client="team", model="gpt-image-1")
     assert cost == pytest.approx(0.0045)
+    saved = sample(
+        metrics, "gateway_client_saved_usd_total", client="team", model="flux-kontext-pro"
+    )
+    assert saved == pytest.approx(0.08)
 
 
 def test_gate_cache_hits_do_not_use_quota_and_timeouts_keep_the_charge(

@@ -301,6 +301,9 @@ def test_clients_usage_reports_a_mixed_run_exactly(
         "output_tokens": 200,
         "total_tokens": 300,
         "cost_usd": float(gpt_cost),
+        # The hit's answer reported 50 tokens in, 100 out: saved, not used.
+        "saved_input_tokens": 50,
+        "saved_output_tokens": 100,
         "saved_usd": float(cost(gpt, 2)),
     }
     assert per_model["flux-kontext-pro"] == {
@@ -315,6 +318,8 @@ def test_clients_usage_reports_a_mixed_run_exactly(
         "output_tokens": 100,
         "total_tokens": 150,
         "cost_usd": float(flux_cost),
+        "saved_input_tokens": 50,
+        "saved_output_tokens": 100,
         "saved_usd": float(flux_cost),
     }
     totals = report.json()["totals"]
