@@ -70,9 +70,7 @@ def create_app(
             await gateway.durability.check()
         unhook = drain.open()
         watcher = (
-            asyncio.create_task(
-                watch_redis(gateway.redis, metrics, durability=gateway.durability)
-            )
+            asyncio.create_task(watch_redis(gateway.redis, metrics, durability=gateway.durability))
             if gateway.redis is not None
             else None
         )

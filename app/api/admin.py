@@ -16,8 +16,8 @@ from starlette.responses import Response
 from app.api.deps import GatewayDep
 from app.config.tenants import CLIENT_NAME, RESERVED_NAME
 from app.errors import InvalidRequest, NotFound, StoreUnavailable
-from app.tenants.keystore import RuntimeKeyStore
 from app.tenants.export import EXPORT_FORMATS, export_csv, export_jsonl
+from app.tenants.keystore import RuntimeKeyStore
 from app.tenants.usage import MAX_REPORT_DAYS, UsageLedger
 from app.wiring import Gateway
 
@@ -132,10 +132,10 @@ async def usage_export(
     client: Annotated[str | None, Query()] = None,
     first: Annotated[str | None, Query(alias="from")] = None,
     last: Annotated[str | None, Query(alias="to")] = None,
-    format: Annotated[str, Query()] = "csv",  # noqa: A002 - the query parameter's name
+    output: Annotated[str, Query(alias="format")] = "csv",
 ) -> Response:
     """One row per client, UTC day and model, every counter: CSV or JSON lines, for billing."""
-    if format not in EXPORT_FORMATS:
+    if output not in EXPORT_FORMATS:
         raise InvalidRequest(
             f"`format` must be one of: {', '.join(EXPORT_FORMATS)}.",
             param="format",
@@ -146,8 +146,8 @@ async def usage_export(
     # a clean 503, never a file cut short under a 200.
     rows = await ledger.rows(clients, start, end)  # 503 when Redis is down
     rows.sort(key=lambda row: (row.day, row.client, row.model))
-    body = export_csv(rows) if format == "csv" else export_jsonl(rows)
-    media_type, extension = EXPORT_FORMATS[format]
+    body = export_csv(rows) if output == "csv" else export_jsonl(rows)
+    media_type, extension = EXPORT_FORMATS[output]
     filename = f"usage-{start.isoformat()}-{end.isoformat()}.{extension}"
     return Response(
         body,

@@ -40,8 +40,8 @@ def open_edit_cache(
     else:
         store = MemoryStore(max_bytes=int(config.embedded_max_bytes))
         log.warning(
-            "no GATEWAY_REDIS_URL nor GATEWAY_CACHE_REDIS_URL: cache entries and hosted image files live in this process "
-            "(up to %d bytes); run a single replica, or configure Redis",
+            "no GATEWAY_REDIS_URL nor GATEWAY_CACHE_REDIS_URL: cache entries and hosted image "
+            "files live in this process (up to %d bytes); run a single replica, or configure Redis",
             int(config.embedded_max_bytes),
         )
     # A reseller serves its results from its own address: its host and port are allowed too.

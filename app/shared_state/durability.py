@@ -20,9 +20,8 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoPermissionError, RedisClusterException, ResponseError
 
-from app.shared_state.failures import REDIS_FAILURES
+from app.shared_state.failures import CLUSTER_UNREACHABLE, REDIS_FAILURES, refused_command
 
 log = logging.getLogger("gateway.redis")
 
@@ -33,6 +32,7 @@ _SETTINGS = ("appendonly", "save", "maxmemory-policy")
 _SAFE_POLICY = "noeviction"
 _CONFIG_REFUSED = "cannot read its configuration (CONFIG is refused there)"
 _UNREACHABLE = "not checked: Redis did not answer"
+_BUDGET_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,18 +84,18 @@ def judge(config: Mapping[str, str]) -> Durability:
     return Durability(persistence, policy, warning)
 
 
-async def read_durability(redis: aioredis.Redis, *, timeout: float = 1.0) -> Durability:
-    """Ask the state Redis (every primary of a Cluster); never raises."""
+async def read_durability(redis: aioredis.Redis) -> Durability:
+    """Ask the state Redis (every primary of a Cluster), within a second; never raises."""
     per_node: dict[str, dict[str, str]] = {}
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(_BUDGET_SECONDS):
             for name in _SETTINGS:
                 for node, value in (await _config_get(redis, name)).items():
                     if value is None:  # a setting the server hides
                         return Durability("unknown", None, note=_CONFIG_REFUSED)
                     per_node.setdefault(node, {})[name] = value
-    except (*REDIS_FAILURES, RedisClusterException) as exc:
-        refused = _refused(exc)
+    except (*REDIS_FAILURES, CLUSTER_UNREACHABLE) as exc:
+        refused = refused_command(exc)
         return Durability("unknown", None, note=_CONFIG_REFUSED if refused else _UNREACHABLE)
     verdicts = [judge(config) for _node, config in sorted(per_node.items())]
     if not verdicts:
@@ -103,20 +103,14 @@ async def read_durability(redis: aioredis.Redis, *, timeout: float = 1.0) -> Dur
     return next((verdict for verdict in verdicts if verdict.warning), verdicts[0])
 
 
-def _refused(exc: BaseException) -> bool:
-    """CONFIG renamed or disabled (`rename-command CONFIG ""`: an unknown command), or denied by
-    an ACL; not a server that is down, loading or failing over."""
-    if isinstance(exc, NoPermissionError):
-        return True
-    return type(exc) is ResponseError and "unknown command" in str(exc).lower()
-
-
 async def _config_get(redis: aioredis.Redis, name: str) -> dict[str, str | None]:
     """node -> the value of `name` there (one node, "", unless it is a Cluster)."""
-    if isinstance(redis, RedisCluster):
-        answers = await redis.config_get(name, target_nodes=RedisCluster.PRIMARIES)
-        return {str(node): _value(answer, name) for node, answer in answers.items()}
-    return {"": _value(await redis.config_get(name), name)}
+    if not isinstance(redis, RedisCluster):
+        return {"": _value(await redis.config_get(name), name)}
+    answers = await redis.config_get(name, target_nodes=RedisCluster.PRIMARIES)
+    if _value(answers, name) is not None:
+        return {"": _value(answers, name)}  # a Cluster of one primary answers as one server
+    return {str(node): _value(answer, name) for node, answer in answers.items()}
 
 
 def _value(answer: object, name: str) -> str | None:

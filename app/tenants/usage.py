@@ -246,4 +246,4 @@ def usd_float(nanos: int) -> float:
 
 def usd_text(nanos: int) -> str:
     """Exact USD with nine decimals, for text formats (CSV) where a float could read 1e-09."""
-    return str((Decimal(nanos) / NANOS_PER_USD).quantize(Decimal("0.000000001")))
+    return format(Decimal(nanos) / NANOS_PER_USD, ".9f")

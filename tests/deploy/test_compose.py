@@ -71,12 +71,16 @@ def test_compose_gates_the_gateway_on_a_healthy_redis() -> None:
 
 
 def redis_options(service: dict[str, Any]) -> dict[str, str]:
-    """A redis-server command's `--name value` options."""
+    """A redis-server command's `--name value...` options (values joined by a space)."""
     command = [str(word) for word in service["command"]]
-    assert command[0] == "redis-server"
-    words = command[1:]
-    assert all(word.startswith("--") for word in words[::2]), words
-    return {name.removeprefix("--"): value for name, value in zip(words[::2], words[1::2])}
+    assert command[0] == "redis-server" and command[1].startswith("--"), command
+    options: dict[str, list[str]] = {}
+    for word in command[1:]:
+        if word.startswith("--"):
+            current = options.setdefault(word.removeprefix("--"), [])
+        else:
+            current.append(word)
+    return {name: " ".join(values) for name, values in options.items()}
 
 
 def test_compose_keeps_state_and_cache_on_separate_redis_servers() -> None:

@@ -38,7 +38,9 @@ class Exporter:
     namespace: str
 
 
-def record(redis_url: str, namespace: str, client: str, day: date, model: str, usage: Usage) -> None:
+def record(
+    redis_url: str, namespace: str, client: str, day: date, model: str, usage: Usage
+) -> None:
     noon = datetime(day.year, day.month, day.day, 12, tzinfo=UTC).timestamp()
 
     async def run() -> None:
@@ -89,7 +91,7 @@ def export(exporter: Exporter, **params: str) -> httpx.Response:
 
 def test_usage_export_columns_follow_the_usage_counters() -> None:
     # A counter added to Usage (a budget's, say) is exported without touching the export.
-    assert COLUMNS == ("client", "date", "model", *SHOWN_COUNTERS)
+    assert ("client", "date", "model", *SHOWN_COUNTERS) == COLUMNS
     for counter in COUNTERS:
         shown = counter.replace("_nano_usd", "_usd")
         assert shown in SHOWN_COUNTERS, counter
