@@ -2,9 +2,9 @@
 snapshots) and eviction policy, read with CONFIG GET at startup and by the Redis watcher, and the
 one warning when state could be lost on a restart or evicted under memory pressure.
 
-Usage records, runtime client keys, quota counters and key health all have TTLs (except the
-runtime keys), so under any `volatile-*` policy they are as evictable as under `allkeys-*`: only
-`noeviction` keeps them. Which nodes are asked: the server the client talks to (one server, or
+Every state key but the runtime client keys has a TTL (usage records, quota counters, key
+health), so a `volatile-*` policy evicts state as surely as an `allkeys-*` one: only
+`noeviction` keeps it. Which nodes are asked: the server the client talks to (one server, or
 the primary a Sentinel names, which the watcher asks again after a failover); under Redis
 Cluster every primary, and the weakest answer is the one reported. Managed Redis often refuses
 CONFIG: the answer is then "unknown", said once in the log, never an error.
@@ -108,8 +108,9 @@ async def _config_get(redis: aioredis.Redis, name: str) -> dict[str, str | None]
     if not isinstance(redis, RedisCluster):
         return {"": _value(await redis.config_get(name), name)}
     answers = await redis.config_get(name, target_nodes=RedisCluster.PRIMARIES)
-    if _value(answers, name) is not None:
-        return {"": _value(answers, name)}  # a Cluster of one primary answers as one server
+    single = _value(answers, name)
+    if single is not None:
+        return {"": single}  # a Cluster of one primary answers as one server does
     return {str(node): _value(answer, name) for node, answer in answers.items()}
 
 
