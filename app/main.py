@@ -47,7 +47,7 @@ def create_app(
         served_models=served_models(settings),
         # The anonymous client sends nothing where anonymous requests are refused.
         clients=[name for name in clients if name != ANONYMOUS or settings.allow_anonymous],
-        redis=settings.redis_url is not None,
+        redis=settings.redis_url is not None or settings.cache_redis_url is not None,
         teams=settings.clients.teams,
     )
     drain = Drain(settings.shutdown.drain_timeout)
@@ -66,9 +66,12 @@ def create_app(
             await gateway.cache.store.check()
         if gateway.redis is not None:
             await check_redis(gateway.redis, metrics, "health")
+        if gateway.durability is not None:
+            # Warns (once) when state would not survive a restart or could be evicted.
+            await gateway.durability.check()
         unhook = drain.open()
         watcher = (
-            asyncio.create_task(watch_redis(gateway.redis, metrics))
+            asyncio.create_task(watch_redis(gateway.redis, metrics, durability=gateway.durability))
             if gateway.redis is not None
             else None
         )

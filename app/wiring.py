@@ -25,6 +25,7 @@ from app.observability.metrics import GatewayMetrics
 from app.observability.redaction import Redactor
 from app.routing.forwarder import AttemptNote, Forwarder, Route
 from app.service.edits import ImageService
+from app.shared_state.durability import DurabilityCheck
 from app.shared_state.factory import open_redis
 from app.tenants.services import ClientServices, open_client_services
 from app.upstream.aiohttp_transport import AiohttpTransport, UpstreamPool
@@ -75,6 +76,8 @@ class Gateway:
     # Fetches https image URLs of JSON edits; None unless image_urls.enabled.
     image_urls: ImageFetcher | None = None
     prober: Prober | None = field(default=None)
+    # The state Redis' persistence and eviction policy, as last read; None without Redis.
+    durability: DurabilityCheck | None = None
 
     def start(self) -> None:
         """Start background work; called from the lifespan, inside the event loop."""
@@ -202,6 +205,8 @@ def open_gateway(
         pooled.append(PoolUpstream(name, keys, config.max_concurrency))
     if settings.demo:
         log.warning("demo mode: every model is served by the built-in demo upstream")
+    # The state Redis: key health, client keys, limits, quotas, usage. The cache opens its own
+    # client (app/cache/setup.py), on GATEWAY_CACHE_REDIS_URL when that is set.
     redis = (
         open_redis(settings.redis_url.get_secret_value(), timeout=1.0)
         if settings.redis_url is not None
@@ -248,6 +253,11 @@ def open_gateway(
         spool_worker=spool_worker,
         image_urls=image_urls,
         prober=Prober(pool, upstreams, tick=min(1.0, settings.pool.probe_interval)),
+        durability=(
+            DurabilityCheck(redis, shared_with_cache=settings.cache_redis_url is None)
+            if redis is not None
+            else None
+        ),
     )
 
 

@@ -16,6 +16,7 @@ from starlette.responses import Response
 from app.api.deps import GatewayDep
 from app.config.tenants import CLIENT_NAME, RESERVED_NAME
 from app.errors import InvalidRequest, NotFound, StoreUnavailable
+from app.tenants.export import EXPORT_FORMATS, export_csv, export_jsonl
 from app.tenants.keystore import RuntimeKeyStore
 from app.tenants.usage import MAX_REPORT_DAYS, UsageLedger
 from app.wiring import Gateway
@@ -124,6 +125,44 @@ async def usage(
     first: Annotated[str | None, Query(alias="from")] = None,
     last: Annotated[str | None, Query(alias="to")] = None,
 ) -> Response:
+    ledger, clients, start, end = _usage_scope(gateway, client, first, last)
+    return _json(await ledger.report(clients, start, end))  # 503 when Redis is down
+
+
+@router.get("/usage/export")
+async def usage_export(
+    gateway: GatewayDep,
+    client: Annotated[str | None, Query()] = None,
+    first: Annotated[str | None, Query(alias="from")] = None,
+    last: Annotated[str | None, Query(alias="to")] = None,
+    output: Annotated[str, Query(alias="format")] = "csv",
+) -> Response:
+    """One row per client, UTC day and model, every counter: CSV or JSON lines, for billing."""
+    if output not in EXPORT_FORMATS:
+        raise InvalidRequest(
+            f"`format` must be one of: {', '.join(EXPORT_FORMATS)}.",
+            param="format",
+            code="invalid_format",
+        )
+    ledger, clients, start, end = _usage_scope(gateway, client, first, last)
+    # Built whole before answering (366 days x clients x models fits): a Redis failure is then
+    # a clean 503, never a file cut short under a 200.
+    rows = await ledger.rows(clients, start, end)  # 503 when Redis is down
+    rows.sort(key=lambda row: (row.day, row.client, row.model))
+    body = export_csv(rows) if output == "csv" else export_jsonl(rows)
+    media_type, extension = EXPORT_FORMATS[output]
+    filename = f"usage-{start.isoformat()}-{end.isoformat()}.{extension}"
+    return Response(
+        body,
+        media_type=media_type,
+        headers={"content-disposition": f"attachment; filename={filename}"},
+    )
+
+
+def _usage_scope(
+    gateway: Gateway, client: str | None, first: str | None, last: str | None
+) -> tuple[UsageLedger, list[str], date, date]:
+    """The ledger, the clients and the UTC days a usage report covers (default: today)."""
     ledger: UsageLedger | None = gateway.clients.usage
     if ledger is None:
         raise StoreUnavailable("Usage accounting needs Redis; set GATEWAY_REDIS_URL.")
@@ -142,10 +181,8 @@ async def usage(
         # Past clients may have left config but not the books: any well-formed name is asked.
         if not (CLIENT_NAME.match(client) or RESERVED_NAME.match(client)):
             raise InvalidRequest("Not a client name.", param="client", code="invalid_client")
-        clients = [client]
-    else:
-        clients = gateway.clients.directory.names
-    return _json(await ledger.report(clients, start, end))  # 503 when Redis is down
+        return ledger, [client], start, end
+    return ledger, list(gateway.clients.directory.names), start, end
 
 
 def _date(value: str, param: str) -> date:

@@ -49,7 +49,7 @@ async def readyz(gateway: GatewayDep) -> Response:
         if await check_redis(gateway.redis, gateway.metrics, "health"):
             checks["redis"] = "ok"
         else:
-            # Redis only backs the cache, which fails open: the gateway still serves, uncached.
+            # Everything on the state Redis fails open: the gateway still serves.
             checks["redis"] = "unreachable"
     # The cache is an optimisation: without it requests are served uncached, so a down cache
     # degrades the gateway rather than taking it out of rotation.
@@ -64,13 +64,17 @@ async def readyz(gateway: GatewayDep) -> Response:
     else:
         degraded = checks["cache"] == "degraded" or degraded_upstreams
         state = "degraded" if degraded else "ready"
-    body = {
+    body: dict[str, object] = {
         "status": state,
         "checks": checks,
         "problems": problems,
         # Keys by state per upstream (counts only: ids and health are under /admin/keys).
         "keys": key_states,
     }
+    # Persistence and eviction of the state Redis, as last read (at startup, then every 15 s).
+    # A warning, not a reason to leave rotation: every replica shares that Redis.
+    if gateway.durability is not None and (durability := gateway.durability.as_json()):
+        body["state_redis"] = durability
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 

@@ -1,4 +1,5 @@
-"""Build the process's EditCache from settings: Redis when configured, else the in-process LRU."""
+"""Build the process's EditCache from settings: the cache's Redis (GATEWAY_CACHE_REDIS_URL, else
+the state Redis) when configured, else the in-process LRU."""
 
 from __future__ import annotations
 
@@ -26,18 +27,21 @@ def open_edit_cache(
 ) -> EditCache:
     config = settings.cache
     store: CacheStore
-    if settings.redis_url is not None:
+    # Entries, hosted files and single-flight leases may all be evicted: they belong on a Redis
+    # of their own (allkeys-lru), apart from the state Redis (noeviction).
+    url = settings.cache_redis_url or settings.redis_url
+    if url is not None:
         timeout = config.redis_timeout_seconds
         # Every cache command may run twice (lookups and renewals recognise their own token).
         client = open_redis(
-            settings.redis_url.get_secret_value(), timeout=timeout, resend_on_closed_connection=True
+            url.get_secret_value(), timeout=timeout, resend_on_closed_connection=True
         )
         store = RedisStore(client, timeout=timeout, retry_after=config.redis_retry_after_seconds)
     else:
         store = MemoryStore(max_bytes=int(config.embedded_max_bytes))
         log.warning(
-            "no GATEWAY_REDIS_URL: cache entries and hosted image files live in this process "
-            "(up to %d bytes); run a single replica, or configure Redis",
+            "no GATEWAY_REDIS_URL nor GATEWAY_CACHE_REDIS_URL: cache entries and hosted image "
+            "files live in this process (up to %d bytes); run a single replica, or configure Redis",
             int(config.embedded_max_bytes),
         )
     # A reseller serves its results from its own address: its host and port are allowed too.

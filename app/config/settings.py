@@ -411,7 +411,12 @@ class Settings(BaseSettings):
     catalog: Catalog = Field("models.yaml", validate_default=True)
     default_model: str = "gpt-image-1.5"
     allow_anonymous: bool = False
+    # The state Redis: usage, runtime client keys, limits and quotas, key health. State must not
+    # be evicted (docs/operations.md#state-and-persistence).
     redis_url: SecretStr | None = None
+    # The cache's own Redis (entries, hosted files, single-flight leases), which may evict;
+    # unset: the cache shares the state Redis.
+    cache_redis_url: SecretStr | None = None
     limits: Limits = Limits()
     http: HttpClientConfig = HttpClientConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -520,7 +525,7 @@ class Settings(BaseSettings):
         # The demo runs without keys so a newcomer needs nothing; configured keys still apply.
         return allow or bool(info.data.get("demo") and not info.data.get("client_keys"))
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "cache_redis_url")
     @classmethod
     def _redis_url(cls, url: SecretStr | None) -> SecretStr | None:
         if url is not None:

@@ -7,13 +7,25 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisClusterException, RedisError, ResponseError
 
 from app.errors import StoreUnavailable
 
 # What a Redis call fails with: redis-py's own errors, the socket's, and a timeout (a store's
 # own budget, or the client's socket timeout).
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+# What a Cluster client raises, instead of a RedisError, when no node answers to tell it the
+# cluster's layout (for callers that must never raise, such as the durability check).
+CLUSTER_UNREACHABLE = RedisClusterException
+
+
+def refused_command(exc: BaseException) -> bool:
+    """Whether Redis refused the command itself: renamed or disabled (an unknown command, as
+    `rename-command CONFIG ""` and managed Redis services do) or denied by an ACL; not a server
+    that is down, loading or failing over."""
+    if isinstance(exc, NoPermissionError):
+        return True
+    return type(exc) is ResponseError and "unknown command" in str(exc).lower()
 
 
 @contextmanager

@@ -30,6 +30,8 @@ MAX_REPORT_DAYS = 366
 # Increments held while Redis is down, at most; beyond it new ones are dropped (and counted).
 MAX_PENDING = 100_000
 NANOS_PER_USD = Decimal(1_000_000_000)
+# Money counters end so; reports show them in USD under the name without it (cost_usd).
+_NANO_USD = "_nano_usd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +186,9 @@ class UsageLedger:
                 if item in self._pending or len(self._pending) < MAX_PENDING:
                     self._pending[item] = self._pending.get(item, 0) + value
 
-    async def report(self, clients: Iterable[str], first: date, last: date) -> dict[str, Any]:
-        """Usage rows per client, day and model between `first` and `last` (UTC, inclusive)."""
+    async def rows(self, clients: Iterable[str], first: date, last: date) -> list[UsageRow]:
+        """What was recorded per client, UTC day and model between `first` and `last`
+        (inclusive), in that order; days and models without usage have no row."""
         days = [first + timedelta(days=offset) for offset in range((last - first).days + 1)]
         wanted = [(client, day) for client in clients for day in days]
         with store_errors("read usage"):
@@ -193,40 +196,80 @@ class UsageLedger:
                 for client, day in wanted:
                     pipe.hgetall(self._key(client, day.strftime("%Y%m%d")))
                 results = await pipe.execute()
-        rows: list[dict[str, Any]] = []
-        totals = dict.fromkeys(COUNTERS, 0)
+        rows: list[UsageRow] = []
         for (client, day), raw in zip(wanted, results, strict=True):
             per_model: dict[str, dict[str, int]] = {}
             for field, value in raw.items():
                 name = field.decode() if isinstance(field, bytes) else field
                 model, _, counter = name.rpartition("|")
-                if counter in totals:
+                if counter in COUNTERS:
                     per_model.setdefault(model, dict.fromkeys(COUNTERS, 0))[counter] = int(value)
-            for model in sorted(per_model):
-                counters = per_model[model]
-                for name, value in counters.items():
-                    totals[name] += value
-                rows.append(
-                    {"client": client, "date": day.isoformat(), "model": model, **_shown(counters)}
-                )
+            rows += [UsageRow(client, day, model, per_model[model]) for model in sorted(per_model)]
+        return rows
+
+    async def report(self, clients: Iterable[str], first: date, last: date) -> dict[str, Any]:
+        """Usage rows per client, day and model between `first` and `last` (UTC, inclusive)."""
+        rows = await self.rows(clients, first, last)
+        totals = dict.fromkeys(COUNTERS, 0)
+        for row in rows:
+            for name, value in row.counters.items():
+                totals[name] += value
         return {
             "object": "usage",
             "from": first.isoformat(),
             "to": last.isoformat(),
-            "data": rows,
-            "totals": _shown(totals),
+            "data": [row.shown() for row in rows],
+            "totals": shown_counters(totals),
         }
 
 
-def _shown(counters: dict[str, int]) -> dict[str, Any]:
-    shown: dict[str, Any] = {
-        name: value for name, value in counters.items() if not name.endswith("_nano_usd")
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One client's usage of one model on one UTC day: every counter of Usage."""
+
+    client: str
+    day: date
+    model: str
+    counters: dict[str, int]
+
+    def shown(self, usd: Callable[[int], object] | None = None) -> dict[str, Any]:
+        """As /admin/usage and the export show it: money in USD (`usd` turns nano-dollars into
+        the value shown; a float by default)."""
+        return {
+            "client": self.client,
+            "date": self.day.isoformat(),
+            "model": self.model,
+            **shown_counters(self.counters, usd),
+        }
+
+
+def _shown_name(counter: str) -> str:
+    return counter.removesuffix(_NANO_USD) + "_usd" if counter.endswith(_NANO_USD) else counter
+
+
+# What a report row shows, derived from Usage: a counter added there is shown (and exported)
+# with no change here. Money counters are kept in nano-dollars and shown in USD, after the rest.
+SHOWN_COUNTERS = tuple(
+    [name for name in COUNTERS if not name.endswith(_NANO_USD)]
+    + [_shown_name(name) for name in COUNTERS if name.endswith(_NANO_USD)]
+)
+
+
+def shown_counters(
+    counters: dict[str, int], usd: Callable[[int], object] | None = None
+) -> dict[str, Any]:
+    to_usd = usd or usd_float
+    return {
+        _shown_name(name): to_usd(counters[name]) if name.endswith(_NANO_USD) else counters[name]
+        for name in sorted(counters, key=lambda name: name.endswith(_NANO_USD))
     }
-    shown["cost_usd"] = _usd(counters["cost_nano_usd"])
-    shown["saved_usd"] = _usd(counters["saved_nano_usd"])
-    return shown
 
 
-def _usd(nanos: int) -> float:
+def usd_float(nanos: int) -> float:
     # Nano-dollar sums are exact; a float with 9 decimals shows them faithfully in JSON.
     return round(nanos / 1_000_000_000, 9)
+
+
+def usd_text(nanos: int) -> str:
+    """Exact USD with nine decimals, for text formats (CSV) where a float could read 1e-09."""
+    return format(Decimal(nanos) / NANOS_PER_USD, ".9f")

@@ -8,6 +8,7 @@ always run.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -62,10 +63,76 @@ def test_compose_runs_the_whole_stack() -> None:
 
 def test_compose_gates_the_gateway_on_a_healthy_redis() -> None:
     services = compose()["services"]
-    assert services["redis"]["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
-    assert services["gateway"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    for name in ("redis", "redis-cache"):
+        assert services[name]["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
+        assert services["gateway"]["depends_on"][name]["condition"] == "service_healthy"
     # `${GATEWAY_REDIS_URL:-...}`: the compose Redis unless the scale-out profile's URL is given.
     assert "redis://redis:" in services["gateway"]["environment"]["GATEWAY_REDIS_URL"]
+
+
+def redis_options(service: dict[str, Any]) -> dict[str, str]:
+    """A redis-server command's `--name value...` options (values joined by a space)."""
+    command = [str(word) for word in service["command"]]
+    assert command[0] == "redis-server" and command[1].startswith("--"), command
+    options: dict[str, list[str]] = {}
+    for word in command[1:]:
+        if word.startswith("--"):
+            current = options.setdefault(word.removeprefix("--"), [])
+        else:
+            current.append(word)
+    return {name: " ".join(values) for name, values in options.items()}
+
+
+def test_compose_keeps_state_and_cache_on_separate_redis_servers() -> None:
+    """State persists (AOF fsynced every second) and is never evicted; the cache may be evicted
+    and keeps nothing on disk. As Compose renders it where a Compose CLI is installed."""
+    cli = compose_cli()
+    if cli is not None:
+        rendered = subprocess.run(
+            [*cli, "-f", str(COMPOSE), "--profile", "scaleout", "config"],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={"PATH": os.environ["PATH"]},
+        )
+        assert rendered.returncode == 0, rendered.stderr
+        services = yaml.safe_load(rendered.stdout)["services"]
+    else:
+        services = compose()["services"]
+    state = redis_options(services["redis"])
+    assert state["appendonly"] == "yes" and state["appendfsync"] == "everysec"
+    assert state["maxmemory-policy"] == "noeviction"
+    assert "/data" in volume_targets(services["redis"])
+    cache = redis_options(services["redis-cache"])
+    assert cache["save"] == "" and cache["appendonly"] == "no"
+    assert cache["maxmemory"] and cache["maxmemory-policy"] == "allkeys-lru"
+    assert not volume_targets(services["redis-cache"])
+    # The replica becomes the primary after a failover: the same persistence and policy.
+    replica = redis_options(services["redis-replica"])
+    for name in ("appendonly", "appendfsync", "maxmemory-policy"):
+        assert replica[name] == state[name], name
+    assert "save" not in replica and "maxmemory" not in replica
+    assert "/data" in volume_targets(services["redis-replica"])
+    # With nothing set, the gateway puts state on `redis` and the cache on `redis-cache`.
+    env = services["gateway"]["environment"]
+    if cli is not None:
+        assert env["GATEWAY_REDIS_URL"] == "redis://redis:6379/0"
+        assert env["GATEWAY_CACHE_REDIS_URL"] == "redis://redis-cache:6379/0"
+    else:
+        assert env["GATEWAY_CACHE_REDIS_URL"] == (
+            "${GATEWAY_CACHE_REDIS_URL:-redis://redis-cache:6379/0}"
+        )
+
+
+def volume_targets(service: dict[str, Any]) -> list[str]:
+    """Container paths of a service's volumes, short (`src:/path`) or long syntax."""
+    targets = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            targets.append(str(volume["target"]))
+        else:
+            targets.append(str(volume).split(":")[1])
+    return targets
 
 
 def test_compose_gateway_scales_behind_nginx() -> None:

@@ -37,8 +37,10 @@ from tests.support.servers import free_port, wait_for_port
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 ENV_EXAMPLE = REPO / ".env.example"
-# The compose service the gateway's Redis URL names; the test's private Redis stands in for it.
+# The compose services the gateway's Redis URLs name (state, cache); the test's private Redis
+# stands in for both.
 COMPOSE_REDIS = "redis://redis:6379/0"
+COMPOSE_CACHE_REDIS = "redis://redis-cache:6379/0"
 
 
 @pytest.fixture
@@ -82,7 +84,8 @@ def container_env(service: dict[str, object], redis_url: str) -> dict[str, str]:
         "PATH": os.environ["PATH"],
     }
     assert env["GATEWAY_REDIS_URL"] == COMPOSE_REDIS
-    env["GATEWAY_REDIS_URL"] = redis_url
+    assert env["GATEWAY_CACHE_REDIS_URL"] == COMPOSE_CACHE_REDIS
+    env["GATEWAY_REDIS_URL"] = env["GATEWAY_CACHE_REDIS_URL"] = redis_url
     return env
 
 

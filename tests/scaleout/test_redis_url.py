@@ -96,3 +96,23 @@ def test_redis_url_config_refuses_a_bad_url_at_startup() -> None:
     assert "GATEWAY_REDIS_URL" in str(caught.value) and PASSWORD not in str(caught.value)
     env["GATEWAY_REDIS_URL"] = "redis+sentinel://127.0.0.1:26379/mymaster/0"
     assert load_settings(env=env).redis_url is not None
+
+
+def test_redis_url_cache_redis_url_takes_the_same_forms_and_refusals() -> None:
+    env = {
+        "GATEWAY_CONFIG": str(CONFIG),
+        "GATEWAY_UPSTREAM_KEYS": "sk-x",
+        "GATEWAY_CLIENT_KEYS": "k",
+        "GATEWAY_CACHE_REDIS_URL": f"redis+sentinel://:{PASSWORD}@h:26379",
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env=env)
+    assert "GATEWAY_CACHE_REDIS_URL" in str(caught.value) and PASSWORD not in str(caught.value)
+    for url in (
+        f"rediss://:{PASSWORD}@cache.example:6380/1",
+        "redis+sentinel://s1:26379,s2:26379/cache/0",
+        "redis+cluster://node-a:7000,node-b:7001",
+    ):
+        settings = load_settings(env={**env, "GATEWAY_CACHE_REDIS_URL": url})
+        assert settings.cache_redis_url is not None and settings.redis_url is None
+        assert settings.cache_redis_url.get_secret_value() == url

@@ -93,6 +93,19 @@ class PrivateRedis:
             self._process.wait(timeout=10)
             self._process = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: no shutdown save, no last AOF flush.
+        `start()` again brings it back on the same port and directory."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(timeout=10)
+            self._process = None
+
+    def remove(self) -> None:
+        """Stop it and delete its directory."""
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
 
 @contextmanager
 def test_redis_url() -> Iterator[tuple[str, PrivateRedis | None]]:
