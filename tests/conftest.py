@@ -13,9 +13,11 @@ from openai import OpenAI
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support.gateway_env import gateway_settings
-from tests.support.log_watch import (  # noqa: F401 (an autouse fixture and a summary hook)
+from tests.support.log_watch import (  # noqa: F401 (an autouse fixture and summary hooks)
     no_traceback_from_client_input,
+    pytest_sessionfinish,
     pytest_terminal_summary,
+    pytest_testnodedown,
 )
 from tests.support.redis_server import test_redis_url
 from tests.support.sdk import sdk_client
@@ -41,6 +43,17 @@ def upstream(fake_upstream: FakeOpenAIUpstream) -> Iterator[FakeOpenAIUpstream]:
 def gateway_url(fake_upstream: FakeOpenAIUpstream) -> Iterator[str]:
     # A fresh gateway per test, so key health (cooldowns, disabled keys) never leaks from one
     # test to the next.
+    settings = gateway_settings(fake_upstream.url)
+    with serve_in_thread(create_app(settings)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def refusing_gateway_url(fake_upstream: FakeOpenAIUpstream) -> Iterator[str]:
+    """One gateway for a whole module whose tests are refused before an upstream key is used
+    (bad input, no client key) or succeed: such tests leave no key health behind, so a gateway
+    each would only cost a start and a stop per test. Such a module overrides `gateway_url`
+    with this one."""
     settings = gateway_settings(fake_upstream.url)
     with serve_in_thread(create_app(settings)) as url:
         yield url
