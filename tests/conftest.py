@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from openai import OpenAI
@@ -70,7 +71,25 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
+# Files run in this order of their directories: the long scenarios (Redis topologies, replicas,
+# subprocess gateways) first, the many short unit tests last, so that under pytest-xdist no
+# worker is left with a long file while the others have finished.
+_DIRECTORY_ORDER = ("scaleout", "e2e", "hardening", "deploy", "unit")
+_TESTS = Path(__file__).parent
+
+
+def _directory_rank(item: pytest.Item) -> int:
+    try:
+        directory = item.path.relative_to(_TESTS).parts[0]
+    except ValueError:
+        return len(_DIRECTORY_ORDER)
+    if directory in _DIRECTORY_ORDER:
+        return _DIRECTORY_ORDER.index(directory)
+    return len(_DIRECTORY_ORDER)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_directory_rank)  # stable: each file keeps its tests' order
     # Under GATEWAY_TEST_REDIS_TOPOLOGY=cluster|sentinel only the tests that reach the shared
     # Redis (the `redis_url` fixture) say anything new; the rest already ran against one server.
     if os.environ.get("GATEWAY_TEST_REDIS_TOPOLOGY", "single") == "single":
@@ -80,3 +99,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    # `-n auto`: one worker more than CPUs, as most tests spend their time waiting on sockets,
+    # subprocesses and timeouts rather than computing.
+    return len(os.sched_getaffinity(0)) + 1
