@@ -425,15 +425,18 @@ def test_cache_public_base_url_is_used_for_hosted_urls(
 def test_cache_redis_keys_hold_no_secrets_or_filenames(
     cached: OpenAI, upstream: FakeOpenAIUpstream, redis_url: str
 ) -> None:
+    store = sync_redis(redis_url)
+    before = {key.decode() for key in store.scan_iter(count=1000)}
     edit_raw(
         cached, prompt=unique_prompt(), image=("secret-holiday.png", images.png(), "image/png")
     )
-    keys = [key.decode() for key in sync_redis(redis_url).scan_iter(count=1000)]
-    # Cache entries and files, and the per-client usage the gateway keeps beside them. The key
-    # pool's health records (`<ns>:{pool:...}:...`) share this test Redis too.
+    keys = [key.decode() for key in store.scan_iter(count=1000)]
+    # What the edit added: cache entries and files, and the per-client usage the gateway keeps
+    # beside them. The key pool's health records (`<ns>:{pool:...}:...`) share this test Redis
+    # too, and so do the keys other tests' gateways left under namespaces of their own.
     prefixes = ("igw:c1:{", "igw:f1:{", "igw:{client:")
-    cache_keys = [key for key in keys if ":{pool:" not in key]
-    assert cache_keys and all(key.startswith(prefixes) for key in cache_keys)
+    added = [key for key in keys if key not in before and ":{pool:" not in key]
+    assert added and all(key.startswith(prefixes) for key in added)
     for key in keys:
         for secret in (CLIENT_KEY, *UPSTREAM_KEYS, "secret-holiday"):
             assert secret not in key

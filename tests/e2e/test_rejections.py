@@ -13,8 +13,16 @@ from openai import OpenAI
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.support import images
 from tests.support.constants import CLIENT_KEY
+from tests.support.sdk import tls_context
 
 PNG = images.png(64, 64)
+
+
+@pytest.fixture(scope="module")
+def gateway_url(refusing_gateway_url: str) -> str:
+    # Every test here is refused before an upstream key is used (or succeeds): one gateway serves
+    # the module.
+    return refusing_gateway_url
 
 
 def png_file(data: bytes = PNG, name: str = "a.png") -> tuple[str, bytes, str]:
@@ -289,7 +297,13 @@ def test_rejection_through_sdk(
 
 def post(gateway_url: str, **kwargs: Any) -> httpx.Response:
     headers = {"authorization": f"Bearer {CLIENT_KEY}", **kwargs.pop("headers", {})}
-    return httpx.post(gateway_url + "/v1/images/edits", headers=headers, timeout=30, **kwargs)
+    return httpx.post(
+        gateway_url + "/v1/images/edits",
+        headers=headers,
+        timeout=30,
+        verify=tls_context(),
+        **kwargs,
+    )
 
 
 def assert_envelope(response: httpx.Response, status: int, param: str | None) -> dict[str, Any]:

@@ -72,6 +72,13 @@ BAD_AUTHORIZATION = [
 ]
 
 
+@pytest.fixture(scope="module")
+def gateway_url(refusing_gateway_url: str) -> str:
+    # Every test here is refused before an upstream key is used (or succeeds): one gateway serves
+    # the module.
+    return refusing_gateway_url
+
+
 def send(url: str, target: str, headers: list[tuple[str, str]], host: str = "gw") -> int:
     body = mp.encode([mp.file("image", images.png()), mp.text("prompt", "x")])
     all_headers = [

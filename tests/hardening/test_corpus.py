@@ -17,8 +17,16 @@ from tests.hardening.conftest import SmallGateway
 from tests.hardening.corpus import Case, build
 from tests.support import images
 from tests.support.constants import CLIENT_KEY, REPO
+from tests.support.sdk import tls_context
 
 CASES = build(load_catalog(REPO / "config" / "models.yaml", known_upstreams={"default"}))
+
+
+@pytest.fixture(scope="module")
+def gateway_url(refusing_gateway_url: str) -> str:
+    # Every test here is refused before an upstream key is used (or succeeds): one gateway serves
+    # the module.
+    return refusing_gateway_url
 
 
 def post(url: str, case: Case) -> httpx.Response:
@@ -26,7 +34,7 @@ def post(url: str, case: Case) -> httpx.Response:
     if case.content_type is not None:
         headers["content-type"] = case.content_type
     content = iter(case.chunks) if case.chunks is not None else case.body
-    with httpx.Client(timeout=30) as http:
+    with httpx.Client(timeout=30, verify=tls_context()) as http:
         return http.post(url + "/v1/images/edits", content=content, headers=headers)
 
 

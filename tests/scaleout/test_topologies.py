@@ -35,7 +35,8 @@ def test_topology_runs_the_redis_suites_unchanged(topology: str) -> None:
     env = {key: value for key, value in os.environ.items() if key != "GATEWAY_TEST_REDIS_URL"}
     env["GATEWAY_TEST_REDIS_TOPOLOGY"] = topology
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *suites],
+        # One process (-n 0): this test already runs in a worker of the outer run.
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", *suites],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
 from openai import OpenAI
 
 from app.config.settings import Settings, load_settings
 from app.main import create_app
+from tests.support import yaml_files
 from tests.support.constants import CLIENT_KEY, MODELS
 from tests.support.sdk import sdk_client
 from tests.support.servers import serve_in_thread
@@ -54,10 +54,10 @@ def write_bfl_config(
     priorities: dict[str, int] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    catalog = yaml.safe_load(MODELS.read_text())
+    catalog = yaml_files.load(MODELS.read_text())
     for name in FLUX_MODELS:
         catalog["models"][name]["upstreams"] = list(flux_upstreams)
-    (directory / "models.yaml").write_text(yaml.safe_dump(catalog))
+    (directory / "models.yaml").write_text(yaml_files.dump(catalog))
     upstream: dict[str, Any] = {
         "type": "bfl",
         "base_url": bfl_url + "/v1",
@@ -83,7 +83,7 @@ def write_bfl_config(
     for name, priority in (priorities or {}).items():
         config["upstreams"][name]["priority"] = priority
     path = directory / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml_files.dump(config))
     return path
 
 

@@ -12,7 +12,6 @@ builds the image and gives no command of its own, so what runs is the image's.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -22,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from tests.support.debian import ensure_program, on_path
+
 
 def compose_cli() -> list[str]:
     """`docker compose` if the plugin answers, else `docker-compose` (installed if missing)."""
@@ -30,20 +31,8 @@ def compose_cli() -> list[str]:
         probe = subprocess.run([docker, "compose", "version"], capture_output=True, check=False)
         if probe.returncode == 0:
             return [docker, "compose"]
-    standalone = shutil.which("docker-compose")
-    if standalone is None and shutil.which("apt-get") and os.geteuid() == 0:
-        # Compose 1.29 in Python; its recommended docker.io (the engine) is not needed to render.
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, timeout=300)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-compose"],
-            check=True,
-            env=env,
-            timeout=600,
-        )
-        standalone = shutil.which("docker-compose")
-    if standalone is None:
-        raise RuntimeError("no Compose CLI (apt-get install docker-compose)")
+    # Compose 1.29 in Python; its recommended docker.io (the engine) is not needed to render.
+    standalone = ensure_program(on_path("docker-compose"), "docker-compose", recommends=False)
     return [standalone]
 
 

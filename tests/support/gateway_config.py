@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from tests.support import yaml_files
 from tests.support.constants import CONFIG, MODELS
 
 MODEL = "gpt-image-1.5"
@@ -17,7 +16,7 @@ def write_gateway_config(directory: Path, **sections: Any) -> Path:
     """A gateway.yaml in `directory`: config/gateway.yaml (the code's defaults, spelled out) with
     the repo's catalog and top-level sections overridden. A mapping is merged key by key into the
     repo's section, except `upstreams`, which replaces them: a test's upstreams are all there is."""
-    base = yaml.safe_load(CONFIG.read_text())
+    base = yaml_files.load(CONFIG.read_text())
     base["catalog"] = str(MODELS)
     for key, value in sections.items():
         if key != "upstreams" and isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -25,7 +24,7 @@ def write_gateway_config(directory: Path, **sections: Any) -> Path:
         else:
             base[key] = value
     path = directory / "gateway.yaml"
-    path.write_text(yaml.safe_dump(base))
+    path.write_text(yaml_files.dump(base))
     return path
 
 
@@ -50,7 +49,7 @@ def write_routing_config(
         }
     }
     models = directory / "models.yaml"
-    models.write_text(yaml.safe_dump(catalog))
+    models.write_text(yaml_files.dump(catalog))
     return write_gateway_config(
         directory,
         catalog=str(models),

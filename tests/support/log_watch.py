@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -80,10 +81,35 @@ def no_traceback_from_client_input(request: pytest.FixtureRequest) -> Iterator[N
         )
 
 
+# Under pytest-xdist the tests run in worker processes, each with its own collector; a worker
+# hands its counts (scanned, tracebacks, expected) to the controller, which sums them.
+_WORKER_COUNTS: list[tuple[int, int, int]] = []
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["log_watch"] = (COLLECTOR.scanned, len(COLLECTOR.records), COLLECTOR.expected)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    counts = getattr(node, "workeroutput", {}).get("log_watch")
+    if counts is not None:
+        _WORKER_COUNTS.append(tuple(counts))
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    unexpected = len(COLLECTOR.records) - COLLECTOR.expected
+    scanned, tracebacks, expected = (
+        sum(column)
+        for column in zip(
+            (COLLECTOR.scanned, len(COLLECTOR.records), COLLECTOR.expected),
+            *_WORKER_COUNTS,
+            strict=True,
+        )
+    )
     terminalreporter.write_line(
-        f"log watch: {COLLECTOR.scanned} log records scanned, {unexpected} traceback(s) from "
-        f"client input or unexpected failures, {COLLECTOR.expected} from tests that break the "
+        f"log watch: {scanned} log records scanned, {tracebacks - expected} traceback(s) from "
+        f"client input or unexpected failures, {expected} from tests that break the "
         "gateway on purpose"
     )

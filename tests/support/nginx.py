@@ -13,25 +13,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.support.debian import ensure_program
 from tests.support.servers import free_port, wait_for_port
 
 REPLICA_HEADER = "x-replica"
 
 
+def _find_nginx() -> str | None:
+    return shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+
+
 def nginx_binary() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
-    if found:
-        return found
-    if shutil.which("apt-get") and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, timeout=300)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "nginx-light"], check=False, env=env, timeout=600
-        )
-        found = shutil.which("nginx") or ""
-        if found:
-            return found
-    raise RuntimeError("nginx is not installed (apt-get install nginx)")
+    return ensure_program(_find_nginx, "nginx-light")
 
 
 def nginx_config(directory: Path, port: int, backends: list[str]) -> str:

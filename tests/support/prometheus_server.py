@@ -8,7 +8,6 @@ own service is not started (no init system here), and this one listens on 127.0.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -22,28 +21,14 @@ from typing import Any
 import httpx
 import yaml
 
+from tests.support.debian import ensure_program, on_path
 from tests.support.servers import free_port
 
 JOB = "image-gateway"  # the job name config/prometheus.yml and the alerts use
 
 
 def prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if found:
-        return found
-    if shutil.which("apt-get") and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, timeout=300)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
-            check=True,
-            env=env,
-            timeout=600,
-        )
-        found = shutil.which("prometheus")
-        if found:
-            return found
-    raise RuntimeError("prometheus is not installed (apt-get install prometheus)")
+    return ensure_program(on_path("prometheus"), "prometheus", recommends=False)
 
 
 @dataclass

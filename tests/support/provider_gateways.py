@@ -10,10 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from app.config.settings import Settings, load_settings
 from app.main import create_app
+from tests.support import yaml_files
 from tests.support.constants import CLIENT_KEY, MODELS
 from tests.support.servers import serve_in_thread
 
@@ -36,12 +35,12 @@ def write_provider_config(
     azure: dict[str, Any] | None = None,
     retry: dict[str, Any] | None = None,
 ) -> Path:
-    catalog = yaml.safe_load(MODELS.read_text())
+    catalog = yaml_files.load(MODELS.read_text())
     for name in GEMINI_MODELS:
         catalog["models"][name]["upstreams"] = ["gemini"]
     for name in (AZURE_MODEL, AZURE_UNMAPPED_MODEL):
         catalog["models"][name] = {**catalog["x-azure-gpt-image-model"], "upstreams": ["azure"]}
-    (directory / "models.yaml").write_text(yaml.safe_dump(catalog))
+    (directory / "models.yaml").write_text(yaml_files.dump(catalog))
     config: dict[str, Any] = {
         "catalog": "models.yaml",
         "default_model": AZURE_MODEL,
@@ -69,7 +68,7 @@ def write_provider_config(
         "retry": retry or {},
     }
     path = directory / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml_files.dump(config))
     return path
 
 

@@ -10,24 +10,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from tests.support.debian import ensure_program, on_path
 from tests.support.servers import free_port
 
 
 def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
     # CI machines may lack it; Debian's package is the documented way to get it.
-    if shutil.which("apt-get") and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, timeout=300)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "redis-server"], check=True, env=env, timeout=600
-        )
-        found = shutil.which("redis-server")
-        if found:
-            return found
-    raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    return ensure_program(on_path("redis-server"), "redis-server")
 
 
 def spawn_redis(port: int, directory: str, *extra: str) -> subprocess.Popen[bytes]:

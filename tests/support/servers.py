@@ -33,9 +33,23 @@ class _Server(uvicorn.Server):
 
 
 def free_port() -> int:
+    """A port free at the moment of asking, for a server in another process. Another process
+    may take it before that server binds it: in-process servers bind port 0 instead."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _bound_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 @contextmanager
@@ -43,8 +57,13 @@ def serve_in_thread(
     app: Any, *, port: int | None = None, host: str = "127.0.0.1", **config: Any
 ) -> Iterator[str]:
     """Serve `app` on `host` (127.0.0.1 unless a test network namespace has others) until the
-    block exits; yields its base URL."""
-    port = port or free_port()
+    block exits; yields its base URL.
+
+    The listening socket is bound here (to `port`, else to one the kernel picks) and handed to
+    uvicorn, so no other test process can take the port between choosing and binding it.
+    """
+    sock = _bound_socket(host, port or 0)
+    port = int(sock.getsockname()[1])
     server = _Server(
         uvicorn.Config(
             app,
@@ -56,18 +75,21 @@ def serve_in_thread(
             **{"loop": "asyncio", "http": GuardedHttpToolsProtocol, **config},
         )
     )
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True
+    )
     thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"server on port {port} did not start")
-        time.sleep(0.01)
     try:
+        deadline = time.monotonic() + 15
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server on port {port} did not start")
+            time.sleep(0.01)
         yield f"http://{host}:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+        sock.close()  # uvicorn closes it on shutdown; not if it never started
 
 
 def wait_for_port(port: int, timeout: float = 20.0) -> None:

@@ -3,31 +3,18 @@ on a free loopback port with its own config and log file."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.debian import ensure_program, on_path
 from tests.support.servers import free_port, wait_for_port
 
 
 def tinyproxy_binary() -> str:
-    found = shutil.which("tinyproxy")
-    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "-qq", "tinyproxy"]
-        if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=False)
-            subprocess.run(install, env=env, capture_output=True, check=False)
-        found = shutil.which("tinyproxy")
-    if found is None:
-        raise RuntimeError(
-            "tinyproxy is not installed and could not be (apt-get install tinyproxy)"
-        )
-    return found
+    return ensure_program(on_path("tinyproxy"), "tinyproxy")
 
 
 @dataclass

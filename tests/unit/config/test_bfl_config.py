@@ -6,19 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from app.config.catalog import load_catalog
 from app.config.yaml_source import ConfigError
+from tests.support import yaml_files
 from tests.support.bfl_gateway import bfl_settings, write_bfl_config
 from tests.support.constants import MODELS
 
 
 def test_bfl_config_defaults_are_production_safe(tmp_path: Path) -> None:
     path = write_bfl_config(tmp_path, bfl_url="https://api.bfl.ai")
-    config = yaml.safe_load(path.read_text())
+    config = yaml_files.load(path.read_text())
     del config["upstreams"]["bfl"]["bfl"]  # nothing set: the defaults apply
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml_files.dump(config))
     bfl = bfl_settings(path).upstreams["bfl"]
     assert bfl.type == "bfl"
     assert bfl.bfl.allowed_hosts == ("*.bfl.ai",)
@@ -38,9 +38,9 @@ def test_bfl_config_refuses_model_rules_bfl_cannot_honour(
     tmp_path: Path, rule: str, value: dict[str, object], message: str
 ) -> None:
     path = write_bfl_config(tmp_path, bfl_url="https://api.bfl.ai")
-    models = yaml.safe_load((tmp_path / "models.yaml").read_text())
+    models = yaml_files.load((tmp_path / "models.yaml").read_text())
     models["models"]["flux-kontext-pro"][rule] = value
-    (tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
+    (tmp_path / "models.yaml").write_text(yaml_files.dump(models))
     with pytest.raises(ConfigError, match=message):
         bfl_settings(path)
 
@@ -70,13 +70,13 @@ def test_bfl_catalog_ships_flux2_as_rows() -> None:
 
 def test_bfl_catalog_a_new_model_is_a_config_edit(tmp_path: Path) -> None:
     path = write_bfl_config(tmp_path, bfl_url="https://api.bfl.ai")
-    models = yaml.safe_load((tmp_path / "models.yaml").read_text())
+    models = yaml_files.load((tmp_path / "models.yaml").read_text())
     future = dict(models["models"]["flux-2-pro"])
     future["upstreams"] = ["bfl"]
     future["images"] = {**future["images"], "max_count": 10}
     future["bfl"] = {**future["bfl"], "endpoint": "flux-3-pro-preview", "max_images": 10}
     models["models"]["flux-3-pro"] = future
-    (tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
+    (tmp_path / "models.yaml").write_text(yaml_files.dump(models))
     rules = bfl_settings(path).catalog.models["flux-3-pro"].bfl
     assert rules is not None and (rules.endpoint, rules.max_images) == ("flux-3-pro-preview", 10)
 
@@ -98,9 +98,9 @@ def test_bfl_catalog_a_new_model_is_a_config_edit(tmp_path: Path) -> None:
 def test_bfl_catalog_refuses_malformed_bfl_rules(
     tmp_path: Path, change: dict[str, object], message: str
 ) -> None:
-    models = yaml.safe_load(MODELS.read_text())
+    models = yaml_files.load(MODELS.read_text())
     models["models"]["flux-2-pro"]["bfl"] = {**models["models"]["flux-2-pro"]["bfl"], **change}
-    (tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
+    (tmp_path / "models.yaml").write_text(yaml_files.dump(models))
     with pytest.raises(ConfigError, match=message):
         load_catalog(tmp_path / "models.yaml", known_upstreams={"default"})
 
@@ -133,13 +133,13 @@ def test_bfl_catalog_refuses_rows_the_bfl_upstream_cannot_send(
     tmp_path: Path, model: str, change: dict[str, object], message: str
 ) -> None:
     path = write_bfl_config(tmp_path, bfl_url="https://api.bfl.ai")
-    models = yaml.safe_load((tmp_path / "models.yaml").read_text())
+    models = yaml_files.load((tmp_path / "models.yaml").read_text())
     row = models["models"][model]
     if "size" in change:  # a change to one param; the others stay
         row["params"] = {**row["params"], **change}
     else:
         row = {name: value for name, value in {**row, **change}.items() if value is not None}
     models["models"][model] = row
-    (tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
+    (tmp_path / "models.yaml").write_text(yaml_files.dump(models))
     with pytest.raises(ConfigError, match=message):
         bfl_settings(path)

@@ -109,6 +109,18 @@ def test_config_invalid_yaml(tmp_path: Path) -> None:
         load_settings(env={**BASE_ENV, "GATEWAY_CONFIG": str(path)})
 
 
+def test_config_invalid_yaml_names_the_line_and_column_and_quotes_it(tmp_path: Path) -> None:
+    # The file is parsed with libyaml where it is there; a broken one is described by the
+    # pure-Python parser, whose message quotes the line with a caret under the fault.
+    path = tmp_path / "gateway.yaml"
+    path.write_text("limits:\n  max: 1\n bad: 2\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(env={**BASE_ENV, "GATEWAY_CONFIG": str(path)})
+    assert str(raised.value).startswith(f"{path}: not valid YAML: ")
+    assert "line 3, column 2" in str(raised.value)
+    assert "     bad: 2\n     ^" in str(raised.value)
+
+
 def test_config_bad_upstream_url(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"upstreams\.default\.base_url"):
         load_settings(env={**BASE_ENV, "GATEWAY_UPSTREAM_URL": "ftp://x"})
