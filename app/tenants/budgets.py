@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 from app.config.tenants import ClientLimits, ClientsConfig
 from app.errors import QuotaExceeded, StoreUnavailable
 from app.shared_state.failures import store_errors
+from app.tenants.held import HeldIncrements
 from app.tenants.limiter import DAY_TTL_SECONDS, MONTH_TTL_SECONDS, QuotaPeriod
 from app.tenants.usage import NANOS_PER_USD
 
@@ -139,8 +140,8 @@ class Budgets:
         self.clock = clock
         self._on_store_error = on_store_error
         self._on_refused = on_refused
-        # Spend recorded while Redis was unreachable: key -> (nano-USD, ttl seconds).
-        self._pending: dict[str, tuple[int, int]] = {}
+        # Spend recorded while Redis was unreachable (nano-USD).
+        self._held = HeldIncrements()
 
     @classmethod
     def from_config(
@@ -229,8 +230,8 @@ class Budgets:
                 )
         except StoreUnavailable as exc:
             self._report(exc)
-            self._add_pending(day_key, change, DAY_TTL_SECONDS)
-            self._add_pending(month_key, change, MONTH_TTL_SECONDS)
+            self._held.add(day_key, change, DAY_TTL_SECONDS)
+            self._held.add(month_key, change, MONTH_TTL_SECONDS)
 
     async def used_ratios(self) -> list[BudgetUse]:
         """Spent / budget for every budget set, this UTC day and month (a budget of 0 reads 1:
@@ -289,26 +290,12 @@ class Budgets:
         tag = f"{self._namespace}:{{{budget.kind}:{budget.name}}}:budget"
         return f"{tag}:day:{period.day}", f"{tag}:month:{period.month}"
 
-    def _add_pending(self, key: str, change: int, ttl: int) -> None:
-        held, _ = self._pending.get(key, (0, ttl))
-        self._pending[key] = (held + change, ttl)
-
     async def _flush_pending(self) -> None:
-        if not self._pending or self._redis is None:
+        if self._redis is None:
             return
-        pending, self._pending = self._pending, {}
-        try:
-            with store_errors("add the spend recorded meanwhile"):
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for key, (change, ttl) in pending.items():
-                        pipe.incrby(key, change)
-                        pipe.expire(key, ttl)
-                    await pipe.execute()
-        except StoreUnavailable:
-            for key, (change, ttl) in pending.items():
-                self._add_pending(key, change, ttl)
-            raise
-        log.info("redis: added the spend of %d budgets made while it was unreachable", len(pending))
+        added = await self._held.flush(self._redis, "add the spend recorded meanwhile")
+        if added:
+            log.info("redis: added the spend of %d budgets made while it was unreachable", added)
 
     def _over(
         self, client: str, budget: Budget, period: Period, used: int, amount: int

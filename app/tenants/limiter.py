@@ -37,6 +37,7 @@ import redis.asyncio as aioredis
 from app.errors import InvalidRequest, QuotaExceeded, RateLimited, StoreUnavailable
 from app.shared_state.failures import store_errors
 from app.tenants.directory import ClientPolicy
+from app.tenants.held import HeldIncrements
 
 log = logging.getLogger("gateway.clients")
 
@@ -271,8 +272,8 @@ class Limiter:
         self.lease_seconds = lease_seconds
         self._on_store_error = on_store_error
         self._on_refused = on_refused
-        # Quota charges made while Redis was unreachable: key -> (images, ttl seconds).
-        self._pending: dict[str, tuple[int, int]] = {}
+        # Quota charges made while Redis was unreachable.
+        self._held = HeldIncrements()
 
     def _key(self, client: str, suffix: str) -> str:
         return f"{self._namespace}:{{client:{client}}}:{suffix}"
@@ -356,8 +357,8 @@ class Limiter:
         except StoreUnavailable as exc:
             self._report(exc)
             if quota:
-                self._add_pending(day_key, n, DAY_TTL_SECONDS)
-                self._add_pending(month_key, n, MONTH_TTL_SECONDS)
+                self._held.add(day_key, n, DAY_TTL_SECONDS)
+                self._held.add(month_key, n, MONTH_TTL_SECONDS)
             return False
         if refused == 1:
             raise self._rate_limited(
@@ -442,27 +443,12 @@ class Limiter:
             self._key(client, f"images:month:{period.month}"),
         )
 
-    def _add_pending(self, key: str, images: int, ttl: int) -> None:
-        held, _ = self._pending.get(key, (0, ttl))
-        self._pending[key] = (held + images, ttl)
-
     async def _flush_pending(self) -> None:
-        if not self._pending or self._redis is None:
+        if self._redis is None:
             return
-        pending, self._pending = self._pending, {}
-        try:
-            # One key per command: fine on Redis Cluster, where keys may sit on different slots.
-            with store_errors("add the quota charges held meanwhile"):
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for key, (images, ttl) in pending.items():
-                        pipe.incrby(key, images)
-                        pipe.expire(key, ttl)
-                    await pipe.execute()
-        except StoreUnavailable:
-            for key, (images, ttl) in pending.items():
-                self._add_pending(key, images, ttl)
-            raise
-        log.info("redis: added %d quota charges made while it was unreachable", len(pending))
+        added = await self._held.flush(self._redis, "add the quota charges held meanwhile")
+        if added:
+            log.info("redis: added %d quota charges made while it was unreachable", added)
 
     def _rate_limited(
         self, policy: ClientPolicy, limit: str, phrase: str, wait_ms: int
