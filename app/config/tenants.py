@@ -85,11 +85,7 @@ class ClientsConfig(_Strict):
     @classmethod
     def _plain_names(cls, value: dict[str, NamedClient]) -> dict[str, NamedClient]:
         for name in value:
-            if not CLIENT_NAME.match(name):
-                raise ValueError(
-                    f"{name!r}: client names are 1-63 of a-z 0-9 _ . - (starting with a letter "
-                    "or digit)"
-                )
+            _check_plain_name(name, "client")
             if RESERVED_NAME.match(name):
                 raise ValueError(f"{name!r}: this name is reserved for built-in clients")
         return value
@@ -98,11 +94,7 @@ class ClientsConfig(_Strict):
     @classmethod
     def _plain_team_names(cls, value: dict[str, Team]) -> dict[str, Team]:
         for name in value:
-            if not CLIENT_NAME.match(name):
-                raise ValueError(
-                    f"{name!r}: team names are 1-63 of a-z 0-9 _ . - (starting with a letter "
-                    "or digit)"
-                )
+            _check_plain_name(name, "team")
         return value
 
     def team_of(self, client: str) -> str | None:
@@ -111,3 +103,10 @@ class ClientsConfig(_Strict):
             if client in body.members:
                 return team
         return None
+
+
+def _check_plain_name(name: str, kind: str) -> None:
+    if not CLIENT_NAME.match(name):
+        raise ValueError(
+            f"{name!r}: {kind} names are 1-63 of a-z 0-9 _ . - (starting with a letter or digit)"
+        )

@@ -169,7 +169,7 @@ class Budgets:
             namespace=config.namespace,
             clients=clients,
             teams=teams,
-            team_of={m: name for name, team in config.teams.items() for m in team.members},
+            team_of={name: found for name in limits if (found := config.team_of(name))},
             on_store_error=on_store_error,
             on_refused=on_refused,
         )
