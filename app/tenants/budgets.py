@@ -41,7 +41,7 @@ from app.errors import QuotaExceeded, StoreUnavailable
 from app.shared_state.failures import store_errors
 from app.tenants.held import HeldIncrements
 from app.tenants.limiter import DAY_TTL_SECONDS, MONTH_TTL_SECONDS, QuotaPeriod
-from app.tenants.usage import NANOS_PER_USD
+from app.tenants.usage import NANOS_PER_USD, usd_float
 
 log = logging.getLogger("gateway.clients")
 
@@ -356,8 +356,7 @@ class Reservation:
 
 
 def _usd(nanos: int | None) -> float | None:
-    # Nano-dollar sums are exact; a float with 9 decimals shows them faithfully in JSON.
-    return None if nanos is None else round(nanos / 1_000_000_000, 9)
+    return None if nanos is None else usd_float(nanos)
 
 
 def _limit(value: int | None) -> int:
